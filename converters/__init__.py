@@ -1,0 +1,1 @@
+"""PyTorch/HF checkpoints -> Flax parameter trees (and back), one module per source format."""

@@ -1,0 +1,369 @@
+"""Checkpoint conversion: a table of rules, streamed tensor readers, and named-key checks.
+
+A converter is a list of `Rule`s (source key -> Flax parameter path(s), plus a `Transform`).
+`convert` checks every key and shape of the source against the model's abstract parameters
+before it reads a single tensor, then streams the tensors one at a time into the output
+tree; `export` runs the rules backwards (Flax -> PyTorch names and layouts).
+"""
+
+import dataclasses
+import json
+import os
+import re
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from tqdm.auto import tqdm
+
+Params = dict[str, Any]
+
+# ---------------------------------------------------------------------------------------------
+# Transforms: how one source tensor becomes one or more Flax tensors, and back.
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+  """to_flax(source, *target_shapes) -> tuple of Flax arrays; to_torch(*flax_arrays) -> source.
+
+  `to_torch` must also work on abstract arrays (it is traced by `jax.eval_shape` to compute
+  the source shape a target shape implies), so it uses array methods and `jnp` functions only.
+  """
+  name: str
+  to_flax: Callable[..., tuple[np.ndarray, ...]]
+  to_torch: Callable[..., Any]
+
+
+IDENTITY = Transform("identity", lambda x, shape: (x.reshape(shape),), lambda y: y)
+
+
+def dense(in_dims: int = 1) -> Transform:
+  """torch Linear weight [out, in] <-> kernel [*in_shape, *out_shape] (first `in_dims` axes in)."""
+  def to_torch(y):
+    n_in = int(np.prod(y.shape[:in_dims]))
+    return y.reshape(n_in, -1).T
+  return Transform(f"dense{in_dims}", lambda x, shape: (x.T.reshape(shape),), to_torch)
+
+
+def bias_as(source_shape: Sequence[int] | None = None) -> Transform:
+  """A bias [out] <-> [*out_shape]; with `source_shape` the source keeps that shape (e.g. [1,1,E])."""
+  def to_torch(y):
+    return y.reshape(source_shape) if source_shape is not None else y.reshape(-1)
+  return Transform("bias", lambda x, shape: (x.reshape(shape),), to_torch)
+
+
+CONV = Transform(
+    "conv", lambda x, shape: (x.transpose(2, 3, 1, 0).reshape(shape),), lambda y: y.transpose(3, 2, 0, 1))
+
+
+def split(parts: int, part_transform: Transform, keep: Sequence[int] | None = None) -> Transform:
+  """A packed tensor (e.g. qkv [3E, ...]) split along axis 0 into `parts`; `keep` drops the
+  others, which must be zero (they are written back as zeros)."""
+  keep = tuple(range(parts)) if keep is None else tuple(keep)
+
+  def to_flax(x, *shapes):
+    chunks = np.split(x, parts, axis=0)
+    dropped = [i for i in range(parts) if i not in keep]
+    for i in dropped:
+      if np.any(chunks[i]):
+        raise ValueError(f"part {i} of a packed tensor is non-zero, but this model has no slot for it")
+    return tuple(part_transform.to_flax(chunks[i], shape)[0] for i, shape in zip(keep, shapes))
+
+  def to_torch(*ys):
+    chunks = [part_transform.to_torch(y) for y in ys]
+    full = [None] * parts
+    for i, c in zip(keep, chunks):
+      full[i] = c
+    return jnp.concatenate([jnp.zeros_like(chunks[0]) if c is None else c for c in full], axis=0)
+
+  return Transform(f"split{parts}({part_transform.name})", to_flax, to_torch)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """One source key -> Flax path(s). `{i}` in `source` marks a per-layer key; its targets are
+  stacked along their leading (layers) axis. Paths are '/'-joined."""
+  source: str
+  targets: str | tuple[str, ...]
+  transform: Transform = IDENTITY
+
+  @property
+  def target_paths(self) -> tuple[str, ...]:
+    return (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+
+  @property
+  def stacked(self) -> bool:
+    return "{i}" in self.source
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers: tensors by name, shapes without reading, one tensor at a time.
+
+_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+              "BOOL": np.bool_}
+_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+
+
+class TensorReader(Protocol):
+  """Read-only mapping of tensor names to numpy arrays, loaded on demand."""
+
+  def keys(self) -> list[str]: ...
+
+  def shape(self, key: str) -> tuple[int, ...]: ...
+
+  def read(self, key: str) -> np.ndarray: ...
+
+
+class SafetensorsReader:
+  """One or more .safetensors files, memory-mapped (bf16 kept exact via ml_dtypes)."""
+
+  def __init__(self, files: Sequence[str]):
+    self._entries: dict[str, tuple[np.memmap, dict]] = {}
+    for path in files:
+      with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+      data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
+      for name, info in header.items():
+        if name != "__metadata__":
+          self._entries[name] = (data, info)
+
+  def keys(self):
+    return list(self._entries)
+
+  def shape(self, key):
+    return tuple(self._entries[key][1]["shape"])
+
+  def read(self, key):
+    data, info = self._entries[key]
+    start, end = info["data_offsets"]
+    return data[start:end].view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+
+class TorchReader:
+  """A torch `.bin`/`.pth` state dict, memory-mapped; `subkey` picks a nested dict ('model')."""
+
+  def __init__(self, files: Sequence[str], subkey: str | None = None):
+    import torch  # converters of PyTorch pickles need torch; safetensors ones do not
+    self._tensors = {}
+    for path in files:
+      state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+      if subkey is not None and subkey in state:
+        state = state[subkey]
+      self._tensors.update({k: v for k, v in state.items() if isinstance(v, torch.Tensor)})
+
+  def keys(self):
+    return list(self._tensors)
+
+  def shape(self, key):
+    return tuple(self._tensors[key].shape)
+
+  def read(self, key):
+    return torch_to_numpy(self._tensors[key])
+
+
+class DictReader:
+  """An in-memory state dict of numpy arrays or torch tensors."""
+
+  def __init__(self, tensors: Mapping[str, Any]):
+    self._tensors = dict(tensors)
+
+  def keys(self):
+    return list(self._tensors)
+
+  def shape(self, key):
+    return tuple(self._tensors[key].shape)
+
+  def read(self, key):
+    t = self._tensors[key]
+    return t if isinstance(t, np.ndarray) else torch_to_numpy(t)
+
+
+def torch_to_numpy(t) -> np.ndarray:
+  import torch
+  t = t.detach().cpu()
+  if t.dtype == torch.bfloat16:
+    return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+  return t.numpy()
+
+
+def open_checkpoint(path: str, subkey: str | None = "model") -> TensorReader:
+  """A reader for a file (.safetensors, .bin, .pth, .pt) or an HF folder of weight shards."""
+  if os.path.isdir(path):
+    names = sorted(os.listdir(path))
+    files = [os.path.join(path, n) for n in names if n.endswith(".safetensors")]
+    if files:
+      return SafetensorsReader(files)
+    files = [os.path.join(path, n) for n in names if n.endswith(".bin") and "training_args" not in n]
+    if files:
+      return TorchReader(files, subkey)
+    raise FileNotFoundError(f"no *.safetensors or *.bin weight files in {path}")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"checkpoint not found: {path}")
+  if path.endswith(".safetensors"):
+    return SafetensorsReader([path])
+  return TorchReader([path], subkey)
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversion and its checks.
+
+
+class CheckpointMismatchError(ValueError):
+  """The checkpoint does not fit the model: every offending key is named."""
+
+  def __init__(self, missing=(), unexpected=(), misshaped=()):
+    self.missing, self.unexpected, self.misshaped = list(missing), list(unexpected), list(misshaped)
+    lines = ["checkpoint does not match the model:"]
+    if self.missing:
+      lines.append(f"  missing keys ({len(self.missing)}): " + ", ".join(self.missing))
+    if self.unexpected:
+      lines.append(f"  unexpected keys ({len(self.unexpected)}): " + ", ".join(self.unexpected))
+    for key, got, want in self.misshaped:
+      lines.append(f"  shape mismatch for {key}: checkpoint has {list(got)}, model expects {list(want)}")
+    super().__init__("\n".join(lines))
+
+
+def get_path(tree: Mapping, path: str):
+  for part in path.split("/"):
+    tree = tree[part]
+  return tree
+
+
+def set_path(tree: dict, path: str, value) -> None:
+  *parents, leaf = path.split("/")
+  for part in parents:
+    tree = tree.setdefault(part, {})
+  tree[leaf] = value
+
+
+def _source_key(rule: Rule, layer: int | None) -> str:
+  return rule.source.replace("{i}", str(layer)) if rule.stacked else rule.source
+
+
+def _jobs(rules: Sequence[Rule], abstract: Mapping) -> Iterator[tuple[Rule, int | None, str, tuple]]:
+  """(rule, layer, source key, per-layer target structs) for every tensor the rules expect."""
+  for rule in rules:
+    structs = [get_path(abstract, p) for p in rule.target_paths]
+    if rule.stacked:
+      for layer in range(structs[0].shape[0]):
+        yield rule, layer, _source_key(rule, layer), tuple(
+            jax.ShapeDtypeStruct(s.shape[1:], s.dtype) for s in structs)
+    else:
+      yield rule, None, rule.source, tuple(structs)
+
+
+def expected_source_shapes(rules: Sequence[Rule], abstract: Mapping) -> dict[str, tuple[int, ...]]:
+  """Source key -> shape that the model's abstract parameters imply, computed without memory."""
+  shapes, cache = {}, {}
+  for rule, _, key, structs in _jobs(rules, abstract):
+    sig = (rule.transform.name, tuple(s.shape for s in structs))
+    if sig not in cache:
+      cache[sig] = tuple(jax.eval_shape(rule.transform.to_torch, *structs).shape)
+    shapes[key] = cache[sig]
+  return shapes
+
+
+def check(reader: TensorReader, rules: Sequence[Rule], abstract: Mapping,
+          ignore: Sequence[str] = ()) -> None:
+  """Raise `CheckpointMismatchError` naming every missing, unexpected or mis-shaped key."""
+  expected = expected_source_shapes(rules, abstract)
+  present = set(reader.keys())
+  ignored = [re.compile(p) for p in ignore]
+  missing = sorted(k for k in expected if k not in present)
+  unexpected = sorted(k for k in present if k not in expected and not any(p.fullmatch(k) for p in ignored))
+  misshaped = [(k, reader.shape(k), want) for k, want in expected.items()
+               if k in present and tuple(reader.shape(k)) != tuple(want)]
+  if missing or unexpected or misshaped:
+    raise CheckpointMismatchError(missing, unexpected, misshaped)
+
+
+def convert(reader: TensorReader, rules: Sequence[Rule], abstract: Mapping, *,
+            ignore: Sequence[str] = (), desc: str = "converting", progress: bool = True) -> Params:
+  """Source tensors -> nested dict of numpy arrays at the paths the rules name.
+
+  `abstract`: the model's parameters as `jax.ShapeDtypeStruct`s (from `jax.eval_shape`); the
+  output takes their shapes and dtypes. Extra checkpoint keys matching a regex in `ignore`
+  are skipped. Tensors are read and converted one at a time.
+  """
+  check(reader, rules, abstract, ignore)
+  out: Params = {}
+  for rule in rules:
+    for path in rule.target_paths:
+      struct = get_path(abstract, path)
+      set_path(out, path, np.empty(struct.shape, struct.dtype) if rule.stacked else None)
+  jobs = list(_jobs(rules, abstract))
+  for rule, layer, key, structs in tqdm(jobs, desc=desc, unit="tensor", disable=not progress):
+    values = rule.transform.to_flax(reader.read(key), *[s.shape for s in structs])
+    for path, struct, value in zip(rule.target_paths, structs, values):
+      value = np.asarray(value).astype(struct.dtype, copy=False)
+      if layer is None:
+        set_path(out, path, np.ascontiguousarray(value))
+      else:
+        get_path(out, path)[layer] = value
+  return out
+
+
+def export(params: Mapping, rules: Sequence[Rule], *, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
+  """Flax parameters -> (source key, numpy array in the source layout), one at a time."""
+  for rule in rules:
+    values = [np.asarray(get_path(params, p)) for p in rule.target_paths]
+    layers = range(values[0].shape[0]) if rule.stacked else [None]
+    for layer in layers:
+      parts = values if layer is None else [v[layer] for v in values]
+      tensor = np.asarray(rule.transform.to_torch(*parts))
+      yield _source_key(rule, layer), tensor if dtype is None else tensor.astype(dtype)
+
+
+def write_safetensors(tensors: Sequence[tuple[str, np.ndarray]], path: str) -> None:
+  """Write (name, array) pairs as one .safetensors file (loadable by torch and HF)."""
+  header, offset = {}, 0
+  for name, arr in tensors:
+    header[name] = {"dtype": _ST_NAMES[arr.dtype], "shape": list(arr.shape),
+                    "data_offsets": [offset, offset + arr.nbytes]}
+    offset += arr.nbytes
+  header["__metadata__"] = {"format": "pt"}
+  blob = json.dumps(header, separators=(",", ":")).encode()
+  blob += b" " * (-len(blob) % 8)
+  with open(path, "wb") as f:
+    f.write(len(blob).to_bytes(8, "little"))
+    f.write(blob)
+    for _, arr in tensors:
+      f.write(np.ascontiguousarray(arr).tobytes())
+
+
+def write_safetensors_shards(tensors: Iterable[tuple[str, np.ndarray]], out_dir: str,
+                             max_shard_bytes: int = 4 << 30, prefix: str = "model") -> list[str]:
+  """Stream tensors into HF-style shards (`model-00001-of-0000N.safetensors` plus an index
+  when there is more than one); at most one shard is held in memory."""
+  shards: list[list[str]] = []
+  pending: list[tuple[str, np.ndarray]] = []
+  size = 0
+
+  def flush():
+    nonlocal pending, size
+    if pending:
+      write_safetensors(pending, os.path.join(out_dir, f"{prefix}-part{len(shards)}.tmp"))
+      shards.append([k for k, _ in pending])
+      pending, size = [], 0
+
+  for name, arr in tensors:
+    if size and size + arr.nbytes > max_shard_bytes:
+      flush()
+    pending.append((name, arr))
+    size += arr.nbytes
+  flush()
+  if len(shards) == 1:
+    names = [f"{prefix}.safetensors"]
+  else:
+    names = [f"{prefix}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+  for i, name in enumerate(names):
+    os.replace(os.path.join(out_dir, f"{prefix}-part{i}.tmp"), os.path.join(out_dir, name))
+  if len(names) > 1:
+    weight_map = {key: name for name, keys in zip(names, shards) for key in keys}
+    with open(os.path.join(out_dir, f"{prefix}.safetensors.index.json"), "w") as f:
+      json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=2)
+  return names

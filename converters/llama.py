@@ -1,0 +1,132 @@
+"""HF LLaMA / Vicuna / Llama-2/3 folders <-> (LlamaConfig, Flax params)."""
+
+import json
+import os
+import shutil
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vllm_jax.converters.core import (IDENTITY, Rule, bias_as, convert, dense, export,
+                                      open_checkpoint, write_safetensors_shards)
+from vllm_jax.models.llama import Llama, LlamaConfig
+from vllm_jax.nn.rope import RopeConfig
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json", "generation_config.json")
+IGNORED = (r".*rotary_emb\.inv_freq",)
+
+
+def rules(config: LlamaConfig) -> list[Rule]:
+  layer = "model.layers.{i}."
+  table = [
+      Rule("model.embed_tokens.weight", "embed_tokens/embedding"),
+      Rule(layer + "input_layernorm.weight", "layers/input_norm/scale"),
+      Rule(layer + "post_attention_layernorm.weight", "layers/post_attention_norm/scale"),
+      Rule(layer + "self_attn.q_proj.weight", "layers/attn/q/kernel", dense()),
+      Rule(layer + "self_attn.k_proj.weight", "layers/attn/k/kernel", dense()),
+      Rule(layer + "self_attn.v_proj.weight", "layers/attn/v/kernel", dense()),
+      Rule(layer + "self_attn.o_proj.weight", "layers/attn/o/kernel", dense(in_dims=2)),
+      Rule(layer + "mlp.gate_proj.weight", "layers/mlp/gate/kernel", dense()),
+      Rule(layer + "mlp.up_proj.weight", "layers/mlp/up/kernel", dense()),
+      Rule(layer + "mlp.down_proj.weight", "layers/mlp/down/kernel", dense()),
+      Rule("model.norm.weight", "norm/scale"),
+  ]
+  if config.attention_bias:
+    table += [Rule(layer + f"self_attn.{n}_proj.bias", f"layers/attn/{n}/bias", bias_as())
+              for n in ("q", "k", "v", "o")]
+  if config.mlp_bias:
+    table += [Rule(layer + f"mlp.{n}_proj.bias", f"layers/mlp/{n}/bias", IDENTITY)
+              for n in ("gate", "up", "down")]
+  if not config.tie_word_embeddings:
+    table.append(Rule("lm_head.weight", "lm_head/kernel", dense()))
+  return table
+
+
+def config_from_hf(hf: Mapping[str, Any], **overrides) -> LlamaConfig:
+  """LlamaConfig from an HF `config.json` dict (transformers 4 or 5 rope fields)."""
+  if hf.get("hidden_act", "silu") != "silu":
+    raise ValueError(f"unsupported hidden_act {hf['hidden_act']!r} (LLaMA uses silu)")
+  rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+  rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+  theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+  known = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+  heads = hf["num_attention_heads"]
+  return LlamaConfig(
+      vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+      intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
+      num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
+      head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+      rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+      rope=RopeConfig(theta=theta, type=rope_type, **{k: rope[k] for k in known if k in rope}),
+      max_position_embeddings=hf.get("max_position_embeddings", 2048),
+      tie_word_embeddings=hf.get("tie_word_embeddings", False),
+      attention_bias=hf.get("attention_bias", False), mlp_bias=hf.get("mlp_bias", False),
+      bos_token_id=hf.get("bos_token_id"),
+      eos_token_id=tuple(hf["eos_token_id"]) if isinstance(hf.get("eos_token_id"), list) else hf.get("eos_token_id"),
+      pad_token_id=hf.get("pad_token_id"), **overrides)
+
+
+def config_to_hf(config: LlamaConfig) -> dict[str, Any]:
+  rope = {"rope_type": config.rope.type, "rope_theta": config.rope.theta}
+  if config.rope.type != "default":
+    rope["factor"] = config.rope.factor
+  if config.rope.type == "llama3":
+    rope.update(low_freq_factor=config.rope.low_freq_factor, high_freq_factor=config.rope.high_freq_factor,
+                original_max_position_embeddings=config.rope.original_max_position_embeddings)
+  eos = config.eos_token_id
+  return {
+      "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+      "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+      "intermediate_size": config.intermediate_size, "num_hidden_layers": config.num_layers,
+      "num_attention_heads": config.num_heads, "num_key_value_heads": config.num_kv_heads,
+      "head_dim": config.head_dim, "rms_norm_eps": config.rms_norm_eps,
+      "rope_parameters": rope, "rope_theta": config.rope.theta,
+      "max_position_embeddings": config.max_position_embeddings,
+      "tie_word_embeddings": config.tie_word_embeddings, "attention_bias": config.attention_bias,
+      "mlp_bias": config.mlp_bias, "bos_token_id": config.bos_token_id,
+      "eos_token_id": list(eos) if isinstance(eos, tuple) else eos, "pad_token_id": config.pad_token_id,
+      "torch_dtype": config.param_dtype,
+  }
+
+
+def abstract_params(config: LlamaConfig):
+  """The model's parameters as ShapeDtypeStructs, boxed with their logical axis names."""
+  ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+  return jax.eval_shape(Llama(config).init, jax.random.key(0), ids)["params"]
+
+
+def load_hf(hf_dir: str, *, param_dtype: str | None = None, progress: bool = True,
+            **overrides) -> tuple[LlamaConfig, dict]:
+  """Read an HF LLaMA folder -> (config, params as numpy arrays), one tensor at a time."""
+  with open(os.path.join(hf_dir, "config.json")) as f:
+    hf_config = json.load(f)
+  config = config_from_hf(hf_config, **overrides)
+  if param_dtype is not None:
+    config = config.replace(param_dtype=param_dtype)
+  abstract = nn.meta.unbox(abstract_params(config))
+  ignore = IGNORED + ((r"lm_head\.weight",) if config.tie_word_embeddings else ())
+  params = convert(open_checkpoint(hf_dir), rules(config), abstract, ignore=ignore,
+                   desc="llama", progress=progress)
+  return config, params
+
+
+def save_hf(config: LlamaConfig, params: Mapping, out_dir: str, *, dtype=None,
+            tokenizer_dir: str | None = None, max_shard_bytes: int = 4 << 30) -> None:
+  """Write an HF folder (`config.json`, safetensors shards, tokenizer files) that
+  `LlamaForCausalLM.from_pretrained` loads."""
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(config_to_hf(config), f, indent=2)
+  write_safetensors_shards(export(params, rules(config), dtype=dtype), out_dir, max_shard_bytes)
+  if tokenizer_dir is not None:
+    copy_tokenizer(tokenizer_dir, out_dir)
+
+
+def copy_tokenizer(src_dir: str, out_dir: str) -> list[str]:
+  copied = [n for n in TOKENIZER_FILES if os.path.exists(os.path.join(src_dir, n))]
+  for name in copied:
+    shutil.copy(os.path.join(src_dir, name), os.path.join(out_dir, name))
+  return copied

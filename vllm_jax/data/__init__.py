@@ -1,0 +1,1 @@
+"""Media decoding, tokenization and conversation templates, data pipelines."""

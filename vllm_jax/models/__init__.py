@@ -1,0 +1,1 @@
+"""Model components and assembled systems (Linen, pure-functional)."""

@@ -1,0 +1,204 @@
+"""LLaMA decoder (LLaMA 1/2/3, Vicuna): RMSNorm, RoPE, SwiGLU, grouped-query attention, KV cache.
+
+Parameters (layers scanned, so each layer tensor has a leading `layers` axis L):
+  embed_tokens/embedding [V, E]
+  layers/{input_norm, post_attention_norm}/scale [L, E]
+  layers/attn/{q [L,E,H,D], k [L,E,K,D], v [L,E,K,D], o [L,H,D,E]}/kernel
+  layers/mlp/{gate [L,E,M], up [L,E,M], down [L,M,E]}/kernel
+  norm/scale [E]; lm_head/kernel [E, V] (absent when embeddings are tied)
+"""
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from vllm_jax.nn.attention import causal_mask, dot_product_attention
+from vllm_jax.nn.layers import Dense, Embed, RMSNorm, constrain
+from vllm_jax.nn.rope import RopeConfig, apply_rope, rope_angles
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  vocab_size: int = 32000
+  hidden_size: int = 4096
+  intermediate_size: int = 11008
+  num_layers: int = 32
+  num_heads: int = 32
+  num_kv_heads: int = 32
+  head_dim: int = 128
+  rms_norm_eps: float = 1e-6
+  rope: RopeConfig = RopeConfig()
+  max_position_embeddings: int = 2048
+  tie_word_embeddings: bool = False
+  attention_bias: bool = False
+  mlp_bias: bool = False
+  bos_token_id: int | None = 1
+  eos_token_id: int | tuple[int, ...] | None = 2
+  pad_token_id: int | None = None
+  dtype: str = "float32"         # compute dtype
+  param_dtype: str = "float32"
+  remat_policy: str = "nothing_saveable"  # a jax.checkpoint_policies name, or "none"
+  attention_impl: str | None = None       # None (XLA) or "cudnn"
+
+  def replace(self, **changes) -> "LlamaConfig":
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "LlamaConfig":
+    d = dict(d)
+    d["rope"] = RopeConfig(**d.get("rope", {}))
+    if isinstance(d.get("eos_token_id"), list):
+      d["eos_token_id"] = tuple(d["eos_token_id"])
+    return cls(**d)
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Keys and values of every layer, written left to right at `index`.
+
+  k, v: [L, B, S, K, D]; valid: [B, S] bool (False for padding and unwritten slots);
+  index: [] int32, the next slot to write (the same for the whole batch: prompts are left-padded).
+  """
+  k: jax.Array
+  v: jax.Array
+  valid: jax.Array
+  index: jax.Array
+
+  @classmethod
+  def init(cls, config: LlamaConfig, batch: int, max_len: int) -> "KVCache":
+    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+    return cls(k=jnp.zeros(shape, config.dtype), v=jnp.zeros(shape, config.dtype),
+               valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
+
+  @property
+  def max_len(self) -> int:
+    return self.valid.shape[1]
+
+
+class Attention(nn.Module):
+  """Grouped-query self-attention with RoPE; x: [B, T, E] -> [B, T, E].
+
+  With `cache_kv` ([B, S, K, D] each) the new keys/values are written at `index` and the
+  queries attend over the whole cache; the updated pair is returned.
+  """
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x, cache_kv, mask, cos, sin, index):
+    cfg = self.config
+    dense = lambda heads, name: Dense((heads, cfg.head_dim), ("embed", heads_axis(heads, cfg), "head_dim"),
+                                      use_bias=cfg.attention_bias, dtype=cfg.dtype,
+                                      param_dtype=cfg.param_dtype, name=name)
+    q = apply_rope(dense(cfg.num_heads, "q")(x), cos, sin)
+    k = apply_rope(dense(cfg.num_kv_heads, "k")(x), cos, sin)
+    v = dense(cfg.num_kv_heads, "v")(x)
+    if cache_kv is not None:
+      k = jax.lax.dynamic_update_slice_in_dim(cache_kv[0], k.astype(cache_kv[0].dtype), index, axis=1)
+      v = jax.lax.dynamic_update_slice_in_dim(cache_kv[1], v.astype(cache_kv[1].dtype), index, axis=1)
+      cache_kv = (k, v)
+    k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
+    v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
+    y = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, cfg.attention_impl)
+    out = Dense(x.shape[-1], ("heads", "head_dim", "embed"), in_dims=2, use_bias=cfg.attention_bias,
+                dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="o")(y)
+    return out, cache_kv
+
+
+def heads_axis(heads: int, cfg: LlamaConfig) -> str:
+  return "heads" if heads == cfg.num_heads else "kv_heads"
+
+
+class SwiGLU(nn.Module):
+  """down(silu(gate(x)) * up(x)); x: [B, T, E] -> [B, T, E]."""
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    dense = lambda features, axes, name: Dense(features, axes, use_bias=cfg.mlp_bias, dtype=cfg.dtype,
+                                               param_dtype=cfg.param_dtype, name=name)
+    h = nn.silu(dense(cfg.intermediate_size, ("embed", "mlp"), "gate")(x))
+    h = h * dense(cfg.intermediate_size, ("embed", "mlp"), "up")(x)
+    h = constrain(h, ("batch", "length", "mlp"))
+    return dense(cfg.hidden_size, ("mlp", "embed"), "down")(h)
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm block; the signature (carry, per-layer cache, broadcasts...) suits `nn.scan`."""
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x, cache_kv, mask, cos, sin, index):
+    cfg = self.config
+    norm = lambda name: RMSNorm(cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
+    h, cache_kv = Attention(cfg, name="attn")(norm("input_norm")(x), cache_kv, mask, cos, sin, index)
+    x = x + h
+    x = x + SwiGLU(cfg, name="mlp")(norm("post_attention_norm")(x))
+    return constrain(x, ("batch", "length", "act_embed")), cache_kv
+
+
+class Llama(nn.Module):
+  """The decoder. `__call__` -> (logits [B, T, V], updated cache or None)."""
+  config: LlamaConfig
+
+  def setup(self):
+    cfg = self.config
+    self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    layer = DecoderLayer
+    if cfg.remat_policy != "none":
+      layer = nn.remat(layer, policy=getattr(jax.checkpoint_policies, cfg.remat_policy), prevent_cse=False)
+    self.layers = nn.scan(
+        layer, variable_axes={"params": 0}, split_rngs={"params": True},
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+        length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
+    self.norm = RMSNorm(cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = Dense(cfg.vocab_size, ("embed", "vocab"), dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+
+  def embed(self, input_ids: jax.Array) -> jax.Array:
+    """[B, T] int -> [B, T, E]: the input embeddings, for splicing in other modalities."""
+    return self.embed_tokens(input_ids)
+
+  def __call__(self, input_ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
+               attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
+               cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+    """Run the decoder on token ids or embeddings.
+
+    input_ids: [B, T] or inputs_embeds: [B, T, E]; attention_mask: [B, T] (1 = token,
+    0 = left padding); positions: [B, T] RoPE positions (by default counted over the unmasked
+    tokens, continuing from the cache). With `cache`, the tokens are appended to it.
+    """
+    cfg = self.config
+    x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(cfg.dtype)
+    batch, length = x.shape[:2]
+    if attention_mask is None:
+      attention_mask = jnp.ones((batch, length), bool)
+    attention_mask = attention_mask.astype(bool)
+    x = constrain(x, ("batch", "length", "act_embed"))
+
+    if cache is None:
+      index, key_valid, layer_cache = jnp.zeros((), jnp.int32), attention_mask, None
+      past = jnp.zeros((batch, 1), jnp.int32)
+    else:
+      index, layer_cache = cache.index, (cache.k, cache.v)
+      key_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, attention_mask, index, axis=1)
+      past = cache.valid.sum(axis=-1, keepdims=True, dtype=jnp.int32)
+    if positions is None:
+      positions = jnp.maximum(past + jnp.cumsum(attention_mask, axis=-1, dtype=jnp.int32) - 1, 0)
+    cos, sin = rope_angles(cfg.rope, cfg.head_dim, positions)
+    mask = causal_mask(key_valid, index + jnp.arange(length))
+
+    x, layer_cache = self.layers(x, layer_cache, mask, cos, sin, index)
+    x = self.norm(x)
+    logits = self.embed_tokens.attend(x) if cfg.tie_word_embeddings else self.lm_head(x)
+    logits = constrain(logits, ("batch", "length", "vocab"))
+    if cache is not None:
+      cache = KVCache(k=layer_cache[0], v=layer_cache[1], valid=key_valid, index=index + length)
+    return logits, cache

@@ -1,0 +1,135 @@
+"""Linen layers whose every parameter carries logical axis names.
+
+Logical names (mapped to mesh axes by the one rules table in `vllm_jax.train.sharding`):
+  batch, length, frames, queries, embed, heads, kv_heads, head_dim, mlp, vocab, patch, layers.
+Activations use `act_embed` for the model width so that it can stay replicated while the
+parameters' `embed` axis is sharded (FSDP).
+"""
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Axes = tuple[str | None, ...]
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+
+def constrain(x: jax.Array, axes: Axes) -> jax.Array:
+  """Sharding constraint by logical names; a no-op without a mesh and rules in context."""
+  return nn.with_logical_constraint(x, axes)
+
+
+def fan_in_init(in_dims: int, ndim: int) -> Initializer:
+  """LeCun-normal over a kernel whose first `in_dims` axes are its inputs."""
+  return nn.initializers.variance_scaling(
+      1.0, "fan_in", "truncated_normal",
+      in_axis=tuple(range(in_dims)), out_axis=tuple(range(in_dims, ndim)))
+
+
+class Dense(nn.Module):
+  """Linear map of the trailing `in_dims` axes of x onto `features` (int or shape).
+
+  x: [..., *in_shape] -> [..., *features]; kernel: [*in_shape, *features], named `kernel_axes`.
+  """
+  features: int | Sequence[int]
+  kernel_axes: Axes
+  in_dims: int = 1
+  use_bias: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Initializer | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+    in_shape = x.shape[x.ndim - self.in_dims:]
+    shape = (*in_shape, *features)
+    init = self.kernel_init or fan_in_init(self.in_dims, len(shape))
+    kernel = self.param("kernel", nn.with_logical_partitioning(init, self.kernel_axes),
+                        shape, self.param_dtype)
+    contract = (tuple(range(x.ndim - self.in_dims, x.ndim)), tuple(range(self.in_dims)))
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(
+          nn.initializers.zeros_init(), self.kernel_axes[self.in_dims:]), features, self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class Embed(nn.Module):
+  """Lookup table [num_embeddings, features]; `attend` is the tied output projection."""
+  num_embeddings: int
+  features: int
+  axes: Axes = ("vocab", "embed")
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  embedding_init: Initializer = nn.initializers.normal(0.02)
+
+  def setup(self):
+    self.embedding = self.param(
+        "embedding", nn.with_logical_partitioning(self.embedding_init, self.axes),
+        (self.num_embeddings, self.features), self.param_dtype)
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+
+  def attend(self, x: jax.Array) -> jax.Array:
+    """x: [..., features] -> [..., num_embeddings]."""
+    return jnp.einsum("...e,ve->...v", x.astype(self.dtype), self.embedding.astype(self.dtype))
+
+
+class RMSNorm(nn.Module):
+  """LLaMA's RMSNorm: normalise in fp32, cast back, then scale (as the reference does)."""
+  eps: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+                       (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return scale.astype(self.dtype) * y.astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm computed in fp32 (as the references keep their norms in fp32)."""
+  eps: float = 1e-6
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    features = (x.shape[-1],)
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+                       features, self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale.astype(jnp.float32)
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+                        features, self.param_dtype)
+      y = y + bias.astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+class Mlp(nn.Module):
+  """Two-layer MLP, x: [..., embed] -> [..., embed] (ViT, BERT, ImageBind)."""
+  hidden: int
+  activation: Callable[[jax.Array], jax.Array] = lambda x: nn.gelu(x, approximate=False)
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dense = lambda features, axes, name: Dense(features, axes, use_bias=self.use_bias, dtype=self.dtype,
+                                               param_dtype=self.param_dtype, name=name)
+    h = self.activation(dense(self.hidden, ("embed", "mlp"), "fc1")(x))
+    return dense(x.shape[-1], ("mlp", "embed"), "fc2")(h)

@@ -1,0 +1,1 @@
+"""Mesh and sharding rules, optimizer, train step, checkpoints."""

@@ -1,0 +1,51 @@
+"""LLaMA tokenizers from local folders, small ones trained on the spot, and left-padded batches."""
+
+import io
+import os
+from typing import Iterable, Sequence
+
+import numpy as np
+
+
+def load_tokenizer(path: str):
+  """The tokenizer saved in a local folder (tokenizer.model / tokenizer.json), never downloaded."""
+  from transformers import AutoTokenizer
+  if not any(os.path.exists(os.path.join(path, n)) for n in ("tokenizer.json", "tokenizer.model")):
+    raise FileNotFoundError(f"no tokenizer in {path} (expected tokenizer.json or tokenizer.model)")
+  return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def train_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 512):
+  """Train a LLaMA-style sentencepiece BPE tokenizer (byte fallback, <unk>=0, <s>=1, </s>=2)
+  on `texts`, save it as a transformers LlamaTokenizer folder in `out_dir`, and return it.
+
+  `vocab_size` must leave room for the 256 byte pieces; it is a ceiling for small corpora.
+  """
+  import sentencepiece as spm
+  from transformers import LlamaTokenizer
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+      byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False,
+      split_digits=True, minloglevel=2)
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "tokenizer.model"), "wb") as f:
+    f.write(model.getvalue())
+  tokenizer = LlamaTokenizer.from_pretrained(out_dir, local_files_only=True, add_bos_token=True)
+  tokenizer.save_pretrained(out_dir)
+  return tokenizer
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int = 0,
+             multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
+  """Token lists -> (ids [B, T], mask [B, T]) padded on the left, T rounded up to `multiple`
+  (bucketed lengths let compiled functions be reused across batches)."""
+  length = max(len(s) for s in sequences)
+  length = -(-length // multiple) * multiple
+  ids = np.full((len(sequences), length), pad_id, np.int32)
+  mask = np.zeros((len(sequences), length), np.int32)
+  for row, seq in enumerate(sequences):
+    if len(seq):
+      ids[row, length - len(seq):] = seq
+      mask[row, length - len(seq):] = 1
+  return ids, mask

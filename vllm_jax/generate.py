@@ -1,0 +1,175 @@
+"""Batched generation: one jitted prefill, then a jitted `lax.while_loop` over decode steps.
+
+Prompts are left-padded so every row writes the KV cache at the same slot. The decode loop
+runs on device until every row has stopped or the token budget is spent; it returns to the
+host only between chunks, when tokens are streamed to a callback or stop strings must be
+checked against the decoded text.
+"""
+
+import dataclasses
+import functools
+from typing import Callable, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vllm_jax.models.llama import KVCache, Llama, LlamaConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off."""
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+
+
+@dataclasses.dataclass
+class Generation:
+  tokens: np.ndarray          # [B, max_new_tokens], `pad_id` after a row stopped
+  lengths: np.ndarray         # [B] tokens generated per row (a stop token included)
+  texts: list[str] | None     # decoded answers (cut before any stop string), with a tokenizer
+
+
+@flax.struct.dataclass
+class DecodeState:
+  cache: KVCache
+  tokens: jax.Array   # [B, N] int32
+  step: jax.Array     # [] int32, tokens written so far
+  done: jax.Array     # [B] bool
+  rng: jax.Array
+
+
+def sample_logits(logits: jax.Array, rng: jax.Array, sampling: SamplingConfig) -> jax.Array:
+  """logits: [B, V] -> token ids [B] (greedy, or temperature / top-k / top-p sampling)."""
+  if sampling.temperature == 0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits.astype(jnp.float32) / sampling.temperature
+  if sampling.top_k > 0:
+    kth = jax.lax.top_k(logits, sampling.top_k)[0][..., -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if sampling.top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+    keep = (jnp.cumsum(probs, axis=-1) - probs) < sampling.top_p
+    cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "sampling", "max_new_tokens"), donate_argnames=("cache",))
+def prefill(config: LlamaConfig, sampling: SamplingConfig, max_new_tokens: int, params, cache: KVCache,
+            inputs_embeds: jax.Array, attention_mask: jax.Array, stop_ids: jax.Array,
+            rng: jax.Array, pad_id: jax.Array) -> DecodeState:
+  """Run the prompt through the model and sample the first new token."""
+  logits, cache = Llama(config).apply({"params": params}, inputs_embeds=inputs_embeds,
+                                      attention_mask=attention_mask, cache=cache)
+  rng, key = jax.random.split(rng)
+  first = sample_logits(logits[:, -1], key, sampling)
+  batch = first.shape[0]
+  tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
+  return DecodeState(cache=cache, tokens=tokens, step=jnp.ones((), jnp.int32),
+                     done=jnp.isin(first, stop_ids), rng=rng)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "sampling"), donate_argnames=("state",))
+def decode(config: LlamaConfig, sampling: SamplingConfig, params, state: DecodeState, limit: jax.Array,
+           stop_ids: jax.Array, pad_id: jax.Array) -> DecodeState:
+  """Decode until `limit` tokens are written or every row is done."""
+  model = Llama(config)
+
+  def cond(s: DecodeState):
+    return (s.step < limit) & ~jnp.all(s.done)
+
+  def body(s: DecodeState):
+    last = jax.lax.dynamic_index_in_dim(s.tokens, s.step - 1, axis=1)
+    logits, cache = model.apply({"params": params}, last, attention_mask=~s.done[:, None], cache=s.cache)
+    rng, key = jax.random.split(s.rng)
+    token = jnp.where(s.done, pad_id, sample_logits(logits[:, -1], key, sampling))
+    tokens = jax.lax.dynamic_update_index_in_dim(s.tokens, token, s.step, axis=1)
+    return DecodeState(cache=cache, tokens=tokens, step=s.step + 1,
+                       done=s.done | jnp.isin(token, stop_ids), rng=rng)
+
+  return jax.lax.while_loop(cond, body, state)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def embed_tokens(config: LlamaConfig, params, input_ids: jax.Array) -> jax.Array:
+  return Llama(config).apply({"params": params}, input_ids, method=Llama.embed)
+
+
+def generate(config: LlamaConfig, params, *, input_ids: jax.Array | np.ndarray | None = None,
+             inputs_embeds: jax.Array | None = None, attention_mask=None, max_new_tokens: int = 32,
+             sampling: SamplingConfig = SamplingConfig(), stop_token_ids: Sequence[int] = (),
+             stop_strings: Sequence[str] = (), tokenizer=None, seed: int = 0,
+             on_tokens: Callable[[np.ndarray], None] | None = None, chunk: int = 8) -> Generation:
+  """Generate up to `max_new_tokens` for a batch of left-padded prompts.
+
+  input_ids: [B, T] or inputs_embeds: [B, T, E] (e.g. text with spliced video tokens);
+  attention_mask: [B, T], 0 on the left padding. A row stops at any of `stop_token_ids` or,
+  with a `tokenizer`, when its text contains one of `stop_strings`. `on_tokens` receives each
+  new chunk of tokens [B, n] as soon as it is decoded (`chunk` tokens at a time).
+  """
+  if inputs_embeds is None:
+    inputs_embeds = embed_tokens(config, params, jnp.asarray(input_ids))
+  batch, length = inputs_embeds.shape[:2]
+  if attention_mask is None:
+    attention_mask = np.ones((batch, length), np.int32)
+  if stop_strings and tokenizer is None:
+    raise ValueError("stop_strings need a tokenizer to decode the text")
+  stop_ids = jnp.asarray(list(stop_token_ids) or [-1], jnp.int32)
+  pad_id = jnp.asarray(stop_token_ids[0] if stop_token_ids else 0, jnp.int32)
+
+  cache = KVCache.init(config, batch, length + max_new_tokens)
+  state = prefill(config, sampling, max_new_tokens, params, cache, inputs_embeds,
+                  jnp.asarray(attention_mask), stop_ids, jax.random.key(seed), pad_id)
+  interactive = on_tokens is not None or bool(stop_strings)
+  step_size = chunk if interactive else max_new_tokens
+  emitted, cut = 0, [None] * batch
+  while True:
+    limit = min(int(state.step) + step_size, max_new_tokens)
+    state = decode(config, sampling, params, state, jnp.asarray(limit, jnp.int32), stop_ids, pad_id)
+    step = int(state.step)
+    if interactive:
+      tokens = np.asarray(state.tokens[:, emitted:step])
+      if on_tokens is not None and tokens.size:
+        on_tokens(tokens)
+      emitted = step
+      if stop_strings:
+        state = _stop_at_strings(state, tokenizer, stop_strings, cut, step)
+    if step >= max_new_tokens or bool(jnp.all(state.done)):
+      break
+  return _finish(state, tokenizer, stop_token_ids, cut)
+
+
+def _stop_at_strings(state: DecodeState, tokenizer, stop_strings, cut, step) -> DecodeState:
+  """Mark rows whose text contains a stop string as done, remembering where to cut it."""
+  tokens = np.asarray(state.tokens[:, :step])
+  done = np.asarray(state.done).copy()
+  for row in range(tokens.shape[0]):
+    if cut[row] is None:
+      text = tokenizer.decode(tokens[row], skip_special_tokens=True)
+      hits = [text.find(s) for s in stop_strings if s in text]
+      if hits:
+        cut[row], done[row] = min(hits), True
+  return state.replace(done=jnp.asarray(done))
+
+
+def _finish(state: DecodeState, tokenizer, stop_token_ids, cut) -> Generation:
+  tokens = np.asarray(state.tokens)
+  step = int(state.step)
+  lengths = np.full(tokens.shape[0], step, np.int32)
+  for row in range(tokens.shape[0]):
+    hits = np.flatnonzero(np.isin(tokens[row, :step], stop_token_ids))
+    if hits.size:
+      lengths[row] = hits[0] + 1
+  texts = None
+  if tokenizer is not None:
+    texts = []
+    for row in range(tokens.shape[0]):
+      text = tokenizer.decode(tokens[row, :lengths[row]], skip_special_tokens=True)
+      texts.append(text[:cut[row]] if cut[row] is not None else text)
+  return Generation(tokens=tokens, lengths=lengths, texts=texts)

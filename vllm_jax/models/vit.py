@@ -1,0 +1,139 @@
+"""Vision Transformer with absolute position embeddings (EVA-CLIP ViT-g/14 of BLIP-2).
+
+Images are channels-last, [N, H, W, 3]. Pre-norm blocks: x + attn(norm1(x)), x + mlp(norm2(x)).
+EVA's attention has biases on q and v only (`qkv_bias=(True, False, True)`).
+
+Parameters (blocks scanned: each block tensor has a leading `layers` axis L):
+  patch_embed/{kernel [p, p, 3, D], bias [D]}; cls_token [D]; pos_embed [1 + G*G, D]
+  blocks/{norm1, norm2}/{scale, bias} [L, D]
+  blocks/attn/{query, key, value}/kernel [L, D, H, Dh], {query, value}/bias [L, H, Dh], out [L, H, Dh, D]
+  blocks/mlp/{fc1 [L, D, M], fc2 [L, M, D]}/{kernel, bias}
+  norm/{scale, bias} [D] (with `final_norm`)
+G = image_size // patch_size is the grid the position table was trained for; other input
+sizes get the table resized bicubically (as torch's `interpolate(mode='bicubic')` does).
+"""
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vllm_jax.nn.attention import MultiHeadAttention
+from vllm_jax.nn.layers import Dense, LayerNorm, Mlp, constrain
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+  """Defaults: EVA-CLIP ViT-g/14 as BLIP-2 uses it (the 40th block of EVA-g dropped)."""
+  image_size: int = 224            # the size the position table is stored for
+  patch_size: int = 14
+  width: int = 1408
+  depth: int = 39
+  num_heads: int = 16
+  mlp_dim: int = 6144
+  layer_norm_eps: float = 1e-6
+  qkv_bias: tuple[bool, bool, bool] = (True, False, True)
+  final_norm: bool = False
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat_policy: str = "none"       # a jax.checkpoint_policies name, or "none"
+
+  @property
+  def grid(self) -> int:
+    return self.image_size // self.patch_size
+
+  @property
+  def head_dim(self) -> int:
+    return self.width // self.num_heads
+
+  def replace(self, **changes) -> "ViTConfig":
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def __post_init__(self):
+    if self.width % self.num_heads:
+      raise ValueError(f"width {self.width} is not a multiple of num_heads {self.num_heads}")
+    if self.image_size % self.patch_size:
+      raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+
+
+EVA_VIT_G = ViTConfig()
+
+
+def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """[out_size, in_size] weights of torch's bicubic resize (A = -0.75, align_corners=False,
+  edge-clamped), so that resizing is a matrix product."""
+  a = -0.75
+  near = lambda x: ((a + 2) * x - (a + 3)) * x * x + 1       # |x| <= 1
+  far = lambda x: ((a * x - 5 * a) * x + 8 * a) * x - 4 * a  # 1 < |x| < 2
+  m = np.zeros((out_size, in_size), np.float64)
+  for o in range(out_size):
+    src = (o + 0.5) * in_size / out_size - 0.5
+    base = int(np.floor(src))
+    t = src - base
+    for offset, w in zip((-1, 0, 1, 2), (far(t + 1), near(t), near(1 - t), far(2 - t))):
+      m[o, min(max(base + offset, 0), in_size - 1)] += w
+  return m.astype(np.float32)
+
+
+def resize_pos_embed(pos: jax.Array, grid: int, new_grid: tuple[int, int]) -> jax.Array:
+  """pos: [1 + grid*grid, D] (CLS first) -> [1 + h*w, D] for the new (h, w) patch grid."""
+  table = pos[1:].reshape(grid, grid, -1)
+  table = jnp.einsum("yg,ghd,xh->yxd", bicubic_matrix(grid, new_grid[0]), table,
+                     bicubic_matrix(grid, new_grid[1]), precision=jax.lax.Precision.HIGHEST)
+  return jnp.concatenate([pos[:1], table.reshape(-1, pos.shape[-1])], axis=0)
+
+
+class Block(nn.Module):
+  """Pre-norm encoder block, x: [N, T, D] -> [N, T, D]; the (carry, _) signature suits `nn.scan`."""
+  config: ViTConfig
+
+  @nn.compact
+  def __call__(self, x, _):
+    cfg = self.config
+    norm = lambda name: LayerNorm(cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
+    x = x + MultiHeadAttention(cfg.num_heads, cfg.head_dim, qkv_bias=cfg.qkv_bias, dtype=cfg.dtype,
+                               param_dtype=cfg.param_dtype, name="attn")(norm("norm1")(x))
+    x = x + Mlp(cfg.mlp_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="mlp")(norm("norm2")(x))
+    return constrain(x, ("batch", "length", "act_embed")), None
+
+
+class ViT(nn.Module):
+  """images [N, H, W, 3] -> tokens [N, 1 + (H/p)(W/p), D] (CLS first)."""
+  config: ViTConfig
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    cfg = self.config
+    n, h, w, c = images.shape
+    p = cfg.patch_size
+    if h % p or w % p:
+      raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
+    # A stride-p convolution is a matmul over non-overlapping [p, p, c] patches.
+    patches = images.reshape(n, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    patches = patches.reshape(n, (h // p) * (w // p), p, p, c)
+    x = Dense(cfg.width, ("patch", "patch", None, "embed"), in_dims=3, use_bias=True, dtype=cfg.dtype,
+              param_dtype=cfg.param_dtype, name="patch_embed")(patches)
+
+    cls = self.param("cls_token", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",)),
+                     (cfg.width,), cfg.param_dtype)
+    pos = self.param("pos_embed", nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
+                     (1 + cfg.grid * cfg.grid, cfg.width), cfg.param_dtype)
+    if (h // p, w // p) != (cfg.grid, cfg.grid):
+      pos = resize_pos_embed(pos, cfg.grid, (h // p, w // p))
+    x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (n, 1, cfg.width)), x], axis=1)
+    x = constrain(x + pos.astype(x.dtype), ("batch", "length", "act_embed"))
+
+    block = Block
+    if cfg.remat_policy != "none":
+      block = nn.remat(block, policy=getattr(jax.checkpoint_policies, cfg.remat_policy), prevent_cse=False)
+    x, _ = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=cfg.depth,
+                   metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="blocks")(x, None)
+    if cfg.final_norm:
+      x = LayerNorm(cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="norm")(x)
+    return x

@@ -301,7 +301,7 @@ def convert(reader: TensorReader, rules: Sequence[Rule], abstract: Mapping, *,
     for path, struct, value in zip(rule.target_paths, structs, values):
       value = np.asarray(value).astype(struct.dtype, copy=False)
       if layer is None:
-        set_path(out, path, np.ascontiguousarray(value))
+        set_path(out, path, np.ascontiguousarray(value).reshape(struct.shape))  # 0-d stays 0-d
       else:
         get_path(out, path)[layer] = value
   return out

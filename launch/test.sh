@@ -3,11 +3,7 @@
 # test suite. Extra arguments go to pytest, e.g. `bash launch/test.sh -k llama`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
-. .venv/bin/activate
-pip install -q --upgrade pip
-pip install -q torch==2.13.0          # the CPU build; installed first so nothing pulls a CUDA one
-pip install -q -e '.[dev]'
+. launch/install.sh
 # --- test-only PyTorch references (never imported by the library) ---
 # --- end of test-only references ---
 python -m pytest tests -n 2 --durations=15 "$@"

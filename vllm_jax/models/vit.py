@@ -117,7 +117,7 @@ class ViT(nn.Module):
     # A stride-p convolution is a matmul over non-overlapping [p, p, c] patches.
     patches = images.reshape(n, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
     patches = patches.reshape(n, (h // p) * (w // p), p, p, c)
-    x = Dense(cfg.width, ("patch", "patch", None, "embed"), in_dims=3, use_bias=True, dtype=cfg.dtype,
+    x = Dense(cfg.width, (None, None, None, "embed"), in_dims=3, use_bias=True, dtype=cfg.dtype,
               param_dtype=cfg.param_dtype, name="patch_embed")(patches)
 
     cls = self.param("cls_token", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",)),

@@ -1,0 +1,109 @@
+"""Video-LLaMA's vision-language branch: frames -> a fixed number of LLM-space tokens.
+
+  frames [B, T, H, W, 3] --fold--> [B*T, H, W, 3] --ViT--> --ln_vision--> image Q-Former
+  -> [B*T, Q, E] --unfold, + frame position--> [B, T*Q, E] --video Q-Former--> [B, Q_v, E]
+  --llama_proj--> [B, Q_v, llm_hidden_size]
+
+Frames are channels-last and already normalised (CLIP mean/std). An image is a one-frame video.
+
+Parameters: visual_encoder (ViT), ln_vision/{scale, bias}, qformer (QFormer),
+  frame_position_embedding/embedding [max_frames, E], video_qformer (QFormer),
+  llama_proj/{kernel [E, llm_hidden_size], bias}.
+"""
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vllm_jax.models.qformer import QFormer, QFormerConfig
+from vllm_jax.models.vit import EVA_VIT_G, ViT, ViTConfig
+from vllm_jax.nn.layers import Dense, Embed, LayerNorm, constrain
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoBranchConfig:
+  """Defaults: Video-LLaMA (EVA ViT-g/14, BLIP-2 Q-Former, 2-layer video Q-Former, LLaMA-7B width)."""
+  vit: ViTConfig = EVA_VIT_G
+  qformer: QFormerConfig = QFormerConfig()
+  video_qformer: QFormerConfig = QFormerConfig(num_layers=2, encoder_width=768, cross_attention_frequency=1)
+  ln_vision_eps: float = 1e-5
+  max_frames: int = 32             # entries of the frame position table
+  interpolate_frames: bool = False  # opt-in: stretch the table over longer videos
+  llm_hidden_size: int = 4096
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  def replace(self, **changes) -> "VideoBranchConfig":
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "VideoBranchConfig":
+    d, vit = dict(d), dict(d.get("vit", {}))
+    if "qkv_bias" in vit:
+      vit["qkv_bias"] = tuple(vit["qkv_bias"])
+    d["vit"] = ViTConfig(**vit)
+    d["qformer"] = QFormerConfig(**d.get("qformer", {}))
+    d["video_qformer"] = QFormerConfig(**d.get("video_qformer", {}))
+    return cls(**d)
+
+  def __post_init__(self):
+    if self.qformer.encoder_width != self.vit.width:
+      raise ValueError(f"qformer.encoder_width {self.qformer.encoder_width} != vit.width {self.vit.width}")
+    if self.video_qformer.encoder_width != self.qformer.hidden_size:
+      raise ValueError(f"video_qformer.encoder_width {self.video_qformer.encoder_width} != "
+                       f"qformer.hidden_size {self.qformer.hidden_size}")
+
+
+def stretch_frame_table(table: jax.Array, frames: int) -> jax.Array:
+  """[M, E] -> [frames, E]: linear interpolation, first and last rows kept (align_corners)."""
+  src = np.linspace(0.0, table.shape[0] - 1, frames)
+  lo = np.floor(src).astype(np.int32)
+  hi = np.minimum(lo + 1, table.shape[0] - 1)
+  w = jnp.asarray(src - lo, table.dtype)[:, None]
+  return table[lo] * (1 - w) + table[hi] * w
+
+
+class VideoBranch(nn.Module):
+  config: VideoBranchConfig
+
+  @nn.compact
+  def __call__(self, frames: jax.Array, frame_mask: jax.Array | None = None) -> jax.Array:
+    """frames: [B, T, H, W, 3] (or images [B, H, W, 3]); frame_mask: [B, T] bool, False for
+    padding frames -> [B, Q_v, llm_hidden_size].
+
+    The frame position table has `max_frames` entries; longer videos raise unless the config
+    sets `interpolate_frames=True`, which stretches the table linearly over the T frames.
+    """
+    cfg = self.config
+    if frames.ndim == 4:
+      frames = frames[:, None]
+    if frames.ndim != 5 or frames.shape[-1] != 3:
+      raise ValueError(f"expected frames [B, T, H, W, 3] or images [B, H, W, 3], got shape {frames.shape}")
+    batch, num_frames = frames.shape[:2]
+    positions = Embed(cfg.max_frames, cfg.qformer.hidden_size, axes=("frames", "embed"), dtype=cfg.dtype,
+                      param_dtype=cfg.param_dtype, name="frame_position_embedding")
+    if num_frames <= cfg.max_frames:
+      frame_pos = positions(jnp.arange(num_frames))
+    elif cfg.interpolate_frames:
+      frame_pos = stretch_frame_table(positions(jnp.arange(cfg.max_frames)), num_frames)
+    else:
+      raise ValueError(f"got {num_frames} frames, but the frame position table has {cfg.max_frames} entries; "
+                       f"sample at most {cfg.max_frames} frames or set interpolate_frames=True in the config")
+
+    x = ViT(cfg.vit, name="visual_encoder")(frames.reshape(batch * num_frames, *frames.shape[2:]))
+    x = LayerNorm(cfg.ln_vision_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="ln_vision")(x)
+    q = QFormer(cfg.qformer, name="qformer")(x)                              # [B*T, Q, E]
+    q = q.reshape(batch, num_frames, *q.shape[1:]) + frame_pos[None, :, None, :].astype(q.dtype)
+    memory = constrain(q.reshape(batch, -1, q.shape[-1]), ("batch", "length", "act_embed"))
+    memory_mask = None if frame_mask is None else jnp.repeat(frame_mask.astype(bool), q.shape[2], axis=1)
+    v = QFormer(cfg.video_qformer, name="video_qformer")(memory, memory_mask)  # [B, Q_v, E]
+    out = Dense(cfg.llm_hidden_size, (None, "embed"), use_bias=True, dtype=cfg.dtype,
+                param_dtype=cfg.param_dtype, name="llama_proj")(v)
+    return constrain(out, ("batch", "queries", "act_embed"))

@@ -32,13 +32,6 @@ def rel_err(ours, ref):
   return np.abs(ours - ref).max() / np.abs(ref).max()
 
 
-def qformer_config(cfg: QFormerConfig) -> Blip2QFormerConfig:
-  return Blip2QFormerConfig(
-      hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-      intermediate_size=cfg.intermediate_size, encoder_hidden_size=cfg.encoder_width,
-      cross_attention_frequency=cfg.cross_attention_frequency, layer_norm_eps=cfg.layer_norm_eps)
-
-
 class TorchBranch(torch.nn.Module):
   """Video-LLaMA's VL branch from transformers modules. Its state dict is the transformers
   Blip2 layout (`vision_model`, `qformer`, `query_tokens`) plus the video part named as in
@@ -49,14 +42,12 @@ class TorchBranch(torch.nn.Module):
     torch.manual_seed(seed)
     v, q, vq = cfg.vit, cfg.qformer, cfg.video_qformer
     self.cfg = cfg
-    self.vision_model = Blip2VisionModel(Blip2VisionConfig(
-        hidden_size=v.width, intermediate_size=v.mlp_dim, num_hidden_layers=v.depth, num_attention_heads=v.num_heads,
-        image_size=v.image_size, patch_size=v.patch_size, layer_norm_eps=v.layer_norm_eps))
+    self.vision_model = Blip2VisionModel(self.vision_config(v))
     self.query_tokens = torch.nn.Parameter(torch.randn(1, q.num_queries, q.hidden_size))
-    self.qformer = Blip2QFormerModel(qformer_config(q))
+    self.qformer = Blip2QFormerModel(self.qformer_config(q))
     self.video_frame_position_embedding = torch.nn.Embedding(cfg.max_frames, q.hidden_size)
     self.video_query_tokens = torch.nn.Parameter(torch.randn(1, vq.num_queries, vq.hidden_size))
-    self.video_qformer = Blip2QFormerModel(qformer_config(vq))
+    self.video_qformer = Blip2QFormerModel(self.qformer_config(vq))
     self.llama_proj = torch.nn.Linear(vq.hidden_size, cfg.llm_hidden_size)
     with torch.no_grad():  # move every parameter off its default (zero biases, unit norms)
       for name, p in self.named_parameters():
@@ -64,6 +55,19 @@ class TorchBranch(torch.nn.Module):
         if name.endswith("qkv.bias"):
           p[v.width:2 * v.width] = 0  # EVA has no key bias
     self.eval()
+
+  @staticmethod
+  def vision_config(v: ViTConfig) -> Blip2VisionConfig:
+    return Blip2VisionConfig(hidden_size=v.width, intermediate_size=v.mlp_dim, num_hidden_layers=v.depth,
+                             num_attention_heads=v.num_heads, image_size=v.image_size, patch_size=v.patch_size,
+                             layer_norm_eps=v.layer_norm_eps)
+
+  @staticmethod
+  def qformer_config(q: QFormerConfig) -> Blip2QFormerConfig:
+    return Blip2QFormerConfig(
+        hidden_size=q.hidden_size, num_hidden_layers=q.num_layers, num_attention_heads=q.num_heads,
+        intermediate_size=q.intermediate_size, encoder_hidden_size=q.encoder_width,
+        cross_attention_frequency=q.cross_attention_frequency, layer_norm_eps=q.layer_norm_eps)
 
   @torch.no_grad()
   def forward(self, frames: np.ndarray) -> np.ndarray:

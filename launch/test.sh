@@ -5,5 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . launch/install.sh
 # --- test-only PyTorch references (never imported by the library) ---
+# ImageBind's reference code (CC BY-NC-SA 4.0: tests only); --no-deps keeps torchvision/timm out.
+pip install -q --no-deps imagebind-unofficial==0.1.1 ftfy wcwidth iopath portalocker
 # --- end of test-only references ---
 python -m pytest tests -n 2 --durations=15 "$@"

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Blip2QFormerConfig, Blip2QFormerModel, Blip2VisionConfig, Blip2VisionModel
 
+from vllm_jax.configs.video_llama_vision import get_config
 from vllm_jax.converters import blip2 as blip2_format
 from vllm_jax.converters.core import DictReader, Rule, convert, dense
 from vllm_jax.converters.video_llama import abstract_params, hf_blip2_rules
@@ -17,13 +18,7 @@ from vllm_jax.models.video_branch import VideoBranch, VideoBranchConfig
 from vllm_jax.models.vit import ViTConfig
 from vllm_jax.train.sharding import make_mesh, mesh_context, param_shardings, shard_params
 
-TINY = VideoBranchConfig(
-    vit=ViTConfig(image_size=28, patch_size=14, width=48, depth=2, num_heads=4, mlp_dim=64),
-    qformer=QFormerConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, encoder_width=48,
-                          cross_attention_frequency=2, num_queries=8),
-    video_qformer=QFormerConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
-                                encoder_width=32, cross_attention_frequency=1, num_queries=4),
-    max_frames=4, llm_hidden_size=64)
+TINY = VideoBranchConfig.from_dict(get_config("tiny").model.to_dict())
 APPLY = jax.jit(VideoBranch(TINY).apply)
 
 

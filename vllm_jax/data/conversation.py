@@ -1,0 +1,261 @@
+"""Video-LLaMA's prompt formats and their tokenization, with training labels.
+
+Media enter the text as placeholders: `<ImageHere>` for the 32 video (or image) query tokens
+and `<AudioHere>` for the 8 audio query tokens. Both are added to the LLaMA tokenizer as
+special tokens (ids 32000 and 32001 for a 32000-piece vocabulary); in the token ids each
+placeholder is repeated once per query token and the model splices the media tokens in at
+those positions.
+
+Text is tokenized the way Video-LLaMA embeds a prompt: split at the placeholders, each text
+segment tokenized on its own, BOS only before the first segment.
+
+Inference prompts (the demo's `Chat`), `Conversation.prompt()`:
+  vicuna_v0: system + "###" + "Human: {msg}###" + ... + "Assistant:"
+  llama_2:   "[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{msg} [/INST] {answer} </s><s>[INST] {msg} [/INST]"
+The media turn opens the first human message and the first question is appended to it after
+a space (the media turns end with a space, so two spaces separate them).
+
+Training examples (`encode_training`), labels aligned with the ids and -100 where the model
+must not learn, as Video-LLaMA's instruction datasets mask them:
+  vicuna_v0 (stage 2): "{system}\\n\\n" + "###Human: {q}\\n" + "###Assistant: {a}\\n" + ... + "###".
+    Masked: BOS, the system header, and each human turn after its leading "###" (with the
+    placeholders). Learned: every "###" (the end signal the model must emit) and each whole
+    assistant turn, its "Assistant: " header included.
+  llama_2 (stage 2): "[INST] <<SYS>>\\n \\n<</SYS>>\\n\\n{q} [/INST] {a} </s><s>[INST] {q} [/INST] {a} </s>".
+    Masked: BOS, each "<s>[INST] ... [/INST]". Learned: " {a} </s>".
+  caption (stage 1, `encode_caption`): BOS, the query placeholders, then the caption + "\\n"
+    (at most 32 tokens); only the caption is learned.
+Each token is labelled by the piece its first character falls in.
+"""
+
+import dataclasses
+import re
+from typing import Sequence
+
+import numpy as np
+
+IMAGE_TOKEN = "<ImageHere>"
+AUDIO_TOKEN = "<AudioHere>"
+IGNORE_INDEX = -100
+NUM_VIDEO_TOKENS = 32
+NUM_AUDIO_TOKENS = 8
+IMAGE_SYSTEM = ("You are able to understand the visual content that the user provides. "
+                "Follow the instructions carefully and explain your answers in detail.")
+LLAMA_2_SYSTEM = ("You are a helpful language and vision assistant. You are able to understand the visual "
+                  "content that the user provides, and assist the user with a variety of tasks using "
+                  "natural language.")
+# The demo's audio-visual turn. Its two runs of spaces come from line continuations inside the
+# original string literal; the model was used with them, so they stay. The demo writes the
+# audio slot as <ImageHere> too and fills the slots in order (audio, then video).
+AUDIO_VIDEO_TURN = (f"Close your eyes, open your ears and you imagine only based on the sound that: {AUDIO_TOKEN}."
+                    f"{' ' * 17}Close your ears, open your eyes and you see that <Video>{IMAGE_TOKEN}</Video>."
+                    f"{' ' * 18}Now answer my question based on what you have just seen and heard.")
+_PLACEHOLDER = re.compile(f"({re.escape(IMAGE_TOKEN)}|{re.escape(AUDIO_TOKEN)})")
+
+
+@dataclasses.dataclass(frozen=True)
+class Template:
+  name: str
+  roles: tuple[str, str]
+  system: str                       # default system prompt of the chat
+  train_system: str                 # system prompt of the training format
+  stop_strings: tuple[str, ...]     # the answer ends at the first of these
+
+  @property
+  def is_llama_2(self) -> bool:
+    return self.name == "llama_2"
+
+
+VICUNA_V0 = Template("vicuna_v0", ("Human", "Assistant"), system="", train_system="", stop_strings=("###",))
+LLAMA_2 = Template("llama_2", ("USER", "ASSISTANT"), system=LLAMA_2_SYSTEM, train_system=" ",
+                   stop_strings=("</s>",))
+TEMPLATES = {t.name: t for t in (VICUNA_V0, LLAMA_2)}
+
+
+def get_template(name: str) -> Template:
+  if name not in TEMPLATES:
+    raise ValueError(f"unknown conversation template {name!r}; expected one of {sorted(TEMPLATES)}")
+  return TEMPLATES[name]
+
+
+# ------------------------------------------------------------------------------------------
+# Media turns.
+
+
+def frames_message(timestamps: Sequence[float]) -> str:
+  """'The video contains 8 frames sampled at 0.0, 1.2, ... seconds. '"""
+  times = ", ".join(str(round(float(t), 1)) for t in timestamps)
+  return f"The video contains {len(timestamps)} frames sampled at {times} seconds. "
+
+
+def video_turn(timestamps: Sequence[float]) -> str:
+  return f"<Video>{IMAGE_TOKEN}</Video> " + frames_message(timestamps)
+
+
+def image_turn() -> str:
+  return f"<Image>{IMAGE_TOKEN}</Image> "
+
+
+def media_turn(timestamps: Sequence[float], is_image: bool = False, with_audio: bool = False) -> str:
+  """The first human message for a video (with or without its audio) or an image."""
+  if is_image:
+    return image_turn()
+  return AUDIO_VIDEO_TURN if with_audio else video_turn(timestamps)
+
+
+# ------------------------------------------------------------------------------------------
+# Inference prompts.
+
+
+@dataclasses.dataclass
+class Conversation:
+  """The chat history; `prompt()` renders it with an open assistant turn at the end."""
+  template: Template = VICUNA_V0
+  system: str | None = None         # None: the template's default
+  messages: list[list[str]] = dataclasses.field(default_factory=list)  # [role, text]
+
+  @classmethod
+  def for_media(cls, template: Template, timestamps: Sequence[float] = (), is_image: bool = False,
+                with_audio: bool = False) -> "Conversation":
+    """A conversation opened by a media turn, with the demo's system prompt for that media."""
+    conv = cls(template, system=IMAGE_SYSTEM if is_image else "")
+    conv.messages.append([template.roles[0], media_turn(timestamps, is_image, with_audio)])
+    return conv
+
+  def ask(self, text: str) -> None:
+    """A human message; right after the media turn it joins that turn (after a space)."""
+    last = self.messages[-1] if self.messages else None
+    if last and last[0] == self.template.roles[0] and ("</Video>" in last[1] or "</Image>" in last[1]):
+      last[1] = " ".join([last[1], text])
+    else:
+      self.messages.append([self.template.roles[0], text])
+
+  def answer(self, text: str) -> None:
+    self.messages.append([self.template.roles[1], text])
+
+  def prompt(self) -> str:
+    """The text the model continues: the history and an empty assistant turn."""
+    system = self.template.system if self.system is None else self.system
+    messages = list(self.messages)
+    if not messages or messages[-1][0] != self.template.roles[1]:
+      messages.append([self.template.roles[1], ""])
+    if not self.template.is_llama_2:
+      out = system + "###"
+      for role, text in messages:
+        out += f"{role}: {text}###" if text else f"{role}:"
+      return out
+    out = ""
+    for i, (_, text) in enumerate(messages):
+      if i % 2 == 0:
+        if i == 0:
+          text = f"<<SYS>>\n{system}\n<</SYS>>\n\n" + text
+        out += ("<s>" if i else "") + f"[INST] {text} [/INST]"
+      elif text:
+        out += f" {text} </s>"
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# Tokenization.
+
+
+def add_media_tokens(tokenizer) -> tuple[int, int]:
+  """Add the two placeholders as special tokens (no-op if present) -> (image id, audio id)."""
+  tokenizer.add_tokens([IMAGE_TOKEN, AUDIO_TOKEN], special_tokens=True)
+  return media_token_ids(tokenizer)
+
+
+def media_token_ids(tokenizer) -> tuple[int, int]:
+  ids = tokenizer.convert_tokens_to_ids([IMAGE_TOKEN, AUDIO_TOKEN])
+  if any(i is None or i == tokenizer.unk_token_id for i in ids):
+    raise ValueError(f"the tokenizer lacks {IMAGE_TOKEN}/{AUDIO_TOKEN}; call add_media_tokens first")
+  return tuple(ids)
+
+
+def _num_tokens(placeholder: str, num_video_tokens: int, num_audio_tokens: int) -> int:
+  return num_video_tokens if placeholder == IMAGE_TOKEN else num_audio_tokens
+
+
+def encode_pieces(tokenizer, pieces: Sequence[tuple[str, bool]], num_video_tokens: int = NUM_VIDEO_TOKENS,
+                  num_audio_tokens: int = NUM_AUDIO_TOKENS) -> tuple[list[int], list[int]]:
+  """[(text, learned)] -> (ids, labels) for their concatenation; see the module doc.
+
+  Each placeholder becomes its run of placeholder ids (label -100). Labels equal the ids on
+  tokens that start inside a learned piece and are -100 elsewhere (BOS included).
+  """
+  text = "".join(t for t, _ in pieces)
+  ends = np.cumsum([len(t) for t, _ in pieces])
+  learned = [flag for _, flag in pieces]
+  image_id, audio_id = media_token_ids(tokenizer)
+  ids, labels = [tokenizer.bos_token_id], [IGNORE_INDEX]
+  start = 0
+  for part in _PLACEHOLDER.split(text):
+    if part in (IMAGE_TOKEN, AUDIO_TOKEN):
+      n = _num_tokens(part, num_video_tokens, num_audio_tokens)
+      ids += [image_id if part == IMAGE_TOKEN else audio_id] * n
+      labels += [IGNORE_INDEX] * n
+    elif part:
+      enc = tokenizer(part, add_special_tokens=False, return_offsets_mapping=True)
+      for token, (begin, _) in zip(enc.input_ids, enc.offset_mapping):
+        piece = int(np.searchsorted(ends, start + begin, side="right"))
+        ids.append(token)
+        labels.append(token if learned[min(piece, len(learned) - 1)] else IGNORE_INDEX)
+    start += len(part)
+  return ids, labels
+
+
+def encode_prompt(tokenizer, prompt: str, num_video_tokens: int = NUM_VIDEO_TOKENS,
+                  num_audio_tokens: int = NUM_AUDIO_TOKENS) -> list[int]:
+  """An inference prompt -> token ids (BOS, text segments, placeholder runs)."""
+  return encode_pieces(tokenizer, [(prompt, False)], num_video_tokens, num_audio_tokens)[0]
+
+
+def training_pieces(template: Template, turns: Sequence[tuple[str, str]],
+                    system: str | None = None) -> list[tuple[str, bool]]:
+  """[(question, answer)] -> the training text as [(piece, learned)]; see the module doc."""
+  system = template.train_system if system is None else system
+  human, assistant = template.roles
+  pieces = []
+  if not template.is_llama_2:
+    pieces.append((f"{system}\n\n", False))
+    for question, answer in turns:
+      pieces += [("###", True), (f"{human}: {question}\n", False), (f"###{assistant}: {answer}\n", True)]
+    pieces.append(("###", True))
+    return pieces
+  for i, (question, answer) in enumerate(turns):
+    if i == 0:
+      question = f"<<SYS>>\n{system}\n<</SYS>>\n\n" + question
+    pieces += [(("<s>" if i else "") + f"[INST] {question} [/INST]", False), (f" {answer} </s>", True)]
+  return pieces
+
+
+def encode_training(tokenizer, template: Template, turns: Sequence[tuple[str, str]],
+                    system: str | None = None, num_video_tokens: int = NUM_VIDEO_TOKENS,
+                    num_audio_tokens: int = NUM_AUDIO_TOKENS) -> tuple[list[int], list[int]]:
+  """A multi-turn conversation [(question, answer)] -> (ids, labels). Put the media turn at the
+  start of the first question (e.g. `video_turn(timestamps) + question`)."""
+  return encode_pieces(tokenizer, training_pieces(template, turns, system), num_video_tokens, num_audio_tokens)
+
+
+def encode_caption(tokenizer, caption: str, num_video_tokens: int = NUM_VIDEO_TOKENS, end: str = "\n",
+                   max_text_tokens: int = 32) -> tuple[list[int], list[int]]:
+  """Stage-1 pretraining: BOS + query placeholders + caption tokens (truncated), caption learned."""
+  ids, labels = encode_pieces(tokenizer, [(IMAGE_TOKEN, False), (caption + end, True)], num_video_tokens)
+  keep = 1 + num_video_tokens + max_text_tokens
+  return ids[:keep], labels[:keep]
+
+
+def collate(examples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int = 0,
+            multiple: int = 1) -> dict[str, np.ndarray]:
+  """[(ids, labels)] -> right-padded input_ids, labels (-100 on padding), attention_mask,
+  each [B, T] with T rounded up to `multiple`."""
+  length = max(len(ids) for ids, _ in examples)
+  length = -(-length // multiple) * multiple
+  batch = {"input_ids": np.full((len(examples), length), pad_id, np.int32),
+           "labels": np.full((len(examples), length), IGNORE_INDEX, np.int32),
+           "attention_mask": np.zeros((len(examples), length), np.int32)}
+  for row, (ids, labels) in enumerate(examples):
+    batch["input_ids"][row, :len(ids)] = ids
+    batch["labels"][row, :len(ids)] = labels
+    batch["attention_mask"][row, :len(ids)] = 1
+  return batch

@@ -1,0 +1,43 @@
+"""One media file -> everything Video-LLaMA takes from it: frames, timestamps and audio clips.
+
+Behaviour on bad inputs (what `chat` prints and `infer` records):
+  missing file              -> FileNotFoundError naming it
+  corrupt / not decodable   -> MediaError naming it
+  video without audio track -> frames only, `audio_valid=False` (answered from the frames)
+  fewer frames than asked   -> every frame, padded and masked (see `vllm_jax.data.video`)
+  images                    -> one frame, never audio
+"""
+
+import dataclasses
+
+import numpy as np
+
+from vllm_jax.data import audio as audio_lib
+from vllm_jax.data.video import Frames, MediaError, is_image_path, load_visual
+
+__all__ = ["Media", "MediaError", "load_media"]
+
+
+@dataclasses.dataclass
+class Media:
+  path: str
+  frames: Frames
+  audio: np.ndarray | None = None   # [clips, 1, mel, frames] float32, when audio was asked for
+  audio_valid: bool = False         # False: no audio track (or a silent or empty one)
+
+  @property
+  def is_image(self) -> bool:
+    return self.frames.is_image
+
+
+def load_media(path: str, num_frames: int = 8, size: int = 224, with_audio: bool = False,
+               audio_config: audio_lib.AudioClipConfig = audio_lib.AudioClipConfig(), **video_kwargs) -> Media:
+  """Frames of a video or image file, and (with `with_audio`, videos only) its audio clips."""
+  frames = load_visual(path, num_frames, size, **video_kwargs)
+  if not with_audio or is_image_path(path):
+    return Media(path, frames)
+  try:
+    clips, valid = audio_lib.load_audio_clips(path, audio_config)
+  except audio_lib.AudioDecodeError as e:
+    raise MediaError(str(e)) from e
+  return Media(path, frames, clips, valid)

@@ -2,6 +2,7 @@
 
 import contextlib
 import math
+import os
 from typing import Any, Iterator, Sequence
 
 import flax.linen as nn
@@ -72,3 +73,39 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def shard_params(params: Any, shardings: Any) -> Any:
   """Place host (numpy) parameters onto the mesh, one tensor at a time."""
   return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), params, shardings)
+
+
+def mesh_from_config(cfg) -> Mesh:
+  """A mesh from a `mesh` config section (data, fsdp, tensor; -1 = the remaining devices)."""
+  return make_mesh((cfg.data, cfg.fsdp, cfg.tensor))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Batches split along their leading axis over every data-parallel axis (data x fsdp)."""
+  return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+
+def make_global_batch(local_batch: Any, mesh: Mesh) -> Any:
+  """This process's rows ([B / process_count, ...] numpy arrays) -> global [B, ...] arrays, with
+  each process contributing the rows that live on its own devices."""
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+                      local_batch)
+
+
+def initialize_distributed(heartbeat_timeout_seconds: int = 30, initialization_timeout: int = 120) -> None:
+  """Join the job's other processes, if there are any.
+
+  Explicit set-up (launch/local.py): JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID.
+  Under SLURM jax reads the job's variables itself; TPU pod hosts connect without this call. A lost
+  peer is noticed within `heartbeat_timeout_seconds`, and the survivors then exit with an error
+  instead of hanging.
+  """
+  env = os.environ
+  kwargs = dict(heartbeat_timeout_seconds=heartbeat_timeout_seconds,
+                initialization_timeout=initialization_timeout)
+  if "JAX_NUM_PROCESSES" in env:
+    jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], int(env["JAX_NUM_PROCESSES"]),
+                               int(env["JAX_PROCESS_ID"]), **kwargs)
+  elif int(env.get("SLURM_NTASKS", "1")) > 1:
+    jax.distributed.initialize(**kwargs)

@@ -22,8 +22,10 @@ import os
 
 import av
 import numpy as np
+import scipy.fft
 
 SAMPLE_RATE = 16000
+PREEMPHASIS = 0.97
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,12 +119,23 @@ def kaldi_fbank(waveforms: np.ndarray, config: AudioClipConfig = AudioClipConfig
   x = np.asarray(waveforms, np.float32)
   length, shift = config.frame_length, config.frame_shift
   n_fft = 1 << (length - 1).bit_length()
-  frames = np.lib.stride_tricks.sliding_window_view(x, length, axis=-1)[..., ::shift, :]
-  frames = frames - frames.mean(axis=-1, keepdims=True)
-  frames = np.concatenate([frames[..., :1] * (1 - 0.97), frames[..., 1:] - 0.97 * frames[..., :-1]], axis=-1)
-  spectrum = np.fft.rfft(frames * _hann(length), n=n_fft, axis=-1)
+  num_frames = 1 + (x.shape[-1] - length) // shift
+  starts = np.arange(num_frames) * shift
+  # Per-frame DC removal then preemphasis, from whole-waveform passes: with d = x[1:] - p x[:-1],
+  # frame sample i >= 1 becomes d[start + i - 1] - (1 - p) mean and sample 0 (1 - p)(x[start] - mean).
+  sums = np.concatenate([np.zeros((*x.shape[:-1], 1)), np.cumsum(x, axis=-1, dtype=np.float64)], axis=-1)
+  mean = ((sums[..., starts + length] - sums[..., starts]) / length).astype(np.float32)[..., None]
+  diff = x[..., 1:] - PREEMPHASIS * x[..., :-1]
+  frames = np.zeros((*x.shape[:-1], num_frames, n_fft), np.float32)
+  frames[..., 1:length] = np.lib.stride_tricks.sliding_window_view(
+      diff, length - 1, axis=-1)[..., ::shift, :][..., :num_frames, :]
+  frames[..., 1:length] -= (1 - PREEMPHASIS) * mean
+  frames[..., :1] = (1 - PREEMPHASIS) * (x[..., starts, None] - mean)
+  frames[..., :length] *= _hann(length)
+  spectrum = scipy.fft.rfft(frames, axis=-1, overwrite_x=True)
   power = np.square(spectrum.real) + np.square(spectrum.imag)
-  energies = power.astype(np.float32) @ mel_banks(config.num_mel_bins, n_fft, config.sample_rate)
+  # einsum's own loop: a BLAS matmul this small spends more CPU on its threads than on the sums.
+  energies = np.einsum("...k,km->...m", power, mel_banks(config.num_mel_bins, n_fft, config.sample_rate))
   return np.log(np.maximum(energies, np.finfo(np.float32).eps))
 
 

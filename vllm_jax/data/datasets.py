@@ -1,0 +1,130 @@
+"""Training data: annotation readers, and grain pipelines that decode, skip unreadable media and batch.
+
+Records are plain dicts:
+  media: absolute path of the image or video; kind: "image" | "video";
+  caption: str (caption data) and/or conversation: [{"from": "human" | "gpt", "value": str}, ...].
+A `decode(record) -> example` function (a top-level, picklable callable: it runs in grain worker
+processes) turns a record into fixed-shape numpy arrays: frames, token ids, labels. When it raises,
+the pipeline reads the next record instead and counts the miss in the example's `skipped` entry, so
+the counts reach the training loop through batches, whichever process decoded them.
+"""
+
+import csv
+import json
+import logging
+import os
+from typing import Any, Callable, Sequence
+
+import grain
+import jax
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+Record = dict[str, Any]
+Decode = Callable[[Record], dict[str, np.ndarray]]
+
+
+def webvid_records(csv_path: str, video_dir: str) -> list[Record]:
+  """WebVid-style CSV (`videoid,name,page_dir,...`); videos at `{video_dir}/{page_dir}/{videoid}.mp4`."""
+  with open(csv_path, newline="") as f:
+    return [dict(media=os.path.join(video_dir, row["page_dir"], f"{row['videoid']}.mp4"), kind="video",
+                 caption=row["name"]) for row in csv.DictReader(f)]
+
+
+def llava_records(json_path: str, media_dir: str) -> list[Record]:
+  """LLaVA JSON: CC3M-595k captions or instruction data, `[{"id", "image" | "video", "conversations":
+  [{"from", "value"}, ...]}]`; the last answer doubles as the caption."""
+  with open(json_path) as f:
+    items = json.load(f)
+  records = []
+  for item in items:
+    kind = "video" if "video" in item else "image"
+    conversation = [{"from": t["from"], "value": t["value"]} for t in item["conversations"]]
+    records.append(dict(media=os.path.join(media_dir, item[kind]), kind=kind,
+                        conversation=conversation, caption=conversation[-1]["value"]))
+  return records
+
+
+def minigpt4_records(json_path: str, image_dir: str) -> list[Record]:
+  """MiniGPT-4 aligned captions: `{"annotations": [{"image_id", "caption"}]}`, images `{image_id}.jpg`."""
+  with open(json_path) as f:
+    items = json.load(f)["annotations"]
+  return [dict(media=os.path.join(image_dir, f"{item['image_id']}.jpg"), kind="image", caption=item["caption"])
+          for item in items]
+
+
+def videochat_records(json_path: str, video_dir: str) -> list[Record]:
+  """VideoChat instructions: `[{"video", "QA": [{"q", "a"}, ...]}]`."""
+  with open(json_path) as f:
+    items = json.load(f)
+  records = []
+  for item in items:
+    conversation = []
+    for qa in item["QA"]:
+      conversation += [{"from": "human", "value": qa["q"]}, {"from": "gpt", "value": qa["a"]}]
+    records.append(dict(media=os.path.join(video_dir, item["video"]), kind="video",
+                        conversation=conversation, caption=conversation[-1]["value"]))
+  return records
+
+
+class DecodeOrSkip(grain.MapDataset):
+  """Decoded examples; a record whose decode raises is replaced by the next readable one (up to
+  `max_tries` records), and `skipped` [] int32 says how many were passed over."""
+
+  def __init__(self, parent: grain.MapDataset, decode: Decode, max_tries: int = 10):
+    super().__init__(parent)
+    self._decode, self._max_tries = decode, max_tries
+
+  def __len__(self) -> int:
+    return len(self._parent)
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    for k in range(self._max_tries):
+      record = self._parent[(index + k) % len(self._parent)]
+      try:
+        example = self._decode(record)
+      except Exception as e:  # pylint: disable=broad-except
+        log.warning("skipping unreadable %s: %s: %s", record.get("media"), type(e).__name__, e)
+        continue
+      return {**example, "skipped": np.int32(k)}
+    raise RuntimeError(f"{self._max_tries} consecutive unreadable records from index {index}")
+
+
+def examples(records: Sequence[Record], decode: Decode, *, seed: int, shuffle: bool = True,
+             num_epochs: int | None = None, max_tries: int = 10) -> grain.MapDataset:
+  """One source: records shuffled with `seed` (a fresh order every epoch), repeated `num_epochs`
+  times (None: forever), decoded lazily with unreadable records skipped."""
+  ds = grain.MapDataset.source(list(records))
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  ds = ds.repeat(num_epochs, reseed_each_epoch=True) if num_epochs != 1 else ds
+  return DecodeOrSkip(ds, decode, max_tries)
+
+
+def mixture(datasets: Sequence[grain.MapDataset], weights: Sequence[float]) -> grain.MapDataset:
+  """Interleave sources in proportion to `weights`; examples must share keys and shapes (e.g.
+  images decoded as one-frame clips padded to the video length), so a batch can hold both."""
+  return grain.MapDataset.mix(list(datasets), weights=list(weights))
+
+
+def batches(ds: grain.MapDataset, global_batch_size: int, *, worker_count: int = 0,
+            process_index: int | None = None, process_count: int | None = None) -> grain.IterDataset:
+  """This process's batches: every `process_count`-th example from `process_index` on, stacked
+  [global_batch_size / process_count, ...], decoded in `worker_count` processes (0: in this one).
+  Iterators of the result support `get_state`/`set_state` (checkpointed with the train state)."""
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  if global_batch_size % process_count:
+    raise ValueError(f"global batch {global_batch_size} does not split over {process_count} processes")
+  ds = ds[process_index::process_count].batch(global_batch_size // process_count, drop_remainder=True)
+  it = ds.to_iter_dataset()
+  if worker_count:
+    # Worker processes re-import absl-flagged modules; they must see parsed flags.
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  return it

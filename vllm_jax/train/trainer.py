@@ -1,0 +1,286 @@
+"""Train state, the jitted train/eval steps and the training loop, generic over the model.
+
+A model plugs in through `loss_fn(params, batch, rng) -> (loss_sum, token_count)`: `params` is the
+full nested dict (trainable and frozen merged), `batch` a dict of [B, ...] arrays, `rng` a key
+(None in evaluation). The step divides by the token count of the whole global batch, so the loss is
+a token mean over all micro-batches and devices.
+"""
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Any, Callable, Iterable, Iterator
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from vllm_jax.train import optim, sharding
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[Any, dict[str, jax.Array], jax.Array | None], tuple[jax.Array, jax.Array]]
+IGNORE_INDEX = -100
+
+# Dense bf16 peak FLOP/s per device, by `device_kind` prefix (first match wins).
+PEAK_FLOPS = (
+    ("TPU v6 lite", 918e12), ("TPU v5 lite", 197e12), ("TPU v5", 459e12), ("TPU v4", 275e12),
+    ("NVIDIA H200", 989e12), ("NVIDIA H100", 989e12), ("NVIDIA A100", 312e12),
+)
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array       # [] int32, optimizer steps taken (skipped ones included)
+  params: Any           # trainable parameters, fp32 masters
+  frozen: Any           # frozen parameters, in the frozen dtype; never updated
+  opt_state: Any        # optimizer state of the trainable parameters only
+  rng: jax.Array        # [2] uint32 key data; step keys are folded from it
+  nan_skips: jax.Array  # [] int32, steps whose update was dropped for a non-finite loss or gradient
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Next-token loss: logits [B, T, V] at position t predict labels [B, T] at t + 1 (labels are
+  aligned with the inputs, -100 where no loss is taken). -> (summed loss, number of targets), fp32."""
+  logits = logits[:, :-1].astype(jnp.float32)
+  targets = labels[:, 1:]
+  valid = targets != IGNORE_INDEX
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  nll = -jnp.take_along_axis(logp, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
+  return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid, dtype=jnp.float32)
+
+
+def causal_lm_loss(model: nn.Module) -> LossFn:
+  """The loss of a decoder called as `model.apply({'params': p}, input_ids, attention_mask=...)`,
+  returning (logits, ...); batch: input_ids, attention_mask, labels, all [B, T]."""
+  def loss_fn(params, batch, rng):
+    del rng  # deterministic model
+    logits, _ = model.apply({"params": params}, batch["input_ids"], attention_mask=batch["attention_mask"])
+    return cross_entropy(logits, batch["labels"])
+  return loss_fn
+
+
+def peak_flops(device: jax.Device, override_tflops: float = 0.0) -> float | None:
+  if override_tflops:
+    return override_tflops * 1e12
+  return next((f for kind, f in PEAK_FLOPS if device.device_kind.startswith(kind)), None)
+
+
+def _micro_batches(batch: dict[str, jax.Array], accum: int, mesh: Mesh) -> dict[str, jax.Array]:
+  """[A*M, ...] -> [A, M, ...] taking every A-th row, so each micro-batch keeps the batch sharding
+  (a device's rows stay on it)."""
+  spec = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp")))
+  def split(x):
+    x = jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1)
+    return jax.lax.with_sharding_constraint(x, spec)
+  return jax.tree.map(split, batch)
+
+
+class Trainer:
+  """Owns the optimizer, the state shardings and the compiled steps for one model and mesh.
+
+  params_fn(rng) -> params (boxed or plain nested dict) builds the initial parameters inside jit:
+  random init, or pretrained weights passed in by closure over sharded arrays. `param_shardings`
+  is the matching tree of NamedShardings (`sharding.param_shardings(boxed_abstract, mesh)`).
+  """
+
+  def __init__(self, cfg, mesh: Mesh, loss_fn: LossFn, params_fn: Callable[[jax.Array], Any],
+               param_shardings: Any):
+    self.cfg, self.mesh, self.loss_fn, self.params_fn = cfg, mesh, loss_fn, params_fn
+    key = jax.random.key(cfg.seed)
+    self._init_key, self._step_key = jax.random.split(key)
+    params = jax.eval_shape(lambda k: nn.meta.unbox(params_fn(k)), self._init_key)
+    self.tx, self.schedule = optim.make_optimizer(cfg.optim, optim.partition(params, cfg.optim.trainable)[0])
+    abstract = jax.eval_shape(self._build, self._init_key)
+    self.shardings = self._state_shardings(abstract, param_shardings)
+    self.abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, self.shardings)
+    self.batch_sharding = sharding.batch_sharding(mesh)
+    replicated = sharding.replicated(mesh)
+    self._train_step = jax.jit(self._step, in_shardings=(self.shardings, self.batch_sharding),
+                               out_shardings=(self.shardings, replicated), donate_argnums=0)
+    self._eval_step = jax.jit(self._eval, in_shardings=(self.shardings, self.batch_sharding),
+                              out_shardings=replicated)
+    self._compiled = None
+    self.flops_per_step = None  # per device, from the compiled step
+
+  # --- state ---
+
+  def _build(self, init_key: jax.Array) -> TrainState:
+    params = nn.meta.unbox(self.params_fn(init_key))
+    trainable, frozen = optim.partition(params, self.cfg.optim.trainable)
+    frozen = optim.cast(frozen, self.cfg.optim.frozen_dtype)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=trainable, frozen=frozen,
+                      opt_state=self.tx.init(trainable),
+                      rng=jax.random.key_data(self._step_key), nan_skips=jnp.zeros((), jnp.int32))
+
+  def _state_shardings(self, abstract: TrainState, param_shardings: Any) -> TrainState:
+    replicated = sharding.replicated(self.mesh)
+    trainable, frozen = optim.partition(param_shardings, self.cfg.optim.trainable)
+    # Moments are sharded like their parameters; counters are replicated.
+    opt_state = optax.tree_map_params(self.tx, lambda _, s: s, abstract.opt_state, trainable,
+                                      transform_non_params=lambda _: replicated)
+    return TrainState(step=replicated, params=trainable, frozen=frozen, opt_state=opt_state,
+                      rng=replicated, nan_skips=replicated)
+
+  def init(self) -> TrainState:
+    """The initial state, each tensor created directly in its shard."""
+    with sharding.mesh_context(self.mesh):
+      return jax.jit(self._build, out_shardings=self.shardings)(self._init_key)
+
+  # --- steps ---
+
+  def _grads(self, state: TrainState, batch, rng):
+    def f(trainable):
+      loss_sum, count = self.loss_fn(optim.merge(trainable, state.frozen), batch, rng)
+      return loss_sum, (loss_sum, count)
+    return jax.grad(f, has_aux=True)(state.params)
+
+  def _step(self, state: TrainState, batch: dict[str, jax.Array]):
+    accum = self.cfg.optim.grad_accum
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    if accum == 1:
+      grads, (loss_sum, count) = self._grads(state, batch, rng)
+    else:
+      def body(carry, xs):
+        micro, i = xs
+        g, (l, c) = self._grads(state, micro, jax.random.fold_in(rng, i))
+        return jax.tree.map(jnp.add, carry, (g, (l, c))), None
+      zeros = (jax.tree.map(jnp.zeros_like, state.params), (jnp.zeros(()), jnp.zeros(())))
+      (grads, (loss_sum, count)), _ = jax.lax.scan(
+          body, zeros, (_micro_batches(batch, accum, self.mesh), jnp.arange(accum)))
+    count = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / count, grads)
+    loss = loss_sum / count
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    lr = self.schedule(state.step)
+    params = jax.tree.map(lambda p, u: (p - lr * u).astype(p.dtype), state.params, updates)
+    # A non-finite step leaves parameters and moments untouched.
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    state = state.replace(step=state.step + 1, params=keep(params, state.params),
+                          opt_state=keep(opt_state, state.opt_state),
+                          nan_skips=state.nan_skips + (~finite).astype(jnp.int32))
+    return state, dict(loss=loss, grad_norm=grad_norm, lr=lr, tokens=count, finite=finite)
+
+  def _eval(self, state: TrainState, batch: dict[str, jax.Array]):
+    return self.loss_fn(optim.merge(state.params, state.frozen), batch, None)
+
+  def train_step(self, state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
+    """One optimizer update on a global batch ([B, ...] arrays sharded like `batch_sharding`).
+    `state` is donated. Compiled once, on the first call; later shapes must match."""
+    with sharding.mesh_context(self.mesh):
+      if self._compiled is None:
+        self._compiled = self._train_step.lower(state, batch).compile()
+        cost = self._compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        self.flops_per_step = (cost or {}).get("flops")
+      return self._compiled(state, batch)
+
+  def eval_loss(self, state: TrainState, batches: Iterable[dict[str, jax.Array]]) -> float:
+    """Token-mean loss over global batches."""
+    total, count = 0.0, 0.0
+    with sharding.mesh_context(self.mesh):
+      for batch in batches:
+        loss_sum, n = self._eval_step(state, batch)
+        total, count = total + float(loss_sum), count + float(n)
+    return total / max(count, 1.0)
+
+
+@dataclasses.dataclass
+class LoopResult:
+  state: TrainState
+  history: list[dict[str, float]]  # one entry per step
+  preempted: bool = False
+  skipped_examples: int = 0
+
+
+def train_loop(trainer: Trainer, state: TrainState, batches: Iterator[dict[str, np.ndarray]], *,
+               steps: int, checkpointer=None, data_iterator=None,
+               eval_batches: Callable[[], Iterable[dict[str, np.ndarray]]] | None = None,
+               preemption=None) -> LoopResult:
+  """Train until `state.step == steps`.
+
+  batches: this process's share of each global batch, numpy [B / process_count, ...]; an optional
+  `skipped` [b] entry counts the unreadable examples the data pipeline stepped over. Every
+  `train.log_every` steps a line is logged and TensorBoard scalars are written (process 0, when
+  `train.workdir` is set); every `train.checkpoint_every` steps, on the last step and on
+  preemption, `checkpointer.save` stores the state and `data_iterator`'s position.
+  """
+  cfg = trainer.cfg.train
+  writer = None
+  if cfg.workdir and jax.process_index() == 0:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    writer = SummaryWriter(os.path.join(cfg.workdir, "tensorboard"))
+  peak = peak_flops(jax.devices()[0], cfg.peak_tflops)
+  history, pending, skipped = [], [], 0
+  step = int(state.step)
+  tick, tick_step = time.perf_counter(), step
+  preempted = False
+  try:
+    while step < steps:
+      local = dict(next(batches))
+      skipped += int(np.sum(local.pop("skipped", 0)))
+      if 0 <= trainer.cfg.data.max_skipped < skipped:
+        raise RuntimeError(f"{skipped} unreadable examples skipped, over data.max_skipped="
+                           f"{trainer.cfg.data.max_skipped}")
+      state, metrics = trainer.train_step(state, sharding.make_global_batch(local, trainer.mesh))
+      step += 1
+      pending.append(metrics)
+      last = step == steps
+      if step % cfg.log_every == 0 or last:
+        pending = jax.device_get(pending)
+        elapsed = time.perf_counter() - tick
+        step_time = elapsed / (step - tick_step)
+        for m in pending:
+          history.append({k: float(v) for k, v in m.items()})
+        entry = dict(history[-1], step_time=step_time,
+                     tokens_per_s=sum(m["tokens"] for m in pending) / elapsed, skipped=skipped,
+                     nan_skips=int(state.nan_skips))
+        if peak and trainer.flops_per_step:
+          entry["mfu"] = trainer.flops_per_step / step_time / peak
+        _log(step, entry, writer)
+        pending, tick, tick_step = [], time.perf_counter(), step
+        if entry["nan_skips"] > cfg.max_nan_skips:
+          raise FloatingPointError(f"{entry['nan_skips']} steps had a non-finite loss or gradient "
+                                   f"(train.max_nan_skips={cfg.max_nan_skips})")
+      if eval_batches is not None and cfg.eval_every and (step % cfg.eval_every == 0 or last):
+        eval_loss = trainer.eval_loss(
+            state, (sharding.make_global_batch(b, trainer.mesh) for b in eval_batches()))
+        log.info("step %d | eval_loss %.4f", step, eval_loss)
+        if writer:
+          writer.add_scalar("eval/loss", eval_loss, step)
+      preempted = preemption is not None and preemption.reached(step)
+      if checkpointer is not None and (preempted or last or step % cfg.checkpoint_every == 0):
+        checkpointer.save(step, state, data_iterator, force=preempted or last)
+      if preempted:
+        log.info("step %d | preempted: checkpoint written, stopping", step)
+        break
+  finally:
+    if checkpointer is not None:
+      checkpointer.wait()
+    if writer:
+      writer.close()
+  return LoopResult(state=state, history=history, preempted=preempted, skipped_examples=skipped)
+
+
+def _log(step: int, m: dict[str, float], writer) -> None:
+  line = (f"step {step} | loss {m['loss']:.4f} | lr {m['lr']:.1e} | grad_norm {m['grad_norm']:.2f} | "
+          f"{m['tokens_per_s']:.0f} tok/s | {m['step_time']:.2f} s/step")
+  if "mfu" in m:
+    line += f" | mfu {100 * m['mfu']:.1f}%"
+  if m["skipped"] or m["nan_skips"]:
+    line += f" | skipped {m['skipped']} | nan_skips {m['nan_skips']}"
+  log.info(line)
+  if writer:
+    for k in ("loss", "lr", "grad_norm", "tokens_per_s", "step_time", "mfu", "skipped", "nan_skips"):
+      if k in m:
+        writer.add_scalar(f"train/{k}", m[k], step)
+    writer.flush()

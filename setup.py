@@ -18,6 +18,7 @@ setup(
         "ml_collections>=1.1",
         "einops>=0.8",
         "numpy>=1.26",
+        "scipy>=1.11",
         "ml_dtypes>=0.5",
         "tqdm>=4.66",
         "transformers>=5.0,<6",

@@ -1,13 +1,13 @@
 """Video-LLaMA vision-language branch: checkpoints -> one Flax params tree, and back.
 
-The branch is assembled from up to three files, as Video-LLaMA itself loads it:
-  eva_vit:   LAVIS `eva_vit_g.pth` (raw ViT keys)                      -> visual_encoder
-  blip2:     LAVIS BLIP-2 `.pth` (`Qformer.*`, `query_tokens`, `ln_vision.*`, maybe
-             `visual_encoder.*`)                                      -> qformer, ln_vision (, visual_encoder)
+The branch is assembled from several files, as Video-LLaMA itself loads it:
+  eva_vit:   LAVIS `eva_vit_g.pth` (raw ViT keys) -> visual_encoder
+  blip2:     LAVIS BLIP-2 `.pth` (`Qformer.*`, `query_tokens`, `ln_vision.*`, maybe `visual_encoder.*`)
+             -> qformer, ln_vision (and visual_encoder)
   hf_blip2:  a transformers Blip2 folder or file (`vision_model.*`, `qformer.*`, `query_tokens`)
              -> visual_encoder, ln_vision (= `vision_model.post_layernorm`), qformer
-  finetuned: Video-LLaMA VL `.pth` (`video_Qformer.*`, `video_query_tokens`,
-             `video_frame_position_embedding`, `llama_proj`)          -> video_qformer, frame_position_embedding, llama_proj
+  finetuned: Video-LLaMA VL `.pth` (`video_Qformer.*`, `video_query_tokens`, `video_frame_position_embedding`,
+             `llama_proj`) -> video_qformer, frame_position_embedding, llama_proj
 `save_finetuned` writes the trainable parts back in the Video-LLaMA finetuned layout.
 """
 
@@ -46,7 +46,8 @@ def eva_vit_rules(config: VideoBranchConfig, source_prefix: str = "") -> list[Ru
 
 def blip2_rules(config: VideoBranchConfig, with_vit: bool = False) -> list[Rule]:
   """LAVIS BLIP-2 `.pth`: image Q-Former, query tokens, ln_vision (and the ViT if present)."""
-  table = blip2_format.qformer_rules(config.qformer, "Qformer.", "qformer/", blip2_format.LAVIS, query_tokens="query_tokens")
+  table = blip2_format.qformer_rules(config.qformer, "Qformer.", "qformer/", blip2_format.LAVIS,
+                                    query_tokens="query_tokens")
   table += blip2_format.norm_rules("ln_vision", "ln_vision")
   return table + (eva_vit_rules(config, "visual_encoder.") if with_vit else [])
 
@@ -85,7 +86,7 @@ def load_params(config: VideoBranchConfig, *, eva_vit: str | None = None, blip2:
   if blip2 is not None:
     reader = open_checkpoint(blip2, subkey="model")
     with_vit = "visual_encoder.cls_token" in reader.keys()
-    ignore = blip2_format.LAVIS_UNUSED + tuple(_dropped_blocks(reader, config, "visual_encoder.") if with_vit else ())
+    ignore = blip2_format.LAVIS_UNUSED + tuple(_dropped_blocks(reader, config, "visual_encoder."))
     sources.append((reader, blip2_rules(config, with_vit), ignore, "blip2"))
   if hf_blip2 is not None:
     sources.append((open_checkpoint(hf_blip2, subkey=None), hf_blip2_rules(config),

@@ -112,8 +112,10 @@ def folder(tmp_path_factory):
   ref = TorchBranch(TINY, seed=1)
   write_lavis(ref, folder)
   (folder / "hf").mkdir()
-  hf = {k: v.contiguous() for k, v in ref.state_dict().items() if k.split(".")[0] in ("vision_model", "qformer", "query_tokens")}
-  hf.update({"language_projection.weight": torch.randn(16, 32), "language_model.lm_head.weight": torch.randn(50, 16)})
+  hf = {k: v.contiguous() for k, v in ref.state_dict().items()
+        if k.split(".")[0] in ("vision_model", "qformer", "query_tokens")}
+  hf.update({"language_projection.weight": torch.randn(16, 32),  # the language side is not ours
+             "language_model.lm_head.weight": torch.randn(50, 16)})
   safetensors.torch.save_file(hf, folder / "hf" / "model.safetensors")
   return folder
 
@@ -219,10 +221,10 @@ def test_full_size_keys_and_shapes_without_allocating():
   config = VideoBranchConfig()
   abstract = nn.meta.unbox(abstract_params(config))  # jax.eval_shape: no weights are allocated
   reference = full_size_lavis_shapes()
-  for file, rules in ((EVA, eva_vit_rules(config)), (BLIP2, blip2_rules(config)), (FINETUNED, finetuned_rules(config))):
+  tables = {EVA: eva_vit_rules(config), BLIP2: blip2_rules(config), FINETUNED: finetuned_rules(config)}
+  for file, rules in tables.items():
     assert expected_source_shapes(rules, abstract) == reference[file], file
-  covered = {p for rules in (eva_vit_rules(config), blip2_rules(config), finetuned_rules(config))
-             for r in rules for p in r.target_paths}
+  covered = {p for rules in tables.values() for r in rules for p in r.target_paths}
   paths = {"/".join(k.key for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(abstract)}
   assert covered == paths
   # The transformers layout, against full-size Blip2 modules built on the meta device.

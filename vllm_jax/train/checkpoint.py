@@ -1,10 +1,15 @@
-"""Orbax storage of parameter trees (model folders written by the converters)."""
+"""Orbax storage: parameter trees (model folders written by the converters) and training checkpoints."""
 
+import dataclasses
 import os
+import signal
 from typing import Any
 
+import grain
+import grain.checkpoint  # registers grain's orbax handler
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 
 def save_params(path: str, params: Any) -> None:
@@ -19,3 +24,79 @@ def restore_params(path: str, abstract: Any) -> Any:
   `jax.ShapeDtypeStruct`s, so each tensor is placed directly where it belongs."""
   with ocp.StandardCheckpointer() as checkpointer:
     return checkpointer.restore(os.path.abspath(path), abstract)
+
+
+class TrainCheckpointer:
+  """Training checkpoints under `directory`/<step>: the train state (all of it, or without the
+  frozen parameters) and each process's data-iterator position, written asynchronously, the last
+  `max_to_keep` kept. A step directory appears only once fully written, so a crash mid-save leaves
+  the previous checkpoint as the latest."""
+
+  def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True,
+               save_frozen: bool = False):
+    self.save_frozen = save_frozen
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                           enable_async_checkpointing=async_save)
+    self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+  def _state_tree(self, state) -> dict[str, Any]:
+    tree = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+    if not self.save_frozen:
+      del tree["frozen"]
+    return tree
+
+  def save(self, step: int, state, data_iterator=None, force: bool = False) -> None:
+    """Start writing; returns once the arrays are copied off the devices (so `state` may be donated)."""
+    items = dict(state=ocp.args.StandardSave(self._state_tree(state)))
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def restore(self, state, data_iterator=None, step: int | None = None):
+    """Restore into the shapes, dtypes and shardings of `state` (a freshly initialised train state,
+    whose frozen parameters are kept when the checkpoint has none); `data_iterator` is moved to
+    the saved position. -> the restored state."""
+    step = self.latest_step() if step is None else step
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            self._state_tree(state))
+    items = dict(state=ocp.args.StandardRestore(abstract))
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    return state.replace(**restored["state"])
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+class Preemption:
+  """Notices SIGTERM (TPU preemption, `scancel`), so the loop can checkpoint and stop cleanly.
+
+  Single process: a signal handler sets a flag. Multi-process: jax's preemption service catches the
+  signal, and every process agrees on the same step to stop at.
+  """
+
+  def __init__(self):
+    self._signalled = False
+    self._previous = None
+    if jax.process_count() == 1:
+      self._previous = signal.signal(signal.SIGTERM, self._handler)
+
+  def _handler(self, signum, frame):
+    del signum, frame
+    self._signalled = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self._signalled
+
+  def close(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)

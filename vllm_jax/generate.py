@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vllm_jax.models.llama import KVCache, Llama, LlamaConfig
+from vllm_jax.models.video_llama import VideoLlama, VideoLlamaConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +32,7 @@ class Generation:
   tokens: np.ndarray          # [B, max_new_tokens], `pad_id` after a row stopped
   lengths: np.ndarray         # [B] tokens generated per row (a stop token included)
   texts: list[str] | None     # decoded answers (cut before any stop string), with a tokenizer
+  cache: KVCache | None = None  # the cache after the last decoded token was fed
 
 
 @flax.struct.dataclass
@@ -105,13 +107,15 @@ def generate(config: LlamaConfig, params, *, input_ids: jax.Array | np.ndarray |
              inputs_embeds: jax.Array | None = None, attention_mask=None, max_new_tokens: int = 32,
              sampling: SamplingConfig = SamplingConfig(), stop_token_ids: Sequence[int] = (),
              stop_strings: Sequence[str] = (), tokenizer=None, seed: int = 0,
-             on_tokens: Callable[[np.ndarray], None] | None = None, chunk: int = 8) -> Generation:
+             on_tokens: Callable[[np.ndarray], None] | None = None, chunk: int = 8,
+             cache: KVCache | None = None) -> Generation:
   """Generate up to `max_new_tokens` for a batch of left-padded prompts.
 
   input_ids: [B, T] or inputs_embeds: [B, T, E] (e.g. text with spliced video tokens);
   attention_mask: [B, T], 0 on the left padding. A row stops at any of `stop_token_ids` or,
   with a `tokenizer`, when its text contains one of `stop_strings`. `on_tokens` receives each
-  new chunk of tokens [B, n] as soon as it is decoded (`chunk` tokens at a time).
+  new chunk of tokens [B, n] as soon as it is decoded (`chunk` tokens at a time). A given
+  `cache` is continued (the prompt is appended to it) and consumed; the result holds the new one.
   """
   if inputs_embeds is None:
     inputs_embeds = embed_tokens(config, params, jnp.asarray(input_ids))
@@ -123,7 +127,11 @@ def generate(config: LlamaConfig, params, *, input_ids: jax.Array | np.ndarray |
   stop_ids = jnp.asarray(list(stop_token_ids) or [-1], jnp.int32)
   pad_id = jnp.asarray(stop_token_ids[0] if stop_token_ids else 0, jnp.int32)
 
-  cache = KVCache.init(config, batch, length + max_new_tokens)
+  if cache is None:
+    cache = KVCache.init(config, batch, length + max_new_tokens)
+  elif int(cache.index) + length + max_new_tokens > cache.max_len:
+    raise ValueError(f"the cache holds {cache.max_len} tokens: {int(cache.index)} cached + {length} prompt + "
+                     f"{max_new_tokens} new do not fit")
   state = prefill(config, sampling, max_new_tokens, params, cache, inputs_embeds,
                   jnp.asarray(attention_mask), stop_ids, jax.random.key(seed), pad_id)
   interactive = on_tokens is not None or bool(stop_strings)
@@ -172,4 +180,66 @@ def _finish(state: DecodeState, tokenizer, stop_token_ids, cut) -> Generation:
     for row in range(tokens.shape[0]):
       text = tokenizer.decode(tokens[row, :lengths[row]], skip_special_tokens=True)
       texts.append(text[:cut[row]] if cut[row] is not None else text)
-  return Generation(tokens=tokens, lengths=lengths, texts=texts)
+  return Generation(tokens=tokens, lengths=lengths, texts=texts, cache=state.cache)
+
+
+class Session:
+  """One conversation (batch 1) whose KV cache is kept between turns.
+
+  Each turn passes the ids of the whole conversation so far and their embeddings [1, L, E]
+  (e.g. with spliced media tokens). The longest prefix of those ids already in the cache is
+  reused: the cache is rolled back to it and only the rest is prefilled (left-padded to a
+  multiple of `bucket` so that few shapes compile). The answer is the one a fresh cache gives.
+  """
+
+  def __init__(self, config: LlamaConfig, params, max_len: int = 2048, bucket: int = 16):
+    self.config, self.params, self.bucket = config, params, bucket
+    self.cache = KVCache.init(config, 1, max_len)
+    self.tokens: list[int] = []   # ids whose keys/values are in the cache, in order
+    self.slots: list[int] = []    # the cache slot of each
+    self.reused = 0               # prompt tokens the last turn found in the cache
+
+  def generate(self, input_ids: Sequence[int], inputs_embeds: jax.Array, **kwargs) -> Generation:
+    """`generate` for the conversation `input_ids` [L] (embedded as inputs_embeds [1, L, E])."""
+    ids = [int(i) for i in input_ids]
+    common = 0
+    for cached, new in zip(self.tokens, ids[:-1]):  # at least one token is prefilled
+      if cached != new:
+        break
+      common += 1
+    index = self.slots[common - 1] + 1 if common else 0
+    self.reused = common
+    cache = self.cache.replace(index=jnp.asarray(index, jnp.int32),
+                               valid=self.cache.valid.at[:, index:].set(False))
+    tail = inputs_embeds[:, common:]
+    length = -(-tail.shape[1] // self.bucket) * self.bucket
+    pad = length - tail.shape[1]
+    tail = jnp.pad(tail, ((0, 0), (pad, 0), (0, 0)))
+    mask = np.arange(length)[None] >= pad
+    out = generate(self.config, self.params, inputs_embeds=tail, attention_mask=mask, cache=cache, **kwargs)
+    self.cache, out.cache = out.cache, None
+    fed = int(self.cache.index) - index - length  # generated tokens fed back (all but the last)
+    self.tokens = ids + [int(t) for t in out.tokens[0, :fed]]
+    self.slots = (self.slots[:common] + list(range(index + pad, index + length))
+                  + list(range(index + length, index + length + fed)))
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def encode_media(config: VideoLlamaConfig, params, frames: jax.Array, frame_mask: jax.Array | None = None,
+                 audio: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
+  """frames [B, T, H, W, 3], mask [B, T], audio [B, N, 1, mel, frames] | None -> (video tokens
+  [B, 32, E], audio tokens [B, 8, E] | None): encoded once, reused by every turn."""
+  model = VideoLlama(config)
+  video = model.apply({"params": params}, frames, frame_mask, method=VideoLlama.encode_video)
+  if audio is None:
+    return video, None
+  return video, model.apply({"params": params}, audio, method=VideoLlama.encode_audio)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def embed_with_media(config: VideoLlamaConfig, params, input_ids: jax.Array, video_tokens: jax.Array | None,
+                     audio_tokens: jax.Array | None) -> jax.Array:
+  """[B, L] ids with placeholder runs -> [B, L, E] embeddings with the media tokens spliced in."""
+  return VideoLlama(config).apply({"params": params}, input_ids, video_tokens, audio_tokens,
+                                  method=VideoLlama.embed)

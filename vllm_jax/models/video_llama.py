@@ -1,0 +1,162 @@
+"""Video-LLaMA: the vision branch, the audio branch (optional) and the LLaMA decoder in one model.
+
+  frames [B, T, H, W, 3] --VideoBranch--> video tokens [B, 32, E]
+  audio clips [B, N, 1, mel, frames] --AudioBranch--> audio tokens [B, 8, E]
+  input_ids [B, L]: text with placeholder runs (`video_token_id` x 32, `audio_token_id` x 8)
+  --embed, the k-th placeholder of a row replaced by that row's k-th media token--> [B, L, E]
+  --Llama--> logits [B, L, V]
+
+Rows may hold different prompts: the placeholders sit anywhere (after left or right padding),
+one run per media item; a row without audio placeholders ignores its audio tokens. The
+placeholder ids lie outside the LLM vocabulary (added tokens); they are embedded as id 0
+before the media tokens replace them.
+
+Parameters: vision/... (`video_branch`), audio/... (`audio_branch`), llm/... (`llama`).
+"""
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vllm_jax.models.audio_branch import AudioBranch, AudioBranchConfig
+from vllm_jax.models.imagebind_audio import ImageBindAudioConfig
+from vllm_jax.models.llama import KVCache, Llama, LlamaConfig
+from vllm_jax.models.qformer import QFormerConfig
+from vllm_jax.models.video_branch import VideoBranch, VideoBranchConfig
+
+IGNORE_INDEX = -100
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoLlamaConfig:
+  llama: LlamaConfig = LlamaConfig()
+  vision: VideoBranchConfig = VideoBranchConfig()
+  audio: AudioBranchConfig | None = AudioBranchConfig()   # None: a vision-only model
+  video_token_id: int = 32000      # <ImageHere>
+  audio_token_id: int = 32001      # <AudioHere>
+  num_frames: int = 8              # frames sampled per video
+  template: str = "vicuna_v0"      # conversation template (`vllm_jax.data.conversation`)
+
+  def __post_init__(self):
+    if self.vision.llm_hidden_size != self.llama.hidden_size:
+      raise ValueError(f"vision.llm_hidden_size {self.vision.llm_hidden_size} != llama.hidden_size "
+                       f"{self.llama.hidden_size}")
+    if self.audio is not None and self.audio.llm_hidden != self.llama.hidden_size:
+      raise ValueError(f"audio.llm_hidden {self.audio.llm_hidden} != llama.hidden_size {self.llama.hidden_size}")
+
+  @property
+  def num_video_tokens(self) -> int:
+    return self.vision.video_qformer.num_queries
+
+  @property
+  def num_audio_tokens(self) -> int:
+    return 0 if self.audio is None else self.audio.qformer.num_queries
+
+  def replace(self, **changes) -> "VideoLlamaConfig":
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "VideoLlamaConfig":
+    d = dict(d)
+    d["llama"] = LlamaConfig.from_dict(d["llama"])
+    d["vision"] = VideoBranchConfig.from_dict(d["vision"])
+    if d.get("audio") is not None:
+      audio = dict(d["audio"])
+      audio["encoder"] = ImageBindAudioConfig(**audio["encoder"])
+      audio["qformer"] = QFormerConfig(**audio["qformer"])
+      d["audio"] = AudioBranchConfig(**audio)
+    return cls(**d)
+
+
+def splice(embeds: jax.Array, input_ids: jax.Array, token_id: int, media: jax.Array) -> jax.Array:
+  """Replace the k-th `token_id` position of each row by media[row, k].
+
+  embeds: [B, L, E]; input_ids: [B, L]; media: [B, M, E] -> [B, L, E].
+  """
+  is_media = input_ids == token_id
+  k = jnp.clip(jnp.cumsum(is_media, axis=1) - 1, 0, media.shape[1] - 1)
+  gathered = jnp.take_along_axis(media.astype(embeds.dtype), k[..., None], axis=1)
+  return jnp.where(is_media[..., None], gathered, embeds)
+
+
+class VideoLlama(nn.Module):
+  """`__call__` -> (logits [B, L, V], updated cache or None)."""
+  config: VideoLlamaConfig
+
+  def setup(self):
+    cfg = self.config
+    self.vision = VideoBranch(cfg.vision)
+    self.audio = None if cfg.audio is None else AudioBranch(cfg.audio)
+    self.llm = Llama(cfg.llama)
+
+  def encode_video(self, frames: jax.Array, frame_mask: jax.Array | None = None) -> jax.Array:
+    """[B, T, H, W, 3] (or images [B, H, W, 3]), mask [B, T] -> [B, num_video_tokens, E]."""
+    return self.vision(frames, frame_mask)
+
+  def encode_audio(self, clips: jax.Array) -> jax.Array:
+    """[B, N, 1, mel, frames] -> [B, num_audio_tokens, E]."""
+    if self.audio is None:
+      raise ValueError("this model has no audio branch (config.audio is None)")
+    return self.audio(clips)
+
+  def embed(self, input_ids: jax.Array, video_tokens: jax.Array | None = None,
+            audio_tokens: jax.Array | None = None) -> jax.Array:
+    """Token embeddings [B, L, E] with the media tokens spliced in at their placeholders."""
+    cfg = self.config
+    placeholder = (input_ids == cfg.video_token_id) | (input_ids == cfg.audio_token_id)
+    x = self.llm.embed(jnp.where(placeholder, 0, input_ids))
+    if video_tokens is not None:
+      x = splice(x, input_ids, cfg.video_token_id, video_tokens)
+    if audio_tokens is not None:
+      x = splice(x, input_ids, cfg.audio_token_id, audio_tokens)
+    return x
+
+  def decode(self, inputs_embeds: jax.Array, attention_mask: jax.Array | None = None,
+             positions: jax.Array | None = None, cache: KVCache | None = None):
+    return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, positions=positions, cache=cache)
+
+  def __call__(self, input_ids: jax.Array, frames: jax.Array | None = None, frame_mask: jax.Array | None = None,
+               audio: jax.Array | None = None, attention_mask: jax.Array | None = None,
+               positions: jax.Array | None = None, cache: KVCache | None = None):
+    """input_ids: [B, L] with placeholder runs; frames: [B, T, H, W, 3]; frame_mask: [B, T];
+    audio: [B, N, 1, mel, frames] or None (no row has audio); attention_mask: [B, L]."""
+    video_tokens = None if frames is None else self.encode_video(frames, frame_mask)
+    audio_tokens = None if audio is None else self.encode_audio(audio)
+    x = self.embed(input_ids, video_tokens, audio_tokens)
+    return self.decode(x, attention_mask, positions, cache)
+
+
+def lm_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Next-token cross-entropy, labels aligned with the inputs (-100: not learned).
+
+  logits: [B, L, V]; labels: [B, L] -> (mean loss over learned tokens, their count).
+  """
+  targets = labels[:, 1:]
+  valid = targets != IGNORE_INDEX
+  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
+  count = valid.sum()
+  return jnp.sum(nll * valid) / jnp.maximum(count, 1), count
+
+
+def init_inputs(config: VideoLlamaConfig, batch: int = 1) -> dict[str, jax.ShapeDtypeStruct]:
+  """Input shapes that create every parameter (for `init` / `eval_shape`)."""
+  size = config.vision.vit.image_size
+  inputs = {"input_ids": jax.ShapeDtypeStruct((batch, 1), jnp.int32),
+            "frames": jax.ShapeDtypeStruct((batch, 1, size, size, 3), jnp.float32)}
+  if config.audio is not None:
+    enc = config.audio.encoder
+    inputs["audio"] = jax.ShapeDtypeStruct((batch, 1, 1, enc.num_mel_bins, enc.num_frames), jnp.float32)
+  return inputs
+
+
+def abstract_params(config: VideoLlamaConfig):
+  """The parameters as ShapeDtypeStructs, boxed with their logical axis names."""
+  return jax.eval_shape(lambda: VideoLlama(config).init(jax.random.key(0), **{
+      k: jnp.zeros(v.shape, v.dtype) for k, v in init_inputs(config).items()}))["params"]

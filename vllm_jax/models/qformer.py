@@ -71,7 +71,9 @@ class QFormerConfig:
 
 
 class QFormerLayer(nn.Module):
-  """x: [B, T, E] (the first `num_queries` tokens are queries); memory: [B, S, E_m] -> [B, T, E]."""
+  """x: [B, T, E], queries first; memory: [B, S, E_m]; masks broadcastable to [B, H, T, S] and
+  [B, H, T, T] -> the updated queries [B, num_queries, E]. Self-attention spans all T tokens;
+  cross-attention and the query FFN update the queries only."""
   config: QFormerConfig
   cross_attention: bool
 

@@ -7,6 +7,11 @@ import time
 EPILOG = """examples:
   vllm-jax convert llama --hf-dir ./vicuna-7b --out ./models/vicuna-7b
   vllm-jax chat --model ./models/vicuna-7b --question "What is a llama?"
+  vllm-jax convert video-llama --config 7b --llama-dir ./vicuna-7b --eva-vit eva_vit_g.pth \\
+      --blip2 blip2_pretrained_flant5xxl.pth --vl finetune-vicuna7b-v2.pth \\
+      --al finetune_vicuna7b_audiobranch.pth --imagebind imagebind_huge.pth --out ./models/video-llama-7b
+  vllm-jax chat --model ./models/video-llama-7b --video clip.mp4 --question "What happens?"
+  vllm-jax infer --model ./models/video-llama-7b --input questions.jsonl --output answers.jsonl
 """
 
 
@@ -35,8 +40,38 @@ def cmd_convert_llama(args) -> int:
   return 0
 
 
+def cmd_convert_video_llama(args) -> int:
+  import jax
+
+  from vllm_jax import pretrained
+  from vllm_jax.configs import video_llama as video_llama_configs
+  from vllm_jax.converters import video_llama_full
+  from vllm_jax.models.video_llama import VideoLlamaConfig
+  start = time.perf_counter()
+  cfg = video_llama_configs.get_config(args.config)
+  files = {k: getattr(args, k) or cfg.checkpoints[k] or None for k in cfg.checkpoints}
+  if not files["llama_dir"]:
+    print("error: --llama-dir (or checkpoints.llama_dir in the config) is required", file=sys.stderr)
+    return 2
+  base = VideoLlamaConfig.from_dict(cfg.model.to_dict())
+  if args.template:
+    base = base.replace(template=args.template)
+  config, params, tokenizer = video_llama_full.assemble(base, param_dtype=args.dtype, **files)
+  pretrained.save_video_llama(args.out, config, params, tokenizer)
+  leaves = jax.tree.leaves(params)
+  parts = ", ".join(f"{k} {sum(x.size for x in jax.tree.leaves(v)) / 1e6:.1f}M" for k, v in params.items())
+  print(f"converted {sum(x.size for x in leaves) / 1e6:.1f}M parameters ({parts}; "
+        f"{'with' if config.audio else 'without'} audio) in {time.perf_counter() - start:.1f}s -> {args.out}")
+  return 0
+
+
 def cmd_chat(args) -> int:
   from vllm_jax import generate, pretrained
+  if pretrained.model_type(args.model) == "video_llama":
+    return _chat_video(args)
+  if args.video or args.image:
+    print(f"error: {args.model} is a text-only LLaMA; --video/--image need a video_llama model", file=sys.stderr)
+    return 2
   from vllm_jax.data.tokenizer import left_pad
   config, params, tokenizer = pretrained.load_llama(args.model, mesh=_mesh(args.mesh), dtype=args.dtype)
   sampling = generate.SamplingConfig(args.temperature, args.top_k, args.top_p)
@@ -74,6 +109,214 @@ def cmd_chat(args) -> int:
   return 0
 
 
+def _stop_ids(config, tokenizer) -> list[int]:
+  eos = config.eos_token_id if isinstance(config.eos_token_id, tuple) else (config.eos_token_id,)
+  return sorted({i for i in (tokenizer.eos_token_id, *eos) if isinstance(i, int)})
+
+
+def _media_inputs(config, media, use_audio: bool):
+  """Media -> (frames [1, T, H, W, 3], frame mask [1, T], audio clips [1, N, ...] or None)."""
+  with_audio = use_audio and media.audio_valid
+  return (media.frames.frames[None], media.frames.frame_mask[None],
+          media.audio[None] if with_audio else None)
+
+
+def _use_audio(args, config) -> bool | None:
+  """--audio/--no-audio, by default on when the model has an audio branch; None: impossible."""
+  if args.audio and config.audio is None:
+    return None
+  return config.audio is not None if args.audio is None else args.audio
+
+
+def _chat_video(args) -> int:
+  import numpy as np
+
+  from vllm_jax import generate, pretrained
+  from vllm_jax.data import conversation as conv_lib
+  from vllm_jax.data.media import MediaError, load_media
+  config, params, tokenizer = pretrained.load_video_llama(args.model, mesh=_mesh(args.mesh), dtype=args.dtype)
+  path = args.video or args.image
+  if path is None:
+    print(f"error: {args.model} is a video model; give --video or --image", file=sys.stderr)
+    return 2
+  use_audio = _use_audio(args, config)
+  if use_audio is None:
+    print(f"error: --audio: {args.model} has no audio branch", file=sys.stderr)
+    return 2
+  try:
+    media = load_media(path, args.num_frames or config.num_frames, config.vision.vit.image_size,
+                       with_audio=use_audio)
+  except (FileNotFoundError, MediaError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  with_audio = use_audio and media.audio_valid
+  if use_audio and not media.is_image and not media.audio_valid:
+    print(f"note: {path} has no usable audio track; answering from the frames only", file=sys.stderr)
+  times = ", ".join(str(t) for t in media.frames.timestamps)
+  print(f"[{'image' if media.is_image else f'video, frames at {times} s'}{', with audio' if with_audio else ''}]",
+        file=sys.stderr)
+
+  template = conv_lib.get_template(config.template)
+  conv = conv_lib.Conversation.for_media(template, media.frames.timestamps, media.is_image, with_audio)
+  video, audio = generate.encode_media(config, params, *_media_inputs(config, media, use_audio))
+  session = generate.Session(config.llama, params["llm"], max_len=config.llama.max_position_embeddings)
+  sampling = generate.SamplingConfig(args.temperature, args.top_k, args.top_p)
+  stop_ids = _stop_ids(config.llama, tokenizer)
+
+  def answer(question: str, seed: int) -> None:
+    conv.ask(question)
+    ids = conv_lib.encode_prompt(tokenizer, conv.prompt(), config.num_video_tokens, config.num_audio_tokens)
+    embeds = generate.embed_with_media(config, params, np.asarray([ids]), video, audio)
+    shown, generated = "", []
+
+    def stream(tokens):
+      nonlocal shown
+      generated.extend(int(t) for t in tokens[0] if t not in stop_ids)
+      text = conv_lib.visible_prefix(tokenizer.decode(generated, skip_special_tokens=True), template.stop_strings)
+      print(text[len(shown):], end="", flush=True)
+      shown = text
+
+    out = session.generate(ids, embeds, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                           stop_token_ids=stop_ids, stop_strings=template.stop_strings, tokenizer=tokenizer,
+                           seed=seed, on_tokens=stream)
+    print()
+    conv.answer(conv_lib.clean_answer(template, out.texts[0]))
+
+  try:
+    if args.question is not None:
+      answer(args.question, args.seed)
+      return 0
+    print("Ask about the media and press enter; an empty line or Ctrl-D quits.", file=sys.stderr)
+    for turn in range(sys.maxsize):
+      try:
+        line = input("> ").strip()
+      except EOFError:
+        break
+      if not line:
+        break
+      answer(line, args.seed + turn)
+  except ValueError as e:  # the conversation outgrew the context
+    print(f"\nerror: {e}; start a new chat", file=sys.stderr)
+    return 1
+  return 0
+
+
+def cmd_infer(args) -> int:
+  import json
+
+  import numpy as np
+  from tqdm import tqdm
+
+  from vllm_jax import generate, pretrained
+  from vllm_jax.data import conversation as conv_lib
+  from vllm_jax.data.media import MediaError, load_media
+  from vllm_jax.data.tokenizer import left_pad
+  config, params, tokenizer = pretrained.load_video_llama(args.model, mesh=_mesh(args.mesh), dtype=args.dtype)
+  use_audio = _use_audio(args, config)
+  if use_audio is None:
+    print(f"error: --audio: {args.model} has no audio branch", file=sys.stderr)
+    return 2
+  template = conv_lib.get_template(config.template)
+  sampling = generate.SamplingConfig(args.temperature, args.top_k, args.top_p)
+  stop_ids = _stop_ids(config.llama, tokenizer)
+  num_frames = args.num_frames or config.num_frames
+
+  with open(args.input) as f:
+    lines = f.read().splitlines()
+  done = _answered(args.output)
+  pending = [i for i, line in enumerate(lines) if line.strip() and i not in done]
+  print(f"{len(done)} of {len(lines)} lines already answered; {len(pending)} to go", file=sys.stderr)
+
+  with open(args.output, "a") as out, tqdm(total=len(pending), unit="item", file=sys.stderr) as bar:
+    def write(record):
+      out.write(json.dumps(record) + "\n")
+      out.flush()
+
+    for start in range(0, len(pending), args.batch_size):
+      batch = []
+      for i in pending[start:start + args.batch_size]:
+        record = {"line": i}
+        try:
+          item = json.loads(lines[i])
+          record.update({k: item[k] for k in ("id", "video", "image") if k in item})
+          path, question = item.get("video") or item.get("image"), item.get("question")
+          if not path or not isinstance(question, str):
+            raise ValueError('each line needs "video" (or "image") and "question"')
+          media = load_media(path, num_frames, config.vision.vit.image_size, with_audio=use_audio)
+        except (ValueError, FileNotFoundError, MediaError) as e:  # JSONDecodeError is a ValueError
+          write({**record, "error": f"{type(e).__name__}: {e}"})
+          bar.update()
+          continue
+        batch.append((record, question, media))
+      if not batch:
+        continue
+      rows, frames, masks, clips, any_audio = [], [], [], [], False
+      for record, question, media in batch:
+        with_audio = use_audio and media.audio_valid
+        conv = conv_lib.Conversation.for_media(template, media.frames.timestamps, media.is_image, with_audio)
+        conv.ask(question)
+        rows.append(conv_lib.encode_prompt(tokenizer, conv.prompt(), config.num_video_tokens,
+                                           config.num_audio_tokens))
+        frames.append(media.frames.frames)
+        masks.append(media.frames.frame_mask)
+        any_audio |= with_audio
+        record["audio"] = with_audio
+      if any_audio:
+        shape = next(m.audio.shape for _, _, m in batch if m.audio is not None)
+        clips = np.stack([m.audio if r["audio"] else np.zeros(shape, np.float32) for r, _, m in batch])
+      ids, mask = left_pad(rows, multiple=32)
+      video, audio = generate.encode_media(config, params, np.stack(frames), np.stack(masks),
+                                           clips if any_audio else None)
+      embeds = generate.embed_with_media(config, params, ids, video, audio)
+      result = generate.generate(config.llama, params["llm"], inputs_embeds=embeds, attention_mask=mask,
+                                 max_new_tokens=args.max_new_tokens, sampling=sampling, stop_token_ids=stop_ids,
+                                 stop_strings=template.stop_strings, tokenizer=tokenizer, seed=args.seed + start)
+      for (record, question, _), text in zip(batch, result.texts):
+        write({**record, "question": question, "answer": conv_lib.clean_answer(template, text)})
+        bar.update()
+  return 0
+
+
+def _answered(path: str) -> set[int]:
+  """Input lines with an answer in `path`; other records (errors, a torn last line) are
+  dropped from the file, so those lines are tried again."""
+  import json
+  import os
+  if not os.path.exists(path):
+    return set()
+  keep, done = [], set()
+  with open(path) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except ValueError:
+        continue
+      if "answer" in record and record.get("line") not in done:
+        done.add(record["line"])
+        keep.append(json.dumps(record) + "\n")
+  with open(path + ".tmp", "w") as f:
+    f.writelines(keep)
+  os.replace(path + ".tmp", path)
+  return done
+
+
+def _sampling_flags(parser) -> None:
+  parser.add_argument("--max-new-tokens", type=int, default=128)
+  parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+  parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+  parser.add_argument("--top-k", type=int, default=0, help="sample among the k best tokens (0 = off)")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+  parser.add_argument("--mesh", default=None,
+                      help="data,fsdp,tensor mesh sizes, e.g. 1,1,-1 for tensor parallel over all devices")
+
+
+def _media_flags(parser) -> None:
+  parser.add_argument("--audio", action=argparse.BooleanOptionalAction, default=None,
+                      help="use the video's audio track (default: when the model has an audio branch)")
+  parser.add_argument("--num-frames", type=int, default=None, help="frames sampled per video (default: the model's)")
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="vllm-jax", description="Video LLMs in JAX/Flax: convert weights, chat, train.",
@@ -92,22 +335,56 @@ def build_parser() -> argparse.ArgumentParser:
   llama.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                      help="store parameters in this dtype (default: float32)")
   llama.set_defaults(run=cmd_convert_llama)
+  vl = sources.add_parser(
+      "video-llama", help="Video-LLaMA: LLaMA folder + EVA ViT-g + BLIP-2 + VL/AL finetuned + ImageBind",
+      description="Assemble a Video-LLaMA model folder (one orbax checkpoint, config.json and the tokenizer "
+                  "with the <ImageHere>/<AudioHere> placeholders) from the released parts. File flags "
+                  "override the `checkpoints` entries of configs/video_llama.py; without --al the model "
+                  "is vision-only.")
+  vl.add_argument("--config", default="7b", choices=["7b", "13b", "tiny"], help="configs/video_llama.py size")
+  vl.add_argument("--llama-dir", help="HF LLaMA/Vicuna/LLaMA-2 folder (weights, config.json, tokenizer)")
+  vl.add_argument("--eva-vit", help="eva_vit_g.pth")
+  vl.add_argument("--blip2", help="LAVIS BLIP-2 .pth (image Q-Former, query tokens, ln_vision)")
+  vl.add_argument("--hf-blip2", help="or a transformers Blip2 folder/file (ViT, ln_vision, image Q-Former)")
+  vl.add_argument("--vl", help="Video-LLaMA vision-language finetuned .pth")
+  vl.add_argument("--al", help="Video-LLaMA audio-language finetuned .pth")
+  vl.add_argument("--imagebind", help="imagebind_huge.pth (default: the AL file's audio_encoder.* keys)")
+  vl.add_argument("--template", choices=["vicuna_v0", "llama_2"], default=None,
+                  help="conversation template (default vicuna_v0; llama_2 for LLaMA-2-chat models)")
+  vl.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                  help="store the LLaMA parameters in this dtype (default: float32)")
+  vl.add_argument("--out", required=True, help="output model folder (created)")
+  vl.set_defaults(run=cmd_convert_video_llama)
 
   chat = commands.add_parser(
       "chat", help="generate from a converted model, streaming tokens",
-      description="Answer one --question, or read prompts interactively from the terminal. "
-                  "Tokens are printed as they are generated.")
+      description="Answer one --question, or read prompts interactively from the terminal (a multi-turn "
+                  "conversation for video models: the media are encoded once and the KV cache is kept "
+                  "between turns). Tokens are printed as they are generated. A missing or corrupt media "
+                  "file is reported and the command exits with status 2; a video without audio is "
+                  "answered from its frames.")
   chat.add_argument("--model", required=True, help="a model folder written by `vllm-jax convert`")
   chat.add_argument("--question", default=None, help="answer this prompt and exit")
-  chat.add_argument("--max-new-tokens", type=int, default=128)
-  chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-  chat.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-  chat.add_argument("--top-k", type=int, default=0, help="sample among the k best tokens (0 = off)")
-  chat.add_argument("--seed", type=int, default=0)
-  chat.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
-  chat.add_argument("--mesh", default=None,
-                    help="data,fsdp,tensor mesh sizes, e.g. 1,1,-1 for tensor parallel over all devices")
+  chat.add_argument("--video", default=None, help="a video file to talk about (video_llama models)")
+  chat.add_argument("--image", default=None, help="an image file (jpg/png/webp) to talk about")
+  _media_flags(chat)
+  _sampling_flags(chat)
   chat.set_defaults(run=cmd_chat)
+
+  infer = commands.add_parser(
+      "infer", help="answer a JSONL file of questions about videos/images, batched and resumable",
+      description='Each input line is {"video": path (or "image": path), "question": text, "id": optional}. '
+                  'Each output line repeats "line" (the input line number), "id", the media path and '
+                  'the question, with "answer" or, for a bad line or a missing or undecodable file, '
+                  '"error"; the other items go on. Rerunning skips the lines already answered and '
+                  'retries the errors.')
+  infer.add_argument("--model", required=True, help="a video_llama model folder")
+  infer.add_argument("--input", required=True, help="questions, one JSON object per line")
+  infer.add_argument("--output", required=True, help="answers, appended one JSON object per line")
+  infer.add_argument("--batch-size", type=int, default=4)
+  _media_flags(infer)
+  _sampling_flags(infer)
+  infer.set_defaults(run=cmd_infer)
   return parser
 
 

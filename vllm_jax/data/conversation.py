@@ -59,7 +59,7 @@ class Template:
   roles: tuple[str, str]
   system: str                       # default system prompt of the chat
   train_system: str                 # system prompt of the training format
-  stop_strings: tuple[str, ...]     # the answer ends at the first of these
+  stop_strings: tuple[str, ...]     # the answer ends at the first of these (besides EOS)
 
   @property
   def is_llama_2(self) -> bool:
@@ -67,8 +67,8 @@ class Template:
 
 
 VICUNA_V0 = Template("vicuna_v0", ("Human", "Assistant"), system="", train_system="", stop_strings=("###",))
-LLAMA_2 = Template("llama_2", ("USER", "ASSISTANT"), system=LLAMA_2_SYSTEM, train_system=" ",
-                   stop_strings=("</s>",))
+# LLaMA-2 answers end with EOS (</s>), a stop token rather than a stop string.
+LLAMA_2 = Template("llama_2", ("USER", "ASSISTANT"), system=LLAMA_2_SYSTEM, train_system=" ", stop_strings=())
 TEMPLATES = {t.name: t for t in (VICUNA_V0, LLAMA_2)}
 
 
@@ -153,6 +153,22 @@ class Conversation:
       elif text:
         out += f" {text} </s>"
     return out
+
+
+def clean_answer(template: Template, text: str) -> str:
+  """A generated answer as the demo keeps it: cut at a stop string, without a role header."""
+  for stop in template.stop_strings:
+    text = text.split(stop)[0]
+  return text.split(template.roles[1] + ":")[-1].strip()
+
+
+def visible_prefix(text: str, stop_strings: Sequence[str]) -> str:
+  """The part of a partial answer that is safe to show: before any stop string, and without a
+  tail that may be the start of one."""
+  for stop in stop_strings:
+    text = text.split(stop)[0]
+  hold = max((k for stop in stop_strings for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
+  return text[:len(text) - hold]
 
 
 # ------------------------------------------------------------------------------------------

@@ -26,7 +26,8 @@ def vit_rules(config: ViTConfig, layout: str = LAVIS, source_prefix: str = "",
     raise ValueError(f"EVA checkpoints carry q and v biases only; got qkv_bias={config.qkv_bias}")
   s, d = source_prefix, target_prefix
   tokens = 1 + config.grid * config.grid
-  qkv = (f"{d}blocks/attn/query/kernel", f"{d}blocks/attn/key/kernel", f"{d}blocks/attn/value/kernel")
+  attn = f"{d}blocks/attn/"
+  qkv = (attn + "query/kernel", attn + "key/kernel", attn + "value/kernel")
   if layout == LAVIS:
     b = s + "blocks.{i}."
     table = [
@@ -35,10 +36,10 @@ def vit_rules(config: ViTConfig, layout: str = LAVIS, source_prefix: str = "",
         Rule(s + "patch_embed.proj.weight", d + "patch_embed/kernel", CONV),
         Rule(s + "patch_embed.proj.bias", d + "patch_embed/bias", IDENTITY),
         Rule(b + "attn.qkv.weight", qkv, split(3, dense())),
-        Rule(b + "attn.q_bias", d + "blocks/attn/query/bias", bias_as()),
-        Rule(b + "attn.v_bias", d + "blocks/attn/value/bias", bias_as()),
-        Rule(b + "attn.proj.weight", d + "blocks/attn/out/kernel", dense(in_dims=2)),
-        Rule(b + "attn.proj.bias", d + "blocks/attn/out/bias", IDENTITY),
+        Rule(b + "attn.q_bias", attn + "query/bias", bias_as()),
+        Rule(b + "attn.v_bias", attn + "value/bias", bias_as()),
+        Rule(b + "attn.proj.weight", attn + "out/kernel", dense(in_dims=2)),
+        Rule(b + "attn.proj.bias", attn + "out/bias", IDENTITY),
     ]
     names = {"norm1": "norm1", "norm2": "norm2", "mlp.fc1": "mlp/fc1", "mlp.fc2": "mlp/fc2"}
     final_norm = s + "norm"
@@ -50,10 +51,10 @@ def vit_rules(config: ViTConfig, layout: str = LAVIS, source_prefix: str = "",
         Rule(s + "embeddings.patch_embedding.weight", d + "patch_embed/kernel", CONV),
         Rule(s + "embeddings.patch_embedding.bias", d + "patch_embed/bias", IDENTITY),
         Rule(b + "self_attn.qkv.weight", qkv, split(3, dense())),
-        Rule(b + "self_attn.qkv.bias", (qkv[0][:-6] + "bias", qkv[2][:-6] + "bias"),
+        Rule(b + "self_attn.qkv.bias", (attn + "query/bias", attn + "value/bias"),  # [q_bias, 0, v_bias]
              split(3, bias_as(), keep=(0, 2))),
-        Rule(b + "self_attn.projection.weight", d + "blocks/attn/out/kernel", dense(in_dims=2)),
-        Rule(b + "self_attn.projection.bias", d + "blocks/attn/out/bias", IDENTITY),
+        Rule(b + "self_attn.projection.weight", attn + "out/kernel", dense(in_dims=2)),
+        Rule(b + "self_attn.projection.bias", attn + "out/bias", IDENTITY),
     ]
     names = {"layer_norm1": "norm1", "layer_norm2": "norm2", "mlp.fc1": "mlp/fc1", "mlp.fc2": "mlp/fc2"}
     final_norm = s + "post_layernorm"

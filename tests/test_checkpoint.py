@@ -67,7 +67,7 @@ ckpt.save(1, state)
 ckpt.wait()
 np.save({expected!r}, np.asarray(state.params["lm_head"]["kernel"]))
 # A large state so that the second save is still being written when the process dies.
-big = state.replace(frozen=dict(state.frozen, ballast=jnp.ones((64, 1024, 1024), jnp.float32)))
+big = state.replace(frozen=dict(state.frozen, ballast=jnp.ones((16, 1024, 1024), jnp.float32)))
 ckpt.save_frozen = True
 ckpt.save(2, big)
 os.kill(os.getpid(), signal.SIGKILL)

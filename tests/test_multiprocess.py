@@ -24,8 +24,9 @@ TRAIN = [sys.executable, os.path.join(HERE, "train_tiny.py"), "--mesh=2,2,2"]
 
 
 def test_two_processes_match_one():
-  steps = {"train.steps": 4, "train.log_every": 4}
-  procs = local.launch(TRAIN + [f"--config.{k}={v}" for k, v in steps.items()], num_processes=2,
+  # Every parameter trains: optimizer moments are sharded over fsdp/tensor across both processes.
+  steps = {"train.steps": 4, "train.log_every": 4, "optim.trainable": [".*"]}
+  procs = local.launch(TRAIN + [f"--config.{k}={json.dumps(v)}" for k, v in steps.items()], num_processes=2,
                        devices_per_process=4, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   outputs = [p.communicate(timeout=300) for p in procs]
   for p, (out, err) in zip(procs, outputs):

@@ -2,6 +2,7 @@
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -57,12 +58,14 @@ def test_adamw_matches_torch(clip_norm):
            for _ in range(6)]
   tx, schedule = optim.make_optimizer(cfg, params)
 
-  ours, state = {k: dict(v) for k, v in params.items()}, tx.init(params)
+  @jax.jit
+  def update(params, state, grads, step):
+    updates, state = tx.update(grads, state, params)
+    return jax.tree.map(lambda p, u: p - schedule(step) * u, params, updates), state
+
+  ours, state = params, tx.init(params)
   for step, g in enumerate(grads):
-    g = optim.unflatten({k: jnp.asarray(v, jnp.float32) for k, v in optim.flatten(g).items()})
-    updates, state = tx.update(g, state, ours)
-    ours = optim.unflatten({k: p - schedule(step) * optim.flatten(updates)[k]
-                            for k, p in optim.flatten(ours).items()})
+    ours, state = update(ours, state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), g), step)
 
   flat = optim.flatten(params)
   tp = {k: torch.tensor(v, requires_grad=True) for k, v in flat.items()}

@@ -102,6 +102,7 @@ class Trainer:
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, self.shardings)
     self.batch_sharding = sharding.batch_sharding(mesh)
     replicated = sharding.replicated(mesh)
+    self._init = jax.jit(self._build, out_shardings=self.shardings)
     self._train_step = jax.jit(self._step, in_shardings=(self.shardings, self.batch_sharding),
                                out_shardings=(self.shardings, replicated), donate_argnums=0)
     self._eval_step = jax.jit(self._eval, in_shardings=(self.shardings, self.batch_sharding),
@@ -131,7 +132,7 @@ class Trainer:
   def init(self) -> TrainState:
     """The initial state, each tensor created directly in its shard."""
     with sharding.mesh_context(self.mesh):
-      return jax.jit(self._build, out_shardings=self.shardings)(self._init_key)
+      return self._init(self._init_key)
 
   # --- steps ---
 

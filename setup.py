@@ -30,6 +30,8 @@ setup(
         "av>=14",
         "soundfile>=0.13",
         "absl-py>=2.1",
+        "tensorboardX>=2.6",
+        "pillow>=10",
     ],
     extras_require={
         # PyTorch side: reading .bin/.pth checkpoints and the parity references.

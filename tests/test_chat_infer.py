@@ -2,6 +2,7 @@
 checkpoint files in the released layouts, with real media (and bad media) on disk."""
 
 import fractions
+import functools
 import json
 
 import flax.linen as nn
@@ -71,6 +72,16 @@ def files(tmp_path_factory):
       "image": str(media / "img.png"), "corrupt": str(media / "corrupt.mp4"), "missing": str(media / "nope.mp4"),
   }
   return model, paths, (vision, audio, llm)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def load_once(files):
+  """Each command loads the model folder; the tests after the first reuse that load (the
+  loading itself is checked by test_convert_assembles_every_part)."""
+  cached = functools.lru_cache(pretrained.load_video_llama)
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(pretrained, "load_video_llama", lambda model, mesh=None, **kw: cached(model, mesh, **kw))
+    yield
 
 
 def test_convert_assembles_every_part(files):

@@ -209,6 +209,7 @@ def cmd_infer(args) -> int:
 
   from vllm_jax import generate, pretrained
   from vllm_jax.data import conversation as conv_lib
+  from vllm_jax.data.audio import AudioClipConfig
   from vllm_jax.data.media import MediaError, load_media
   from vllm_jax.data.tokenizer import left_pad
   config, params, tokenizer = pretrained.load_video_llama(args.model, mesh=_mesh(args.mesh), dtype=args.dtype)
@@ -220,6 +221,8 @@ def cmd_infer(args) -> int:
   sampling = generate.SamplingConfig(args.temperature, args.top_k, args.top_p)
   stop_ids = _stop_ids(config.llama, tokenizer)
   num_frames = args.num_frames or config.num_frames
+  clip_config = AudioClipConfig()
+  audio_shape = (clip_config.num_clips, 1, clip_config.num_mel_bins, clip_config.num_frames)
 
   with open(args.input) as f:
     lines = f.read().splitlines()
@@ -250,23 +253,23 @@ def cmd_infer(args) -> int:
         batch.append((record, question, media))
       if not batch:
         continue
-      rows, frames, masks, clips, any_audio = [], [], [], [], False
+      rows, frames, masks, clips = [], [], [], []
       for record, question, media in batch:
-        with_audio = use_audio and media.audio_valid
-        conv = conv_lib.Conversation.for_media(template, media.frames.timestamps, media.is_image, with_audio)
+        record["audio"] = use_audio and media.audio_valid
+        conv = conv_lib.Conversation.for_media(template, media.frames.timestamps, media.is_image, record["audio"])
         conv.ask(question)
         rows.append(conv_lib.encode_prompt(tokenizer, conv.prompt(), config.num_video_tokens,
                                            config.num_audio_tokens))
         frames.append(media.frames.frames)
         masks.append(media.frames.frame_mask)
-        any_audio |= with_audio
-        record["audio"] = with_audio
-      if any_audio:
-        shape = next(m.audio.shape for _, _, m in batch if m.audio is not None)
-        clips = np.stack([m.audio if r["audio"] else np.zeros(shape, np.float32) for r, _, m in batch])
+        clips.append(media.audio if record["audio"] else np.zeros(audio_shape, np.float32))
+      # Every batch has the same number of rows (copies of the first fill it) and carries audio
+      # clips (zeros where unused) whenever audio is on: one compiled encoder serves all batches.
+      fill = args.batch_size - len(batch)
+      rows, frames, masks, clips = (x + x[:1] * fill for x in (rows, frames, masks, clips))
       ids, mask = left_pad(rows, multiple=32)
       video, audio = generate.encode_media(config, params, np.stack(frames), np.stack(masks),
-                                           clips if any_audio else None)
+                                           np.stack(clips) if use_audio else None)
       embeds = generate.embed_with_media(config, params, ids, video, audio)
       result = generate.generate(config.llama, params["llm"], inputs_embeds=embeds, attention_mask=mask,
                                  max_new_tokens=args.max_new_tokens, sampling=sampling, stop_token_ids=stop_ids,

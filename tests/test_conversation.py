@@ -103,6 +103,14 @@ def test_llama2_image_and_audio_video_prompts(tok):
   assert C.encode_prompt(tok, expected, Q, 2) == pieces_ids(tok, head, (401, 2), middle, (400, Q), tail)
 
 
+def test_streamed_and_final_answers():
+  assert C.visible_prefix("A red ##", ("###",)) == "A red "      # may become the stop string
+  assert C.visible_prefix("A red ###Human", ("###",)) == "A red "
+  assert C.visible_prefix("A # B", ("###",)) == "A # B"
+  assert C.clean_answer(C.VICUNA_V0, "Assistant: A red circle. ###Human: x") == "A red circle."
+  assert C.clean_answer(C.LLAMA_2, " It moves left. ") == "It moves left."
+
+
 def test_collate_right_pads():
   batch = C.collate([([1, 5, 6], [-100, 5, 6]), ([1, 7], [-100, 7])], pad_id=0, multiple=4)
   np.testing.assert_array_equal(batch["input_ids"], [[1, 5, 6, 0], [1, 7, 0, 0]])

@@ -179,6 +179,8 @@ def _chat_video(args) -> int:
     out = session.generate(ids, embeds, max_new_tokens=args.max_new_tokens, sampling=sampling,
                            stop_token_ids=stop_ids, stop_strings=template.stop_strings, tokenizer=tokenizer,
                            seed=seed, on_tokens=stream)
+    if out.texts[0].startswith(shown):  # a held-back tail that turned out not to start a stop string
+      print(out.texts[0][len(shown):], end="")
     print()
     conv.answer(conv_lib.clean_answer(template, out.texts[0]))
 

@@ -182,6 +182,10 @@ def test_session_reuses_the_cache_across_turns(setup):
   assert session.reused == 0
   turn("And then?")
   assert session.reused >= first  # turn 1's prompt (at least) came from the cache
+  # Another question about the same media: the cache rolls back to the shared prefix (the media turn).
+  conv = C.Conversation.for_media(C.VICUNA_V0, media.frames.timestamps, with_audio=True)
+  turn("Where is the circle?")
+  assert 0 < session.reused < first
 
 
 def test_loss_matches_torch_with_masked_labels(setup):

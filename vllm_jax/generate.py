@@ -4,6 +4,10 @@ Prompts are left-padded so every row writes the KV cache at the same slot. The d
 runs on device until every row has stopped or the token budget is spent; it returns to the
 host only between chunks, when tokens are streamed to a callback or stop strings must be
 checked against the decoded text.
+
+For Video-LLaMA, `encode_media` runs the vision/audio branches once per video and
+`embed_with_media` splices their tokens into a prompt's embeddings; `Session` keeps one
+conversation's KV cache across turns, so each turn prefills only its new tokens.
 """
 
 import dataclasses

@@ -1,4 +1,6 @@
-"""Video-LLaMA, the whole model: `get_config("7b" | "13b" | "tiny")`.
+"""Video-LLaMA, the whole model: `get_config("7b" | "13b" | "tiny")`, and its training recipes:
+`get_config("stage1" | "stage2" | "stage2_full")`, with a size prefix for other models
+("13b_stage1", "tiny_stage1", "tiny_stage2"; no prefix: 7b).
 
   7b / 13b: EVA ViT-g/14 + BLIP-2 Q-Former + video Q-Former (32 tokens) + ImageBind-Huge audio
             branch (8 tokens) + Vicuna/LLaMA-2 7B or 13B. The LLaMA part is read from the
@@ -8,9 +10,23 @@
 `VideoLlamaConfig.from_dict(cfg.model.to_dict())` gives the model config. `cfg.checkpoints`
 names the files `vllm-jax convert video-llama` assembles (command-line flags override them);
 `cfg.trainable` holds the regexes (over '/'-joined parameter paths) of each training stage.
+
+Training configs (`vllm-jax train --config configs/video_llama.py:stage1`) add the sections of
+`vllm_jax.train.trainer` (mesh, optim, train, data) and `init_from`, a folder written by
+`vllm-jax convert video-llama` (its config replaces `model`; "" = random init of `model`):
+  stage1:      vision connector on WebVid captions (lr 1e-4 -> 8e-5, warmup from 1e-6, batch 32 per
+               GPU on 8 GPUs, captions cut at 32 tokens); ViT, image Q-Former and LLM frozen.
+  stage2:      the same connector on instruction conversations (lr 3e-5 -> 1e-5, batch 4 per GPU,
+               320 tokens; 512 for the audio branch: data.with_audio=True, optim.trainable=AUDIO).
+  stage2_full: stage 2 with the LLM trained too (Video-LLaVA's stage 2: lr 2e-5 -> 0, 3% warmup,
+               no weight decay).
+AdamW b=(0.9, 0.999), weight decay 0.05 except on biases, norms and 1-D tensors; no gradient
+clipping (the reference's runner has none). Frozen parameters are kept in bfloat16.
 """
 
 import ml_collections
+
+from vllm_jax.configs.train_llama_tiny import optim_config
 
 from vllm_jax.models.audio_branch import AudioBranchConfig
 from vllm_jax.models.imagebind_audio import ImageBindAudioConfig
@@ -55,8 +71,9 @@ def model_config(arg: str) -> VideoLlamaConfig:
 
 
 def get_config(arg: str = "7b") -> ml_collections.ConfigDict:
+  size, _, stage = arg.partition("_") if arg.split("_")[0] in ("7b", "13b", "tiny") else ("7b", "", arg)
   cfg = ml_collections.ConfigDict()
-  cfg.model = ml_collections.ConfigDict(model_config(arg).to_dict())
+  cfg.model = ml_collections.ConfigDict(model_config(size).to_dict())
   cfg.checkpoints = ml_collections.ConfigDict(dict(
       llama_dir="",    # HF LLaMA/Vicuna/LLaMA-2 folder (weights, config.json, tokenizer)
       eva_vit="",      # eva_vit_g.pth
@@ -69,4 +86,59 @@ def get_config(arg: str = "7b") -> ml_collections.ConfigDict:
   cfg.trainable = ml_collections.ConfigDict(dict(
       vision_stage1=(VISION_CONNECTOR,), vision_stage2=(VISION_CONNECTOR,),
       audio_stage1=(AUDIO_CONNECTOR,), audio_stage2=(AUDIO_CONNECTOR,)))
+  if stage:
+    train_config(cfg, stage, tiny=size == "tiny")
   return cfg
+
+
+def train_config(cfg: ml_collections.ConfigDict, stage: str, tiny: bool = False) -> None:
+  """Add the training sections of `stage` ("stage1" | "stage2" | "stage2_full") to `cfg`."""
+  if stage not in ("stage1", "stage2", "stage2_full"):
+    raise ValueError(f"unknown training stage {stage!r}; expected 'stage1', 'stage2' or 'stage2_full'")
+  stage1 = stage == "stage1"
+  cfg.seed = 0
+  cfg.init_from = ""  # a `vllm-jax convert video-llama` folder; "" = random init of `model`
+  cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: the remaining devices
+  if stage1:
+    cfg.optim = optim_config(trainable=(VISION_CONNECTOR,), clip_norm=0.0)
+  elif stage == "stage2":
+    cfg.optim = optim_config(trainable=(VISION_CONNECTOR,), clip_norm=0.0, lr=3e-5, min_lr=1e-5,
+                             warmup_steps=1000, total_steps=3000)
+  else:
+    cfg.optim = optim_config(trainable=(VISION_CONNECTOR, r"^llm/"), lr=2e-5, min_lr=0.0, warmup_start_lr=0.0,
+                             warmup_steps=90, total_steps=3000, weight_decay=0.0)
+  cfg.train = ml_collections.ConfigDict(dict(
+      steps=cfg.optim.total_steps,
+      batch_size=256 if stage1 else 32,  # global, per optimizer update
+      workdir="",                # checkpoints/, tensorboard/, metrics.jsonl; "" = none
+      log_every=50,
+      eval_every=0,
+      checkpoint_every=1000,
+      keep_checkpoints=3,
+      save_frozen=False,         # frozen parameters come back from init_from on resume
+      async_checkpoints=True,
+      max_nan_skips=10,
+      peak_tflops=0.0,
+  ))
+  cfg.data = ml_collections.ConfigDict(dict(
+      webvid_csv="",             # WebVid-style CSV: captions (stage 1 examples)
+      webvid_dir="",             # videos at {webvid_dir}/{page_dir}/{videoid}.mp4
+      instruct_json="",          # instruction conversations (stage 2 examples)
+      instruct_dir="",           # media paths in the JSON are relative to this folder
+      instruct_format="llava",   # "llava" (LLaVA / Video-ChatGPT JSON) or "videochat"
+      weights=(1.0, 1.0),        # mixture weights (captions, instructions) when both are set
+      tokenizer="",              # tokenizer folder for a random init (init_from brings its own)
+      max_text_len=32 if stage1 else 320,
+      end_sym="\n",              # appended to captions
+      with_audio=False,          # audio clips as input (the audio branch's stages)
+      sampling="headtail",       # training frame sampling ("uniform" for evaluation-style)
+      train_crop=True,           # RandomResizedCrop(scale 0.5-1) on the frames
+      shuffle=True,
+      num_epochs=-1,             # -1 = repeat forever
+      worker_count=0,            # decoding processes per host; 0 = in the main process
+      max_skipped=100,           # abort after this many unreadable examples on a host; -1 = no limit
+  ))
+  if tiny:
+    cfg.optim.update(warmup_steps=5, total_steps=100, lr=1e-3, min_lr=1e-4, warmup_start_lr=1e-5)
+    cfg.train.update(steps=20, batch_size=8, log_every=10, checkpoint_every=10)
+    cfg.data.update(max_text_len=16 if stage1 else 96)

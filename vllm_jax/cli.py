@@ -12,6 +12,24 @@ EPILOG = """examples:
       --al finetune_vicuna7b_audiobranch.pth --imagebind imagebind_huge.pth --out ./models/video-llama-7b
   vllm-jax chat --model ./models/video-llama-7b --video clip.mp4 --question "What happens?"
   vllm-jax infer --model ./models/video-llama-7b --input questions.jsonl --output answers.jsonl
+  vllm-jax train --config configs/video_llama.py:stage1 --config.init_from=./models/video-llama-7b \\
+      --config.data.webvid_csv=webvid/results_2M_train.csv --config.data.webvid_dir=webvid/videos \\
+      --config.train.workdir=./runs/stage1
+"""
+
+TRAIN_HELP = """Train Video-LLaMA with a config file: `--config FILE:ARG` calls FILE's get_config(ARG)
+(e.g. configs/video_llama.py:stage1, :stage2, :stage2_full, :tiny_stage1), and each
+`--config.a.b=VALUE` then sets field a.b, VALUE read as the field's type (ints, floats,
+true/false, comma-separated or Python-literal tuples, strings as they are).
+
+Starts from a converted model folder (--config.init_from=DIR, written by `vllm-jax convert
+video-llama`) or from a random init of the config's model (with --config.data.tokenizer=DIR).
+Data: WebVid-style CSV captions (data.webvid_csv, data.webvid_dir) and/or instruction JSON
+(data.instruct_json, data.instruct_dir, data.instruct_format llava|videochat); unreadable videos
+are skipped and counted. Logs a line every train.log_every steps; with train.workdir, writes
+orbax checkpoints (workdir/checkpoints), TensorBoard events and metrics.jsonl there, and a rerun
+resumes from the latest checkpoint (data position included). SIGTERM checkpoints and stops.
+Mesh: mesh.data, mesh.fsdp, mesh.tensor (-1 = the remaining devices).
 """
 
 
@@ -305,6 +323,69 @@ def _answered(path: str) -> set[int]:
   return done
 
 
+def load_config(spec: str, overrides: list[str]):
+  """`FILE[:ARG]` -> FILE's get_config(ARG), then each `--config.a.b=VALUE` applied."""
+  import importlib.util
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("train_config", path)
+  if module_spec is None or not path.endswith(".py"):
+    raise ValueError(f"--config {spec!r}: expected a .py file, optionally with :ARG")
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  cfg = module.get_config(arg) if arg else module.get_config()
+  for override in overrides:
+    key, eq, value = override.removeprefix("--config.").partition("=")
+    if not override.startswith("--config.") or not eq:
+      raise ValueError(f"unrecognised argument {override!r}; overrides look like --config.train.steps=100")
+    *parents, name = key.split(".")
+    node = cfg
+    for part in parents:
+      node = node[part]
+    if name not in node:
+      raise ValueError(f"--config.{key}: the config has no field {key!r}")
+    node[name] = _coerce(value, node[name], key)
+  return cfg
+
+
+def _coerce(value: str, current, key: str):
+  """The override string as the type of the field's current value."""
+  import ast
+  try:
+    if isinstance(current, bool):
+      if value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(value)
+      return value.lower() in ("true", "1")
+    if isinstance(current, (int, float)):
+      return type(current)(value)
+    if isinstance(current, (tuple, list)):
+      if value[:1] in "([":
+        return type(current)(ast.literal_eval(value))
+      kind = type(current[0]) if current else str
+      return type(current)(kind(v) for v in value.split(",") if v)
+  except (ValueError, SyntaxError) as e:
+    raise ValueError(f"--config.{key}={value}: not a {type(current).__name__}") from e
+  return value
+
+
+def cmd_train(args, overrides: list[str]) -> int:
+  import logging
+
+  from vllm_jax.train import sharding
+  from vllm_jax.train import video_llama as train_lib
+  try:
+    cfg = load_config(args.config, overrides)
+  except (ValueError, KeyError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  sharding.initialize_distributed()
+  logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
+  result = train_lib.train(cfg)
+  state = "preempted at" if result.preempted else "done at"
+  print(f"{state} step {int(result.state.step)}; {result.skipped_examples} unreadable examples skipped",
+        file=sys.stderr)
+  return 0
+
+
 def _sampling_flags(parser) -> None:
   parser.add_argument("--max-new-tokens", type=int, default=128)
   parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -390,11 +471,23 @@ def build_parser() -> argparse.ArgumentParser:
   _media_flags(infer)
   _sampling_flags(infer)
   infer.set_defaults(run=cmd_infer)
+
+  train = commands.add_parser("train", help="train Video-LLaMA (sharded, checkpointed, resumable)",
+                              description=TRAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+                              usage="vllm-jax train --config FILE[:ARG] [--config.a.b=VALUE ...]")
+  train.add_argument("--config", required=True, metavar="FILE[:ARG]",
+                     help="config file and its get_config argument, e.g. configs/video_llama.py:stage1")
+  train.set_defaults(run=cmd_train)
   return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-  args = build_parser().parse_args(argv)
+  parser = build_parser()
+  args, extra = parser.parse_known_args(argv)
+  if args.command == "train":
+    return args.run(args, extra)
+  if extra:
+    parser.error(f"unrecognized arguments: {' '.join(extra)}")
   return args.run(args)
 
 

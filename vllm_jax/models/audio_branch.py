@@ -14,7 +14,6 @@ qformer/... (see `qformer`, including query_tokens [8, 768]), llama_proj/{kernel
 """
 
 import dataclasses
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -22,13 +21,14 @@ import jax.numpy as jnp
 
 from vllm_jax.models.imagebind_audio import ImageBindAudio, ImageBindAudioConfig
 from vllm_jax.models.qformer import QFormer, QFormerConfig
+from vllm_jax.nn.config import ConfigBase
 from vllm_jax.nn.layers import Dense, Embed, constrain
 
 AUDIO_QFORMER = QFormerConfig(num_layers=2, cross_attention_frequency=1, encoder_width=1024, num_queries=8)
 
 
 @dataclasses.dataclass(frozen=True)
-class AudioBranchConfig:
+class AudioBranchConfig(ConfigBase):
   encoder: ImageBindAudioConfig = ImageBindAudioConfig()
   qformer: QFormerConfig = AUDIO_QFORMER
   max_clips: int = 8                 # rows of the audio position embedding
@@ -36,12 +36,6 @@ class AudioBranchConfig:
   freeze_encoder: bool = True        # Video-LLaMA never trains ImageBind: no gradient through it
   dtype: str = "float32"
   param_dtype: str = "float32"
-
-  def replace(self, **changes) -> "AudioBranchConfig":
-    return dataclasses.replace(self, **changes)
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
 
   def __post_init__(self):
     if self.qformer.encoder_width != self.encoder.out_dim:

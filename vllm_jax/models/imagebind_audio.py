@@ -20,18 +20,18 @@ Parameters (blocks scanned, leading `layers` axis L):
 
 import dataclasses
 import math
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from vllm_jax.nn.attention import MultiHeadAttention
+from vllm_jax.nn.config import ConfigBase
 from vllm_jax.nn.layers import Dense, LayerNorm, Mlp, constrain
 
 
 @dataclasses.dataclass(frozen=True)
-class ImageBindAudioConfig:
+class ImageBindAudioConfig(ConfigBase):
   num_mel_bins: int = 128
   num_frames: int = 204
   kernel_size: int = 16
@@ -60,12 +60,6 @@ class ImageBindAudioConfig:
   @property
   def head_dim(self) -> int:
     return self.width // self.num_heads
-
-  def replace(self, **changes) -> "ImageBindAudioConfig":
-    return dataclasses.replace(self, **changes)
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
 
   def __post_init__(self):
     if self.width % self.num_heads:

@@ -9,7 +9,6 @@ Parameters (layers scanned, so each layer tensor has a leading `layers` axis L):
 """
 
 import dataclasses
-from typing import Any
 
 import flax.linen as nn
 import flax.struct
@@ -17,12 +16,13 @@ import jax
 import jax.numpy as jnp
 
 from vllm_jax.nn.attention import causal_mask, dot_product_attention
+from vllm_jax.nn.config import ConfigBase
 from vllm_jax.nn.layers import Dense, Embed, RMSNorm, constrain
 from vllm_jax.nn.rope import RopeConfig, apply_rope, rope_angles
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
+class LlamaConfig(ConfigBase):
   vocab_size: int = 32000
   hidden_size: int = 4096
   intermediate_size: int = 11008
@@ -44,19 +44,8 @@ class LlamaConfig:
   remat_policy: str = "nothing_saveable"  # a jax.checkpoint_policies name, or "none"
   attention_impl: str | None = None       # None (XLA) or "cudnn"
 
-  def replace(self, **changes) -> "LlamaConfig":
-    return dataclasses.replace(self, **changes)
 
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
 
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "LlamaConfig":
-    d = dict(d)
-    d["rope"] = RopeConfig(**d.get("rope", {}))
-    if isinstance(d.get("eos_token_id"), list):
-      d["eos_token_id"] = tuple(d["eos_token_id"])
-    return cls(**d)
 
 
 @flax.struct.dataclass

@@ -26,18 +26,18 @@ path of InstructBLIP / LLaMA-VID) add a text FFN beside `query_ffn` rather than 
 """
 
 import dataclasses
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from vllm_jax.nn.attention import MultiHeadAttention, padding_mask
+from vllm_jax.nn.config import ConfigBase
 from vllm_jax.nn.layers import LayerNorm, Mlp, constrain
 
 
 @dataclasses.dataclass(frozen=True)
-class QFormerConfig:
+class QFormerConfig(ConfigBase):
   hidden_size: int = 768
   num_layers: int = 12
   num_heads: int = 12
@@ -56,12 +56,6 @@ class QFormerConfig:
 
   def has_cross_attention(self, layer: int) -> bool:
     return layer % self.cross_attention_frequency == 0
-
-  def replace(self, **changes) -> "QFormerConfig":
-    return dataclasses.replace(self, **changes)
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
 
   def __post_init__(self):
     if self.hidden_size % self.num_heads:

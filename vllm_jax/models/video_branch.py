@@ -12,7 +12,6 @@ Parameters: visual_encoder (ViT), ln_vision/{scale, bias}, qformer (QFormer),
 """
 
 import dataclasses
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -21,11 +20,12 @@ import numpy as np
 
 from vllm_jax.models.qformer import QFormer, QFormerConfig
 from vllm_jax.models.vit import EVA_VIT_G, ViT, ViTConfig
+from vllm_jax.nn.config import ConfigBase
 from vllm_jax.nn.layers import Dense, Embed, LayerNorm, constrain
 
 
 @dataclasses.dataclass(frozen=True)
-class VideoBranchConfig:
+class VideoBranchConfig(ConfigBase):
   """Defaults: Video-LLaMA (EVA ViT-g/14, BLIP-2 Q-Former, 2-layer video Q-Former, LLaMA-7B width)."""
   vit: ViTConfig = EVA_VIT_G
   qformer: QFormerConfig = QFormerConfig()
@@ -36,22 +36,6 @@ class VideoBranchConfig:
   llm_hidden_size: int = 4096
   dtype: str = "float32"
   param_dtype: str = "float32"
-
-  def replace(self, **changes) -> "VideoBranchConfig":
-    return dataclasses.replace(self, **changes)
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "VideoBranchConfig":
-    d, vit = dict(d), dict(d.get("vit", {}))
-    if "qkv_bias" in vit:
-      vit["qkv_bias"] = tuple(vit["qkv_bias"])
-    d["vit"] = ViTConfig(**vit)
-    d["qformer"] = QFormerConfig(**d.get("qformer", {}))
-    d["video_qformer"] = QFormerConfig(**d.get("video_qformer", {}))
-    return cls(**d)
 
   def __post_init__(self):
     if self.qformer.encoder_width != self.vit.width:

@@ -15,23 +15,21 @@ Parameters: vision/... (`video_branch`), audio/... (`audio_branch`), llm/... (`l
 """
 
 import dataclasses
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from vllm_jax.models.audio_branch import AudioBranch, AudioBranchConfig
-from vllm_jax.models.imagebind_audio import ImageBindAudioConfig
 from vllm_jax.models.llama import KVCache, Llama, LlamaConfig
-from vllm_jax.models.qformer import QFormerConfig
 from vllm_jax.models.video_branch import VideoBranch, VideoBranchConfig
+from vllm_jax.nn.config import ConfigBase
 
 IGNORE_INDEX = -100
 
 
 @dataclasses.dataclass(frozen=True)
-class VideoLlamaConfig:
+class VideoLlamaConfig(ConfigBase):
   llama: LlamaConfig = LlamaConfig()
   vision: VideoBranchConfig = VideoBranchConfig()
   audio: AudioBranchConfig | None = AudioBranchConfig()   # None: a vision-only model
@@ -55,23 +53,8 @@ class VideoLlamaConfig:
   def num_audio_tokens(self) -> int:
     return 0 if self.audio is None else self.audio.qformer.num_queries
 
-  def replace(self, **changes) -> "VideoLlamaConfig":
-    return dataclasses.replace(self, **changes)
 
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
 
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "VideoLlamaConfig":
-    d = dict(d)
-    d["llama"] = LlamaConfig.from_dict(d["llama"])
-    d["vision"] = VideoBranchConfig.from_dict(d["vision"])
-    if d.get("audio") is not None:
-      audio = dict(d["audio"])
-      audio["encoder"] = ImageBindAudioConfig(**audio["encoder"])
-      audio["qformer"] = QFormerConfig(**audio["qformer"])
-      d["audio"] = AudioBranchConfig(**audio)
-    return cls(**d)
 
 
 def splice(embeds: jax.Array, input_ids: jax.Array, token_id: int, media: jax.Array) -> jax.Array:

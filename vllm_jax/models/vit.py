@@ -14,7 +14,6 @@ sizes get the table resized bicubically (as torch's `interpolate(mode='bicubic')
 """
 
 import dataclasses
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -22,11 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from vllm_jax.nn.attention import MultiHeadAttention
+from vllm_jax.nn.config import ConfigBase
 from vllm_jax.nn.layers import Dense, LayerNorm, Mlp, constrain
 
 
 @dataclasses.dataclass(frozen=True)
-class ViTConfig:
+class ViTConfig(ConfigBase):
   """Defaults: EVA-CLIP ViT-g/14 as BLIP-2 uses it (the 40th block of EVA-g dropped)."""
   image_size: int = 224            # the size the position table is stored for
   patch_size: int = 14
@@ -48,12 +48,6 @@ class ViTConfig:
   @property
   def head_dim(self) -> int:
     return self.width // self.num_heads
-
-  def replace(self, **changes) -> "ViTConfig":
-    return dataclasses.replace(self, **changes)
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
 
   def __post_init__(self):
     if self.width % self.num_heads:

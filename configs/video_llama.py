@@ -136,7 +136,8 @@ def train_config(cfg: ml_collections.ConfigDict, stage: str, tiny: bool = False)
       shuffle=True,
       num_epochs=-1,             # -1 = repeat forever
       worker_count=0,            # decoding processes per host; 0 = in the main process
-      max_skipped=100,           # abort after this many unreadable examples on a host; -1 = no limit
+      max_skipped=10000,         # abort after this many unreadable examples on a host (WebVid
+                                 # dumps miss some videos); -1 = no limit
   ))
   if tiny:
     cfg.optim.update(warmup_steps=5, total_steps=100, lr=1e-3, min_lr=1e-4, warmup_start_lr=1e-5)

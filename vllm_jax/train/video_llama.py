@@ -72,7 +72,7 @@ class Decode:
     digest = hashlib.sha256(f"{self.seed}:{record['media']}".encode()).digest()
     rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
     media = load_media(record["media"], self.num_frames, self.image_size, with_audio=self.audio is not None,
-                       sampling=self.sampling, rng=rng, train_crop=self.train_crop)
+                       audio_config=self.audio or AudioClipConfig(), sampling=self.sampling, rng=rng, train_crop=self.train_crop)
     with_audio = self.audio is not None and media.audio_valid
     tokenizer = _tokenizer(self.tokenizer_dir)
     if self.stage == 1:
@@ -96,6 +96,19 @@ class Decode:
       shape = (self.audio.num_clips, 1, self.audio.num_mel_bins, self.audio.num_frames)
       example["audio"] = media.audio if with_audio else np.zeros(shape, np.float32)
     return example
+
+
+@dataclasses.dataclass(frozen=True)
+class Cached:
+  """A decode whose examples are kept in this process's memory, keyed by media path: a `Decode`
+  gives the same example for a record every epoch, so a small dataset is decoded once."""
+  decode: Decode
+  memo: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+  def __call__(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
+    if record["media"] not in self.memo:
+      self.memo[record["media"]] = self.decode(record)
+    return self.memo[record["media"]]
 
 
 def conversation_turns(messages: list[dict[str, str]]) -> list[tuple[str, str]]:
@@ -129,7 +142,8 @@ def seq_len(cfg, config: VideoLlamaConfig) -> int:
 
 def make_dataset(cfg, config: VideoLlamaConfig, tokenizer_dir: str):
   """The examples of every configured source (`data.webvid_*` captions, `data.instruct_*`
-  conversations), mixed by `data.weights`."""
+  conversations), mixed by `data.weights`; with `data.cache_examples` (optional) each is decoded
+  once and kept in memory."""
   data = cfg.data
   if not data.webvid_csv and not data.instruct_json:
     raise ValueError("no training data: set data.webvid_csv (+ data.webvid_dir) and/or data.instruct_json "
@@ -145,16 +159,17 @@ def make_dataset(cfg, config: VideoLlamaConfig, tokenizer_dir: str):
                             num_frames=enc.num_frames) if enc else None,
       template=config.template, end_sym=data.end_sym, sampling=data.sampling, train_crop=data.train_crop,
       seed=cfg.seed)
+  wrap = Cached if data.get("cache_examples", False) else lambda decode: decode
   sources, weights = [], []
   num_epochs = None if data.num_epochs < 0 else data.num_epochs
   if data.webvid_csv:
     records = datasets.webvid_records(data.webvid_csv, data.webvid_dir)
-    sources.append(datasets.examples(records, Decode(stage=1, **common), seed=cfg.seed, shuffle=data.shuffle,
+    sources.append(datasets.examples(records, wrap(Decode(stage=1, **common)), seed=cfg.seed, shuffle=data.shuffle,
                                      num_epochs=num_epochs))
     weights.append(data.weights[0])
   if data.instruct_json:
     records = INSTRUCTION_READERS[data.instruct_format](data.instruct_json, data.instruct_dir)
-    sources.append(datasets.examples(records, Decode(stage=2, **common), seed=cfg.seed + 1,
+    sources.append(datasets.examples(records, wrap(Decode(stage=2, **common)), seed=cfg.seed + 1,
                                      shuffle=data.shuffle, num_epochs=num_epochs))
     weights.append(data.weights[-1])
   return sources[0] if len(sources) == 1 else datasets.mixture(sources, weights)
@@ -191,9 +206,9 @@ def load_model(cfg, mesh) -> tuple[VideoLlamaConfig, Any, str]:
   return config.replace(video_token_id=video_id, audio_token_id=audio_id), None, cfg.data.tokenizer
 
 
-def train(cfg) -> trainer.LoopResult:
+def train(cfg, progress: bool = False) -> trainer.LoopResult:
   """Train to `train.steps`, resuming from the latest checkpoint in `train.workdir`; per-step
-  metrics are appended to `train.workdir`/metrics.jsonl."""
+  metrics are appended to `train.workdir`/metrics.jsonl. `progress`: a progress bar of the steps."""
   mesh = sharding.mesh_from_config(cfg.mesh)
   config, params, tokenizer_dir = load_model(cfg, mesh)
   t = make_trainer(cfg, mesh, config, params)
@@ -210,9 +225,13 @@ def train(cfg) -> trainer.LoopResult:
       state = ckpt.restore(state, it)
       log.info("resumed from step %d", int(state.step))
   start = int(state.step)
+  batches = it
+  if progress:
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    batches = iter(tqdm(it, desc="training", unit="step", total=cfg.train.steps, initial=start))
   preemption = checkpoint.Preemption()
   try:
-    result = trainer.train_loop(t, state, it, steps=cfg.train.steps, checkpointer=ckpt, data_iterator=it,
+    result = trainer.train_loop(t, state, batches, steps=cfg.train.steps, checkpointer=ckpt, data_iterator=it,
                                 preemption=preemption)
   finally:
     preemption.close()

@@ -1,0 +1,78 @@
+"""The synthetic shapes-and-sounds dataset: deterministic real mp4s (decord frames, an AAC track
+that gives valid fbank clips) whose captions name the attributes the pixels and sound show."""
+
+import filecmp
+import os
+
+import numpy as np
+import pytest
+
+from vllm_jax.data import synthetic
+from vllm_jax.data.audio import AudioClipConfig, load_audio_clips
+from vllm_jax.data.datasets import llava_records, webvid_records
+from vllm_jax.data.video import load_video
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+  return synthetic.make_dataset(str(tmp_path_factory.mktemp("synthetic")), num_train=6, num_val=3, progress=False)
+
+
+def test_layout_captions_and_determinism(dataset, tmp_path):
+  train = synthetic.read_split(dataset["train_csv"])
+  assert len(train) == 6 and len(synthetic.read_split(dataset["val_csv"])) == 3
+  for row in train:
+    assert row["name"] == synthetic.caption(row["colour"], row["shape"], row["direction"], row["sound"])
+    assert synthetic.parse_caption(row["name"]) == {k: row[k] for k in synthetic.ATTRIBUTES}
+  records = webvid_records(dataset["train_csv"], dataset["videos"])
+  assert all(os.path.isfile(r["media"]) for r in records)
+  conversations = llava_records(dataset["train_json"], dataset["videos"])
+  assert [c["media"] for c in conversations] == [r["media"] for r in records]
+  assert [c["caption"] for c in conversations] == [r["caption"] for r in records]
+
+  again = synthetic.make_dataset(str(tmp_path), num_train=6, num_val=3, progress=False)
+  for key in ("train_csv", "train_json", "val_csv"):
+    assert filecmp.cmp(dataset[key], again[key], shallow=False)
+  for record in records:
+    assert filecmp.cmp(record["media"], record["media"].replace(os.path.dirname(dataset["videos"]), str(tmp_path)),
+                       shallow=False)
+  # The held-out split draws other videos.
+  val = synthetic.read_split(dataset["val_csv"])[0]
+  assert not filecmp.cmp(os.path.join(dataset["videos"], "val", val["videoid"] + ".mp4"), records[0]["media"],
+                         shallow=False)
+
+
+def test_cached_unless_arguments_change(dataset):
+  out = os.path.dirname(dataset["videos"])
+  mtime = os.path.getmtime(dataset["train_csv"])
+  synthetic.make_dataset(out, num_train=6, num_val=3, progress=False)
+  assert os.path.getmtime(dataset["train_csv"]) == mtime
+  with pytest.raises(ValueError, match="at least one video"):
+    synthetic.write_split(out, "empty", 0, seed=0)
+
+
+def test_pixels_and_sound_match_the_caption(dataset):
+  for row in synthetic.read_split(dataset["train_csv"]):
+    path = os.path.join(dataset["videos"], row["page_dir"], row["videoid"] + ".mp4")
+    frames = load_video(path, num_frames=8, size=64)
+    assert frames.frame_mask.all() and frames.timestamps[-1] > 2.0
+    # Where the shape is: the pixels far from the background, their centroid first vs last frame.
+    pixels = frames.frames * 0.27 + 0.45  # roughly undo CLIP's normalisation
+    ink = np.abs(pixels - pixels[0, 0, 0]).sum(-1) > 0.5
+    centre = [np.argwhere(m).mean(0) for m in ink[[0, -1]]]  # (y, x)
+    dy, dx = centre[1] - centre[0]
+    moved = {"left": -dx, "right": dx, "up": -dy, "down": dy}
+    assert max(moved, key=moved.get) == row["direction"], (row, dx, dy)
+    colour = pixels[0][ink[0]].mean(0) * 255
+    nearest = min(synthetic.COLOURS, key=lambda c: np.abs(np.asarray(synthetic.COLOURS[c]) - colour).sum())
+    assert nearest == row["colour"]
+
+    clips, valid = load_audio_clips(path, AudioClipConfig(num_clips=2))
+    assert valid and clips.shape == (2, 1, 128, 204)
+    # A tone is one sharp mel peak (the low tone's below the high tone's); noise spreads out.
+    spectrum = clips[0, 0].mean(-1)
+    peak, sharpness = int(np.argmax(spectrum)), float(spectrum.max() - np.median(spectrum))
+    if row["sound"] == "noise":
+      assert sharpness < 1.0, sharpness
+    else:
+      assert sharpness > 1.0 and (peak < 40) == (row["sound"] == "low tone"), (peak, sharpness)

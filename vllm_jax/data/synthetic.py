@@ -1,0 +1,173 @@
+"""A synthetic audio-visual caption dataset: a coloured shape moves across the frame while a sound
+plays, so a caption model must use the frames' order (which way it moves) and the audio track
+(which sound) as well as single frames (colour, shape).
+
+Each video is a real mp4 (H.264 frames + AAC audio, written with PyAV), e.g. "a red circle moves
+left with a low tone". Layout:
+  {out}/{split}.csv                    WebVid-style captions (`datasets.webvid_records`):
+                                       videoid,contentUrl,duration,page_dir,name,colour,shape,direction,sound
+  {out}/{split}.json                   the same captions as LLaVA-style conversations (`datasets.llava_records`,
+                                       media relative to {out}/videos): a question, the caption as the answer
+  {out}/videos/{split}/{videoid}.mp4   page_dir = split
+Splits draw from different seeds; every attribute combination appears equally often (up to
+rounding). The same arguments always give the same files.
+"""
+
+import csv
+import dataclasses
+import fractions
+import itertools
+import json
+import os
+
+import numpy as np
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 235), "yellow": (235, 215, 40)}
+SHAPES = ("circle", "square", "triangle")
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy), y down
+SOUNDS = {"low tone": 220.0, "high tone": 1760.0, "noise": 0.0}                 # Hz; 0 = white noise
+ATTRIBUTES = {"colour": tuple(COLOURS), "shape": SHAPES, "direction": tuple(DIRECTIONS), "sound": tuple(SOUNDS)}
+QUESTIONS = ("Describe the video.", "What happens in the video?", "What do you see and hear?")
+FIELDS = ("videoid", "contentUrl", "duration", "page_dir", "name", *ATTRIBUTES)
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoSpec:
+  size: int = 64            # pixels, square
+  fps: int = 8
+  seconds: float = 3.0
+  sample_rate: int = 16000
+  background: int = 24      # grey level
+
+
+def caption(colour: str, shape: str, direction: str, sound: str) -> str:
+  return f"a {colour} {shape} moves {direction} with {'noise' if sound == 'noise' else 'a ' + sound}"
+
+
+def parse_caption(text: str) -> dict[str, str | None]:
+  """The attribute values a caption names (None where it names none or several)."""
+  found = {}
+  for name, values in ATTRIBUTES.items():
+    hits = [v for v in values if f" {v} " in f" {text.lower().replace('.', ' ')} "]
+    found[name] = hits[0] if len(hits) == 1 else None
+  return found
+
+
+def _shape_mask(shape: str, size: int, cx: float, cy: float, r: float) -> np.ndarray:
+  """[size, size] bool: `shape` of radius r centred at (cx, cy)."""
+  y, x = np.mgrid[:size, :size] + 0.5
+  dx, dy = x - cx, y - cy
+  if shape == "circle":
+    return dx ** 2 + dy ** 2 <= r ** 2
+  if shape == "square":
+    return (np.abs(dx) <= 0.8 * r) & (np.abs(dy) <= 0.8 * r)
+  # Upward triangle: apex at the top, base at the bottom.
+  return (dy <= 0.8 * r) & (dy >= -r + 2 * np.abs(dx))
+
+
+def render_frames(colour: str, shape: str, direction: str, spec: VideoSpec,
+                  rng: np.random.Generator) -> np.ndarray:
+  """-> [fps * seconds, size, size, 3] uint8: the shape crossing the frame in `direction`."""
+  n, s = int(spec.fps * spec.seconds), spec.size
+  r = rng.uniform(0.14, 0.2) * s
+  dx, dy = DIRECTIONS[direction]
+  travel = np.linspace(-1.0, 1.0, n) * rng.uniform(0.25, 0.32) * s   # along the motion axis
+  side = rng.uniform(-0.15, 0.15) * s                                 # across it
+  pixels = np.full((n, s, s, 3), spec.background, np.uint8)
+  for i in range(n):
+    cx = s / 2 + (dx * travel[i] if dx else side)
+    cy = s / 2 + (dy * travel[i] if dy else side)
+    pixels[i][_shape_mask(shape, s, cx, cy, r)] = COLOURS[colour]
+  return pixels
+
+
+def render_audio(sound: str, spec: VideoSpec, rng: np.random.Generator) -> np.ndarray:
+  """-> [sample_rate * seconds] float32 in [-1, 1]."""
+  n = int(spec.sample_rate * spec.seconds)
+  freq = SOUNDS[sound]
+  amplitude = rng.uniform(0.3, 0.6)
+  if not freq:
+    return (amplitude * rng.uniform(-1, 1, n)).astype(np.float32)
+  t = np.arange(n) / spec.sample_rate
+  return (amplitude * np.sin(2 * np.pi * freq * rng.uniform(0.95, 1.05) * t + rng.uniform(0, 2 * np.pi))
+          ).astype(np.float32)
+
+
+def write_mp4(path: str, frames: np.ndarray, audio: np.ndarray, spec: VideoSpec) -> None:
+  """frames [T, H, W, 3] uint8 (H.264, yuv420p) + mono audio [S] float32 (AAC) -> `path`."""
+  import av
+  with av.open(path, "w", format="mp4") as container:
+    video = container.add_stream("libx264", rate=spec.fps, options={"crf": "18", "threads": "1"})
+    video.width, video.height, video.pix_fmt = spec.size, spec.size, "yuv420p"
+    sound = container.add_stream("aac", rate=spec.sample_rate, layout="mono")
+    for image in frames:
+      container.mux(video.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+    container.mux(video.encode())
+    step = 1024  # AAC frame size
+    for start in range(0, len(audio), step):
+      chunk = audio[None, start:start + step]
+      frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout="mono")
+      frame.sample_rate, frame.pts = spec.sample_rate, start
+      frame.time_base = fractions.Fraction(1, spec.sample_rate)
+      container.mux(sound.encode(frame))
+    container.mux(sound.encode())
+
+
+def write_split(out_dir: str, split: str, num_videos: int, seed: int, spec: VideoSpec = VideoSpec(),
+                progress: bool = True) -> str:
+  """Render `num_videos` videos of `split` under `out_dir` -> the CSV path."""
+  from tqdm import tqdm
+  if num_videos < 1:
+    raise ValueError(f"{split}: need at least one video, got {num_videos}")
+  rng = np.random.default_rng(seed)
+  combos = list(itertools.product(*ATTRIBUTES.values()))
+  order = [combos[i] for i in rng.permutation(len(combos))]
+  video_dir = os.path.join(out_dir, "videos", split)
+  os.makedirs(video_dir, exist_ok=True)
+  rows, conversations = [], []
+  for k in tqdm(range(num_videos), desc=f"writing {split} videos", unit="video", disable=not progress):
+    colour, shape, direction, sound = order[k % len(order)]
+    videoid = f"{split}{k:05d}"
+    frames = render_frames(colour, shape, direction, spec, rng)
+    write_mp4(os.path.join(video_dir, f"{videoid}.mp4"), frames, render_audio(sound, spec, rng), spec)
+    rows.append(dict(videoid=videoid, contentUrl="", duration=f"PT00H00M{spec.seconds:02.0f}S", page_dir=split,
+                     name=caption(colour, shape, direction, sound), colour=colour, shape=shape,
+                     direction=direction, sound=sound))
+    question = QUESTIONS[rng.integers(len(QUESTIONS))]
+    conversations.append(dict(id=videoid, video=f"{split}/{videoid}.mp4", conversations=[
+        {"from": "human", "value": f"<video>\n{question}"}, {"from": "gpt", "value": rows[-1]["name"]}]))
+  with open(os.path.join(out_dir, f"{split}.json"), "w") as f:
+    json.dump(conversations, f, indent=1)
+  path = os.path.join(out_dir, f"{split}.csv")
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+  return path
+
+
+def make_dataset(out_dir: str, num_train: int = 480, num_val: int = 96, seed: int = 0,
+                 spec: VideoSpec = VideoSpec(), progress: bool = True) -> dict[str, str]:
+  """Write the train (seed) and val (seed + 1) splits, or reuse them when `out_dir` already
+  holds this exact dataset. -> {"train_csv", "train_json", "val_csv", "val_json", "videos": paths}."""
+  meta = dict(num_train=num_train, num_val=num_val, seed=seed, spec=dataclasses.asdict(spec))
+  meta_path = os.path.join(out_dir, "dataset.json")
+  paths = {f"{split}_{kind}": os.path.join(out_dir, f"{split}.{kind}") for split in ("train", "val")
+           for kind in ("csv", "json")}
+  paths["videos"] = os.path.join(out_dir, "videos")
+  if os.path.exists(meta_path):
+    with open(meta_path) as f:
+      if json.load(f) == meta:
+        return paths
+  os.makedirs(out_dir, exist_ok=True)
+  write_split(out_dir, "train", num_train, seed, spec, progress)
+  write_split(out_dir, "val", num_val, seed + 1, spec, progress)
+  with open(meta_path, "w") as f:  # written last: a half-written dataset is redone
+    json.dump(meta, f)
+  return paths
+
+
+def read_split(csv_path: str) -> list[dict[str, str]]:
+  """The rows of a split CSV (videoid, page_dir, name and the four attributes)."""
+  with open(csv_path, newline="") as f:
+    return list(csv.DictReader(f))

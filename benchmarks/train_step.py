@@ -34,7 +34,6 @@ from vllm_jax.models.llama import LlamaConfig
 from vllm_jax.models.video_llama import VideoLlamaConfig, abstract_params
 from vllm_jax.train import sharding
 from vllm_jax.train import video_llama as train_lib
-from vllm_jax.train.trainer import Trainer
 
 TEXT_LEN = 32
 

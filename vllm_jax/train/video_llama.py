@@ -212,7 +212,6 @@ def train(cfg, progress: bool = False) -> trainer.LoopResult:
   mesh = sharding.mesh_from_config(cfg.mesh)
   config, params, tokenizer_dir = load_model(cfg, mesh)
   t = make_trainer(cfg, mesh, config, params)
-  del params  # the state holds them now (frozen ones cast to optim.frozen_dtype)
   state = t.init()
   it = iter(datasets.batches(make_dataset(cfg, config, tokenizer_dir), cfg.train.batch_size,
                              worker_count=cfg.data.worker_count))

@@ -1,7 +1,7 @@
 """Run one training command as N jax processes on this machine (multi-host set-up, one host).
 
   python launch/local.py --num_processes 2 --devices_per_process 4 -- \
-      python tests/train_tiny.py --mesh 2,2,2 --config.train.steps=10
+      vllm-jax train --config configs/video_llama.py:tiny_stage1 --config.data.webvid_csv=...
 
 Each process gets JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID (read by
 `vllm_jax.train.sharding.initialize_distributed`) and, with --devices_per_process, that many fake

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Multi-node GPU training under SLURM: one task (one jax process) per GPU.
-#   sbatch --nodes=4 launch/slurm.sh tests/train_tiny.py --mesh=-1,8,1 --config.train.steps=1000
+#   sbatch --nodes=4 launch/slurm.sh -m vllm_jax.cli train --config configs/video_llama.py:stage1 \
+#       --config.mesh.fsdp=8 --config.train.workdir=/shared/runs/stage1
 # jax.distributed.initialize() reads the coordinator, process count, process id and the task's GPU
 # from SLURM's variables (vllm_jax.train.sharding.initialize_distributed calls it when SLURM_NTASKS > 1).
 #SBATCH --job-name=vllm-jax-train

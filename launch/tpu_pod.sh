@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Training on a Cloud TPU pod slice: the same command on every host, one jax process per host.
-#   TPU_NAME=my-v5p-64 ZONE=us-east5-a bash launch/tpu_pod.sh tests/train_tiny.py --mesh=-1,16,1
+#   TPU_NAME=my-v5p-64 ZONE=us-east5-a bash launch/tpu_pod.sh -m vllm_jax.cli train \
+#       --config configs/video_llama.py:stage1 --config.train.workdir=gs://bucket/stage1
 # Set up each host first (copies this checkout and installs it into .venv):
 #   SETUP=1 TPU_NAME=... ZONE=... bash launch/tpu_pod.sh
 # TPU hosts find each other without configuration; on preemption every host gets SIGTERM, agrees on

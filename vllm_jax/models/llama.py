@@ -74,13 +74,13 @@ class KVCache:
 class Attention(nn.Module):
   """Grouped-query self-attention with RoPE; x: [B, T, E] -> [B, T, E].
 
-  With `cache_kv` ([B, S, K, D] each) the new keys/values are written at `index` and the
-  queries attend over the whole cache; the updated pair is returned.
+  With a cache ((k, v), each [L, B, S, K, D] for all layers) the new keys/values are written in
+  place at (`layer`, `index`) and the queries attend over this layer's whole cache.
   """
   config: LlamaConfig
 
   @nn.compact
-  def __call__(self, x, cache_kv, mask, cos, sin, index):
+  def __call__(self, x, cache, layer, mask, cos, sin, index):
     cfg = self.config
     dense = lambda heads, name: Dense((heads, cfg.head_dim), ("embed", heads_axis(heads, cfg), "head_dim"),
                                       use_bias=cfg.attention_bias, dtype=cfg.dtype,
@@ -88,16 +88,18 @@ class Attention(nn.Module):
     q = apply_rope(dense(cfg.num_heads, "q")(x), cos, sin)
     k = apply_rope(dense(cfg.num_kv_heads, "k")(x), cos, sin)
     v = dense(cfg.num_kv_heads, "v")(x)
-    if cache_kv is not None:
-      k = jax.lax.dynamic_update_slice_in_dim(cache_kv[0], k.astype(cache_kv[0].dtype), index, axis=1)
-      v = jax.lax.dynamic_update_slice_in_dim(cache_kv[1], v.astype(cache_kv[1].dtype), index, axis=1)
-      cache_kv = (k, v)
+    if cache is not None:
+      def write(buffer, new):
+        buffer = jax.lax.dynamic_update_slice(buffer, new[None].astype(buffer.dtype), (layer, 0, index, 0, 0))
+        return buffer, jax.lax.dynamic_index_in_dim(buffer, layer, keepdims=False)
+      (cache_k, k), (cache_v, v) = write(cache[0], k), write(cache[1], v)
+      cache = (cache_k, cache_v)
     k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
     v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
     y = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, cfg.attention_impl)
     out = Dense(x.shape[-1], ("heads", "head_dim", "embed"), in_dims=2, use_bias=cfg.attention_bias,
                 dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="o")(y)
-    return out, cache_kv
+    return out, cache
 
 
 def heads_axis(heads: int, cfg: LlamaConfig) -> str:
@@ -120,17 +122,19 @@ class SwiGLU(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-  """Pre-norm block; the signature (carry, per-layer cache, broadcasts...) suits `nn.scan`."""
+  """Pre-norm block. carry = (x [B, T, E], cache or None); `layer` is this layer's index (the
+  scanned input); the rest is broadcast to every layer. Suits `nn.scan`."""
   config: LlamaConfig
 
   @nn.compact
-  def __call__(self, x, cache_kv, mask, cos, sin, index):
+  def __call__(self, carry, layer, mask, cos, sin, index):
     cfg = self.config
+    x, cache = carry
     norm = lambda name: RMSNorm(cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
-    h, cache_kv = Attention(cfg, name="attn")(norm("input_norm")(x), cache_kv, mask, cos, sin, index)
+    h, cache = Attention(cfg, name="attn")(norm("input_norm")(x), cache, layer, mask, cos, sin, index)
     x = x + h
     x = x + SwiGLU(cfg, name="mlp")(norm("post_attention_norm")(x))
-    return constrain(x, ("batch", "length", "act_embed")), cache_kv
+    return (constrain(x, ("batch", "length", "act_embed")), cache), None
 
 
 class Llama(nn.Module):
@@ -184,7 +188,7 @@ class Llama(nn.Module):
     cos, sin = rope_angles(cfg.rope, cfg.head_dim, positions)
     mask = causal_mask(key_valid, index + jnp.arange(length))
 
-    x, layer_cache = self.layers(x, layer_cache, mask, cos, sin, index)
+    (x, layer_cache), _ = self.layers((x, layer_cache), jnp.arange(cfg.num_layers), mask, cos, sin, index)
     x = self.norm(x)
     logits = self.embed_tokens.attend(x) if cfg.tie_word_embeddings else self.lm_head(x)
     logits = constrain(logits, ("batch", "length", "vocab"))

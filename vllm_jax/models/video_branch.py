@@ -33,6 +33,7 @@ class VideoBranchConfig(ConfigBase):
   ln_vision_eps: float = 1e-5
   max_frames: int = 32             # entries of the frame position table
   interpolate_frames: bool = False  # opt-in: stretch the table over longer videos
+  use_frame_pos: bool = True       # False (an ablation): frames carry no order; the table stays, unused
   llm_hidden_size: int = 4096
   dtype: str = "float32"
   param_dtype: str = "float32"
@@ -80,6 +81,8 @@ class VideoBranch(nn.Module):
     else:
       raise ValueError(f"got {num_frames} frames, but the frame position table has {cfg.max_frames} entries; "
                        f"sample at most {cfg.max_frames} frames or set interpolate_frames=True in the config")
+    if not cfg.use_frame_pos:
+      frame_pos = jnp.zeros_like(frame_pos)
 
     x = ViT(cfg.vit, name="visual_encoder")(frames.reshape(batch * num_frames, *frames.shape[2:]))
     x = LayerNorm(cfg.ln_vision_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="ln_vision")(x)

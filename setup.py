@@ -32,6 +32,7 @@ setup(
         "absl-py>=2.1",
         "tensorboardX>=2.6",
         "pillow>=10",
+        "matplotlib>=3.8",  # the demo's report picture
     ],
     extras_require={
         # PyTorch side: reading .bin/.pth checkpoints and the parity references.

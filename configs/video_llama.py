@@ -48,7 +48,7 @@ def model_config(arg: str) -> VideoLlamaConfig:
   if arg in ("7b", "13b"):
     llama = LLAMA_7B if arg == "7b" else LLAMA_13B
     return VideoLlamaConfig(llama=llama, vision=VideoBranchConfig(llm_hidden_size=llama.hidden_size),
-                            audio=AudioBranchConfig(llm_hidden=llama.hidden_size))
+                            audio=AudioBranchConfig(llm_hidden_size=llama.hidden_size))
   if arg == "tiny":
     hidden = 40
     llama = LlamaConfig(vocab_size=320, hidden_size=hidden, intermediate_size=64, num_layers=2, num_heads=4,
@@ -62,7 +62,7 @@ def model_config(arg: str) -> VideoLlamaConfig:
         max_frames=4, llm_hidden_size=hidden)
     encoder = ImageBindAudioConfig(width=32, num_layers=1, num_heads=2, mlp_dim=64, out_dim=24)
     audio = AudioBranchConfig(
-        encoder=encoder, llm_hidden=hidden,
+        encoder=encoder, llm_hidden_size=hidden,
         qformer=QFormerConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, encoder_width=24,
                               cross_attention_frequency=1, num_queries=8))
     return VideoLlamaConfig(llama=llama, vision=vision, audio=audio, video_token_id=320, audio_token_id=321,

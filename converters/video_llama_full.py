@@ -29,7 +29,7 @@ def assemble(base: VideoLlamaConfig, *, llama_dir: str, eva_vit: str | None = No
       vision_config, eva_vit=eva_vit, blip2=blip2, hf_blip2=hf_blip2, finetuned=vl, progress=progress)}
   audio_config = None
   if al:
-    audio_config = (base.audio or audio_format.AudioBranchConfig()).replace(llm_hidden=llama_config.hidden_size)
+    audio_config = (base.audio or audio_format.AudioBranchConfig()).replace(llm_hidden_size=llama_config.hidden_size)
     params["audio"] = audio_format.load_audio_branch(al, imagebind, audio_config, progress=progress)
   config = base.replace(llama=llama_config, vision=vision_config, audio=audio_config,
                         video_token_id=video_id, audio_token_id=audio_id)

@@ -31,8 +31,8 @@ def launch(command: list[str], num_processes: int, devices_per_process: int = 0,
   port = port or free_port()
   procs = []
   for i in range(num_processes):
-    env_i = dict(os.environ if env is None else env, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(num_processes),
-               JAX_PROCESS_ID=str(i))
+    env_i = dict(os.environ if env is None else env, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                 JAX_NUM_PROCESSES=str(num_processes), JAX_PROCESS_ID=str(i))
     if devices_per_process:
       env_i["JAX_PLATFORMS"] = "cpu"
       env_i["XLA_FLAGS"] = (env_i.get("XLA_FLAGS", "") +

@@ -19,7 +19,7 @@ from vllm_jax.models.qformer import QFormerConfig
 
 QFORMER = QFormerConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
                         encoder_width=SMALL_CONFIG.out_dim, cross_attention_frequency=1, num_queries=8)
-CONFIG = AudioBranchConfig(encoder=SMALL_CONFIG, qformer=QFORMER, llm_hidden=40)
+CONFIG = AudioBranchConfig(encoder=SMALL_CONFIG, qformer=QFORMER, llm_hidden_size=40)
 
 
 def lavis_name(key):
@@ -45,7 +45,7 @@ class TorchAudioBranch(torch.nn.Module):
       torch.nn.init.normal_(p, std=0.2)
     self.query_tokens = torch.nn.Parameter(torch.randn(1, QFORMER.num_queries, QFORMER.hidden_size))
     self.position_embedding = torch.nn.Embedding(CONFIG.max_clips, QFORMER.encoder_width)
-    self.llama_proj = torch.nn.Linear(QFORMER.hidden_size, CONFIG.llm_hidden)
+    self.llama_proj = torch.nn.Linear(QFORMER.hidden_size, CONFIG.llm_hidden_size)
 
   @torch.no_grad()
   def forward(self, clips):

@@ -28,7 +28,14 @@ def test_layout_captions_and_determinism(dataset, tmp_path):
   assert all(os.path.isfile(r["media"]) for r in records)
   conversations = llava_records(dataset["train_json"], dataset["videos"])
   assert [c["media"] for c in conversations] == [r["media"] for r in records]
-  assert [c["caption"] for c in conversations] == [r["caption"] for r in records]
+  for c, r, row in zip(conversations, records, train):
+    said = [m["value"] for m in c["conversation"]]
+    assert said[1] == r["caption"] and said[0].startswith("<video>\n")
+    # Then every attribute asked once, answered with its value.
+    assert sorted(said[2::2]) == sorted(synthetic.FOLLOW_UPS.values())
+    asked = {question: name for name, question in synthetic.FOLLOW_UPS.items()}
+    for question, answer in zip(said[2::2], said[3::2]):
+      assert synthetic.parse_caption(answer)[asked[question]] == row[asked[question]], (question, answer)
 
   again = synthetic.make_dataset(str(tmp_path), num_train=6, num_val=3, progress=False)
   for key in ("train_csv", "train_json", "val_csv"):
@@ -63,6 +70,10 @@ def test_pixels_and_sound_match_the_caption(dataset):
     dy, dx = centre[1] - centre[0]
     moved = {"left": -dx, "right": dx, "up": -dy, "down": dy}
     assert max(moved, key=moved.get) == row["direction"], (row, dx, dy)
+    # As a set the sampled frames hide the direction: the path is centred on them.
+    along = 1 if row["direction"] in ("left", "right") else 0
+    track = np.array([np.argwhere(m).mean(0)[along] for m in ink])
+    assert abs(track.mean() - (ink.shape[1] - 1) / 2) < 1.0, track
     colour = pixels[0][ink[0]].mean(0) * 255
     nearest = min(synthetic.COLOURS, key=lambda c: np.abs(np.asarray(synthetic.COLOURS[c]) - colour).sum())
     assert nearest == row["colour"]

@@ -63,7 +63,8 @@ def setup(tmp_path_factory):
 def train(root, workdir, mesh, steps, devices, cache):
   """`vllm-jax train` in a process with `devices` CPU devices; compiled steps are cached in `cache`
   (the resumed run reuses the first one's). -> its stderr."""
-  args = [sys.executable, "-m", "vllm_jax.cli", "train", "--config", os.path.join(ROOT, "configs/video_llama.py:tiny_stage1"),
+  args = [sys.executable, "-m", "vllm_jax.cli", "train",
+          "--config", os.path.join(ROOT, "configs/video_llama.py:tiny_stage1"),
           f"--config.init_from={root / 'model'}", f"--config.data.webvid_csv={root / 'webvid.csv'}",
           f"--config.data.webvid_dir={root / 'videos'}", f"--config.train.workdir={workdir}",
           f"--config.train.steps={steps}", "--config.train.log_every=5", "--config.train.save_frozen=true",

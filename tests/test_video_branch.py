@@ -143,6 +143,12 @@ def test_stretched_frame_table_keeps_its_ends():
   np.testing.assert_allclose(out[1], (table[0] + table[1]) / 2, rtol=1e-6)
 
 
+def test_config_round_trips_and_names_unknown_fields():
+  assert VideoBranchConfig.from_dict(TINY.to_dict()) == TINY
+  with pytest.raises(ValueError, match="unknown VideoBranchConfig field.*: llm_hidden$"):
+    VideoBranchConfig.from_dict({**TINY.to_dict(), "llm_hidden": 8})
+
+
 def test_sharded_on_8_devices_equals_single_device(reference):
   _, params = reference
   x = frames(2, 3, seed=3)

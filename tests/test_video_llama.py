@@ -28,7 +28,7 @@ from vllm_jax.models.video_llama import VideoLlama, VideoLlamaConfig, abstract_p
 
 CORPUS = ["###Human: What is moving in the video?\n###Assistant: A red circle moves left.\n",
           "The video contains 4 frames sampled at 0.0, 1.5 seconds. Close your eyes, open your ears"] * 20
-HIDDEN = AUDIO.llm_hidden
+HIDDEN = AUDIO.llm_hidden_size
 
 
 def tiny_config(vocab_size: int) -> VideoLlamaConfig:

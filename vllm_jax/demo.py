@@ -28,13 +28,14 @@ CHANCE = {name: 1 / len(values) for name, values in synthetic.ATTRIBUTES.items()
 
 
 def tokenizer_texts(dataset: dict[str, str]) -> list[str]:
-  """Every text the model reads or writes: captions, questions and the chat template's turns."""
+  """Every text the model reads or writes: the conversations and the chat template's turns."""
   from vllm_jax.data import conversation as conv_lib
-  rows = synthetic.read_split(dataset["train_csv"])
+  with open(dataset["train_json"]) as f:
+    said = [turn["value"].replace("<video>", "") for record in json.load(f) for turn in record["conversations"]]
   media = [conv_lib.AUDIO_VIDEO_TURN, conv_lib.video_turn([0.0, 0.4, 0.8, 1.1, 1.5, 1.9, 2.2, 2.6])]
   media = [m.replace(conv_lib.IMAGE_TOKEN, " ").replace(conv_lib.AUDIO_TOKEN, " ") for m in media]
   turns = [f"###Human: {m} {q}\n###Assistant: " for m in media for q in synthetic.QUESTIONS]
-  return [r["name"] for r in rows] + turns
+  return said + turns
 
 
 def evaluate(model_dir: str, dataset: dict[str, str], out_dir: str, batch_size: int) -> list[dict]:

@@ -6,8 +6,10 @@ Each video is a real mp4 (H.264 frames + AAC audio, written with PyAV), e.g. "a 
 left with a low tone". Layout:
   {out}/{split}.csv                    WebVid-style captions (`datasets.webvid_records`):
                                        videoid,contentUrl,duration,page_dir,name,colour,shape,direction,sound
-  {out}/{split}.json                   the same captions as LLaVA-style conversations (`datasets.llava_records`,
-                                       media relative to {out}/videos): a question, the caption as the answer
+  {out}/{split}.json                   LLaVA-style conversations (`datasets.llava_records`, media relative
+                                       to {out}/videos): a question answered by the caption, then one
+                                       question per attribute, in random order ("Which way does it move?"
+                                       "left")
   {out}/videos/{split}/{videoid}.mp4   page_dir = split
 Splits draw from different seeds; every attribute combination appears equally often (up to
 rounding). The same arguments always give the same files.
@@ -22,12 +24,17 @@ import os
 
 import numpy as np
 
+from vllm_jax.data.video import sample_indices
+
 COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 235), "yellow": (235, 215, 40)}
 SHAPES = ("circle", "square", "triangle")
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy), y down
 SOUNDS = {"low tone": 220.0, "high tone": 1760.0, "noise": 0.0}                 # Hz; 0 = white noise
 ATTRIBUTES = {"colour": tuple(COLOURS), "shape": SHAPES, "direction": tuple(DIRECTIONS), "sound": tuple(SOUNDS)}
 QUESTIONS = ("Describe the video.", "What happens in the video?", "What do you see and hear?")
+FOLLOW_UPS = {"colour": "What colour is the shape?", "shape": "What shape is it?",
+              "direction": "Which way does it move?", "sound": "What does it sound like?"}
+GENERATOR_VERSION = 3  # bumped whenever the same arguments would draw different videos
 FIELDS = ("videoid", "contentUrl", "duration", "page_dir", "name", *ATTRIBUTES)
 
 
@@ -38,10 +45,20 @@ class VideoSpec:
   seconds: float = 3.0
   sample_rate: int = 16000
   background: int = 24      # grey level
+  sampled_frames: int = 8   # frames a model samples (uniformly) from each video; see `render_frames`
 
 
 def caption(colour: str, shape: str, direction: str, sound: str) -> str:
   return f"a {colour} {shape} moves {direction} with {'noise' if sound == 'noise' else 'a ' + sound}"
+
+
+def conversation(question: str, attributes: dict[str, str], rng: np.random.Generator) -> list[tuple[str, str]]:
+  """[(question, answer)]: `question` answered by the caption, then each attribute asked for."""
+  turns = [(question, caption(**attributes))]
+  for name in rng.permutation(list(FOLLOW_UPS)):
+    value = attributes[name]
+    turns.append((FOLLOW_UPS[name], "a " + value if name == "sound" and value != "noise" else value))
+  return turns
 
 
 def parse_caption(text: str) -> dict[str, str | None]:
@@ -67,11 +84,18 @@ def _shape_mask(shape: str, size: int, cx: float, cy: float, r: float) -> np.nda
 
 def render_frames(colour: str, shape: str, direction: str, spec: VideoSpec,
                   rng: np.random.Generator) -> np.ndarray:
-  """-> [fps * seconds, size, size, 3] uint8: the shape crossing the frame in `direction`."""
+  """-> [fps * seconds, size, size, 3] uint8: the shape crossing the frame in `direction`.
+
+  The path is centred on the frames that uniform sampling picks (0, 3, ..., 21 of 24), so that
+  these frames, taken as a set, look the same for opposite directions: only their order tells
+  "left" from "right". (Centred on the whole video, the sampled set would lean towards the start.)
+  """
   n, s = int(spec.fps * spec.seconds), spec.size
-  r = rng.uniform(0.14, 0.2) * s
+  r = 0.22 * s                                                        # one size: shape is the outline
   dx, dy = DIRECTIONS[direction]
-  travel = np.linspace(-1.0, 1.0, n) * rng.uniform(0.25, 0.32) * s   # along the motion axis
+  first, last = sample_indices(n, spec.sampled_frames, "uniform")[[0, -1]]
+  amplitude = rng.uniform(0.22, 0.26) * s
+  travel = (np.arange(n) - (first + last) / 2) * (2 * amplitude / max(last - first, 1))  # along the axis
   side = rng.uniform(-0.15, 0.15) * s                                 # across it
   pixels = np.full((n, s, s, 3), spec.background, np.uint8)
   for i in range(n):
@@ -126,16 +150,17 @@ def write_split(out_dir: str, split: str, num_videos: int, seed: int, spec: Vide
   os.makedirs(video_dir, exist_ok=True)
   rows, conversations = [], []
   for k in tqdm(range(num_videos), desc=f"writing {split} videos", unit="video", disable=not progress):
-    colour, shape, direction, sound = order[k % len(order)]
+    attributes = dict(zip(ATTRIBUTES, order[k % len(order)]))
     videoid = f"{split}{k:05d}"
-    frames = render_frames(colour, shape, direction, spec, rng)
-    write_mp4(os.path.join(video_dir, f"{videoid}.mp4"), frames, render_audio(sound, spec, rng), spec)
+    frames = render_frames(attributes["colour"], attributes["shape"], attributes["direction"], spec, rng)
+    audio = render_audio(attributes["sound"], spec, rng)
+    write_mp4(os.path.join(video_dir, f"{videoid}.mp4"), frames, audio, spec)
     rows.append(dict(videoid=videoid, contentUrl="", duration=f"PT00H00M{spec.seconds:02.0f}S", page_dir=split,
-                     name=caption(colour, shape, direction, sound), colour=colour, shape=shape,
-                     direction=direction, sound=sound))
-    question = QUESTIONS[rng.integers(len(QUESTIONS))]
+                     name=caption(**attributes), **attributes))
+    turns = conversation(QUESTIONS[rng.integers(len(QUESTIONS))], attributes, rng)
+    turns[0] = ("<video>\n" + turns[0][0], turns[0][1])
     conversations.append(dict(id=videoid, video=f"{split}/{videoid}.mp4", conversations=[
-        {"from": "human", "value": f"<video>\n{question}"}, {"from": "gpt", "value": rows[-1]["name"]}]))
+        {"from": speaker, "value": text} for turn in turns for speaker, text in zip(("human", "gpt"), turn)]))
   with open(os.path.join(out_dir, f"{split}.json"), "w") as f:
     json.dump(conversations, f, indent=1)
   path = os.path.join(out_dir, f"{split}.csv")
@@ -150,7 +175,8 @@ def make_dataset(out_dir: str, num_train: int = 480, num_val: int = 96, seed: in
                  spec: VideoSpec = VideoSpec(), progress: bool = True) -> dict[str, str]:
   """Write the train (seed) and val (seed + 1) splits, or reuse them when `out_dir` already
   holds this exact dataset. -> {"train_csv", "train_json", "val_csv", "val_json", "videos": paths}."""
-  meta = dict(num_train=num_train, num_val=num_val, seed=seed, spec=dataclasses.asdict(spec))
+  meta = dict(version=GENERATOR_VERSION, num_train=num_train, num_val=num_val, seed=seed,
+              spec=dataclasses.asdict(spec))
   meta_path = os.path.join(out_dir, "dataset.json")
   paths = {f"{split}_{kind}": os.path.join(out_dir, f"{split}.{kind}") for split in ("train", "val")
            for kind in ("csv", "json")}

@@ -3,7 +3,7 @@
   clips [B, N, 1, mel, frames] -> ImageBind audio encoder (frozen) -> [B, N, 1024]
   -> + audio position embedding [N_max, 1024] (clip order)
   -> Audio Q-Former (2 BERT layers, cross-attention in both, 8 queries) -> [B, 8, 768]
-  -> audio_llama_proj [768 -> llm_hidden] (with bias) -> [B, 8, llm_hidden]
+  -> audio_llama_proj [768 -> llm_hidden_size] (with bias) -> [B, 8, llm_hidden_size]
 
 A sample without usable audio (`vllm_jax.data.audio` returns `valid=False` and zero clips) still
 runs through the branch; the caller leaves its tokens out (or masks them), and a batch without
@@ -32,7 +32,7 @@ class AudioBranchConfig(ConfigBase):
   encoder: ImageBindAudioConfig = ImageBindAudioConfig()
   qformer: QFormerConfig = AUDIO_QFORMER
   max_clips: int = 8                 # rows of the audio position embedding
-  llm_hidden: int = 4096
+  llm_hidden_size: int = 4096
   freeze_encoder: bool = True        # Video-LLaMA never trains ImageBind: no gradient through it
   dtype: str = "float32"
   param_dtype: str = "float32"
@@ -44,17 +44,18 @@ class AudioBranchConfig(ConfigBase):
 
 
 class AudioBranch(nn.Module):
-  """`__call__`: clips [B, N, 1, mel, frames] -> [B, num_queries, llm_hidden].
+  """`__call__`: clips [B, N, 1, mel, frames] -> [B, num_queries, llm_hidden_size].
   `connect`: precomputed ImageBind embeddings [B, N, out_dim] -> the same tokens."""
   config: AudioBranchConfig
 
   def setup(self):
     cfg = self.config
     self.encoder = ImageBindAudio(cfg.encoder)
-    self.position_embedding = Embed(cfg.max_clips, cfg.encoder.out_dim, axes=(None, "embed"),
-                                    dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    # Trained from scratch, drawn from N(0, 1) as the reference's nn.Embedding is.
+    self.position_embedding = Embed(cfg.max_clips, cfg.encoder.out_dim, axes=(None, "embed"), dtype=cfg.dtype,
+                                    param_dtype=cfg.param_dtype, embedding_init=nn.initializers.normal(1.0))
     self.qformer = QFormer(cfg.qformer)
-    self.llama_proj = Dense(cfg.llm_hidden, (None, "embed"), use_bias=True, dtype=cfg.dtype,
+    self.llama_proj = Dense(cfg.llm_hidden_size, (None, "embed"), use_bias=True, dtype=cfg.dtype,
                             param_dtype=cfg.param_dtype)
 
   def __call__(self, clips: jax.Array, train: bool = False) -> jax.Array:

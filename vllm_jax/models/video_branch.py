@@ -72,8 +72,10 @@ class VideoBranch(nn.Module):
     if frames.ndim != 5 or frames.shape[-1] != 3:
       raise ValueError(f"expected frames [B, T, H, W, 3] or images [B, H, W, 3], got shape {frames.shape}")
     batch, num_frames = frames.shape[:2]
+    # Trained from scratch, drawn from N(0, 1) as the reference's nn.Embedding is.
     positions = Embed(cfg.max_frames, cfg.qformer.hidden_size, axes=("frames", "embed"), dtype=cfg.dtype,
-                      param_dtype=cfg.param_dtype, name="frame_position_embedding")
+                      param_dtype=cfg.param_dtype, embedding_init=nn.initializers.normal(1.0),
+                      name="frame_position_embedding")
     if num_frames <= cfg.max_frames:
       frame_pos = positions(jnp.arange(num_frames))
     elif cfg.interpolate_frames:

@@ -39,11 +39,10 @@ class VideoLlamaConfig(ConfigBase):
   template: str = "vicuna_v0"      # conversation template (`vllm_jax.data.conversation`)
 
   def __post_init__(self):
-    if self.vision.llm_hidden_size != self.llama.hidden_size:
-      raise ValueError(f"vision.llm_hidden_size {self.vision.llm_hidden_size} != llama.hidden_size "
-                       f"{self.llama.hidden_size}")
-    if self.audio is not None and self.audio.llm_hidden != self.llama.hidden_size:
-      raise ValueError(f"audio.llm_hidden {self.audio.llm_hidden} != llama.hidden_size {self.llama.hidden_size}")
+    for name, branch in (("vision", self.vision), ("audio", self.audio)):
+      if branch is not None and branch.llm_hidden_size != self.llama.hidden_size:
+        raise ValueError(f"{name}.llm_hidden_size {branch.llm_hidden_size} != llama.hidden_size "
+                         f"{self.llama.hidden_size}")
 
   @property
   def num_video_tokens(self) -> int:

@@ -37,6 +37,7 @@ class ViTConfig(ConfigBase):
   layer_norm_eps: float = 1e-6
   qkv_bias: tuple[bool, bool, bool] = (True, False, True)
   final_norm: bool = False
+  pos_embed_init_std: float = 0.02  # a random, frozen ViT needs ~1 for positions to outweigh patch content
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat_policy: str = "none"       # a jax.checkpoint_policies name, or "none"
@@ -116,7 +117,8 @@ class ViT(nn.Module):
 
     cls = self.param("cls_token", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",)),
                      (cfg.width,), cfg.param_dtype)
-    pos = self.param("pos_embed", nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
+    pos = self.param("pos_embed", nn.with_logical_partitioning(nn.initializers.normal(cfg.pos_embed_init_std),
+                                                                (None, "embed")),
                      (1 + cfg.grid * cfg.grid, cfg.width), cfg.param_dtype)
     if (h // p, w // p) != (cfg.grid, cfg.grid):
       pos = resize_pos_embed(pos, cfg.grid, (h // p, w // p))

@@ -18,8 +18,11 @@ class ConfigBase:
   @classmethod
   def from_dict(cls, d: dict[str, Any]):
     """Inverse of `to_dict` (also for JSON): nested dicts become their dataclass fields'
-    types again and lists become tuples; missing fields keep their defaults."""
+    types again and lists become tuples; missing fields keep their defaults, unknown ones raise."""
     hints = typing.get_type_hints(cls)
+    unknown = sorted(set(d) - set(hints))
+    if unknown:
+      raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
     return cls(**{f.name: _restore(hints[f.name], d[f.name]) for f in dataclasses.fields(cls) if f.name in d})
 
 

@@ -72,7 +72,8 @@ class Decode:
     digest = hashlib.sha256(f"{self.seed}:{record['media']}".encode()).digest()
     rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
     media = load_media(record["media"], self.num_frames, self.image_size, with_audio=self.audio is not None,
-                       audio_config=self.audio or AudioClipConfig(), sampling=self.sampling, rng=rng, train_crop=self.train_crop)
+                       audio_config=self.audio or AudioClipConfig(), sampling=self.sampling, rng=rng,
+                       train_crop=self.train_crop)
     with_audio = self.audio is not None and media.audio_valid
     tokenizer = _tokenizer(self.tokenizer_dir)
     if self.stage == 1:

@@ -34,6 +34,24 @@ Mesh: mesh.data, mesh.fsdp, mesh.tensor (-1 = the remaining devices).
 """
 
 
+
+def _answer_or_loop(answer, question: str | None, seed: int, hint: str) -> int:
+  """`answer(question, seed)` once, or, without a question, for each line typed until an empty
+  line or Ctrl-D (seed + turn for the turn-th)."""
+  if question is not None:
+    answer(question, seed)
+    return 0
+  print(f"{hint}; an empty line or Ctrl-D quits.", file=sys.stderr)
+  for turn in range(sys.maxsize):
+    try:
+      line = input("> ").strip()
+    except EOFError:
+      break
+    if not line:
+      break
+    answer(line, seed + turn)
+  return 0
+
 def _mesh(spec: str | None):
   if not spec:
     return None
@@ -113,19 +131,7 @@ def cmd_chat(args) -> int:
     print()
     return out.texts[0]
 
-  if args.question is not None:
-    answer(args.question, args.seed)
-    return 0
-  print("Type a prompt and press enter; an empty line or Ctrl-D quits.")
-  for turn in range(sys.maxsize):
-    try:
-      line = input("> ").strip()
-    except EOFError:
-      break
-    if not line:
-      break
-    answer(line, args.seed + turn)
-  return 0
+  return _answer_or_loop(answer, args.question, args.seed, "Type a prompt and press enter")
 
 
 def _stop_ids(config, tokenizer) -> list[int]:
@@ -213,22 +219,10 @@ def _chat_video(args) -> int:
     conv.answer(conv_lib.clean_answer(template, out.texts[0]))
 
   try:
-    if args.question is not None:
-      answer(args.question, args.seed)
-      return 0
-    print("Ask about the media and press enter; an empty line or Ctrl-D quits.", file=sys.stderr)
-    for turn in range(sys.maxsize):
-      try:
-        line = input("> ").strip()
-      except EOFError:
-        break
-      if not line:
-        break
-      answer(line, args.seed + turn)
+    return _answer_or_loop(answer, args.question, args.seed, "Ask about the media and press enter")
   except ValueError as e:  # the conversation outgrew the context
     print(f"\nerror: {e}; start a new chat", file=sys.stderr)
     return 1
-  return 0
 
 
 def cmd_infer(args) -> int:

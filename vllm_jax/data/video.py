@@ -1,4 +1,5 @@
-"""Frames for Video-LLaMA's vision branch: decord decoding, frame sampling, CLIP normalisation.
+"""Frames for Video-LLaMA's and Video-LLaVA's vision towers: decord decoding, frame sampling,
+resizing, CLIP normalisation.
 
 A video becomes N frames [N, 224, 224, 3] float32 (channels-last, as `vllm_jax.models.vit`
 takes them), resized straight to 224x224 by the decoder (no crop: the aspect ratio is not
@@ -9,7 +10,9 @@ not its length.
 Sampling (over the video's `vlen` frames):
   uniform   (evaluation, chat): indices arange(0, vlen, vlen / n) truncated to int;
   headtail  (training): n//2 sorted random frames from the first half, the rest from the
-            second half.
+            second half;
+  linspace  (Video-LLaVA): linspace(0, vlen - 1, n) truncated to int (first and last frame
+            included).
 A video with fewer frames than requested is sampled at every frame, like Video-LLaMA
 (`min(n, vlen)` frames); the result is then padded to N by repeating the last frame, with
 `frame_mask` False on the padding, so batches keep static shapes and the vision branch masks
@@ -17,6 +20,15 @@ the padding out (which equals running it on the real frames only). `timestamps` 
 real frames only; they go into the prompt.
 
 An image is a one-frame video: bicubic resize to 224x224 (PIL), same normalisation.
+
+`resize="short_side_crop"` is Video-LLaVA's preprocessing instead (`resize="squash"`, the
+default, is the above). Videos are decoded at their native size and each frame is resized so
+its short side is 224 (pytorchvideo's ShortSideScale: torch bilinear, align_corners=False, no
+antialiasing, long side floor(long / short * 224)), then centre-cropped to 224x224 (torchvision
+CenterCropVideo: offsets round((side - 224) / 2), halves to even). Images follow
+transformers' CLIPImageProcessor: PIL bicubic resize of the short side to 224 (long side
+int(224 * long / short)), centre crop with offsets (side - 224) // 2. Both use the same
+OpenAI CLIP mean and std as above.
 """
 
 import dataclasses
@@ -28,6 +40,7 @@ import numpy as np
 CLIP_MEAN = np.array((0.48145466, 0.4578275, 0.40821073), np.float32)
 CLIP_STD = np.array((0.26862954, 0.26130258, 0.27577711), np.float32)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+RESIZE_MODES = ("squash", "short_side_crop")
 
 
 class MediaError(ValueError):
@@ -43,13 +56,14 @@ class Frames:
 
 
 def normalize(pixels: np.ndarray) -> np.ndarray:
-  """uint8 [..., 3] -> float32 (x / 255 - mean) / std."""
+  """[..., 3] on the 0-255 scale (uint8 or float) -> float32 (x / 255 - mean) / std."""
   return ((pixels.astype(np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD).astype(np.float32)
 
 
 def sample_indices(vlen: int, num_frames: int, sampling: str = "uniform",
                    rng: np.random.Generator | None = None) -> np.ndarray:
-  """Frame indices [min(num_frames, vlen)], increasing."""
+  """Frame indices, increasing: [min(num_frames, vlen)], or for "linspace" always [num_frames]
+  (a short video repeats frames, as Video-LLaVA samples it)."""
   n = min(num_frames, vlen)
   if sampling == "uniform":
     return np.arange(0, vlen, vlen / n).astype(int)[:n]
@@ -59,7 +73,9 @@ def sample_indices(vlen: int, num_frames: int, sampling: str = "uniform",
     head = np.sort(rng.choice(half, n // 2, replace=False)) if n // 2 else np.zeros(0, int)
     tail = np.sort(rng.choice(np.arange(half, vlen), n - n // 2, replace=False))
     return np.concatenate([head, tail]).astype(int)
-  raise ValueError(f"unknown sampling {sampling!r}; expected 'uniform' or 'headtail'")
+  if sampling == "linspace":
+    return np.linspace(0, vlen - 1, num_frames, dtype=int)
+  raise ValueError(f"unknown sampling {sampling!r}; expected 'uniform', 'headtail' or 'linspace'")
 
 
 def pad_frames(frames: np.ndarray, num_frames: int) -> tuple[np.ndarray, np.ndarray]:
@@ -105,6 +121,55 @@ def _crop_box(height, width, rng, scale, ratio):
   return (height - h) // 2, (width - w) // 2, h, w
 
 
+def short_side_crop(pixels: np.ndarray, size: int) -> np.ndarray:
+  """Video-LLaVA's spatial transform (see the module doc): short side to `size`, centre crop.
+
+  pixels: [T, H, W, 3] uint8 -> [T, size, size, 3] float32 on the 0-255 scale. Only the rows
+  and columns that survive the crop are interpolated. Normalising before or after is the same
+  up to float rounding: bilinear weights sum to 1.
+  """
+  height, width = pixels.shape[1:3]
+  if width < height:
+    out_h, out_w = math.floor(height / width * size), size
+  else:
+    out_h, out_w = size, math.floor(width / height * size)
+  # Python's round, as torchvision: a .5 offset goes to the even side.
+  top, left = round((out_h - size) / 2.0), round((out_w - size) / 2.0)
+  r0, r1, a0, a1 = _bilinear_taps(height, out_h, top, size)
+  c0, c1, b0, b1 = _bilinear_taps(width, out_w, left, size)
+  rows = pixels[:, r0] * a0[:, None, None] + pixels[:, r1] * a1[:, None, None]
+  return rows[:, :, c0] * b0[:, None] + rows[:, :, c1] * b1[:, None]
+
+
+def _bilinear_taps(in_size: int, out_size: int, start: int, count: int):
+  """Source indices and float32 weights of outputs start..start+count-1 when an axis of
+  `in_size` is resized to `out_size` the way torch's bilinear interpolate does it."""
+  scale = np.float32(in_size) / np.float32(out_size)
+  dst = np.arange(start, start + count, dtype=np.float32) + np.float32(0.5)
+  # scale * dst - 0.5 rounded once to float32, as torch's kernel computes it (a fused
+  # multiply-add; the float64 product is exact). Float64 coordinates move 1080p outputs by 4e-4.
+  src = np.maximum((np.float64(scale) * dst - 0.5).astype(np.float32), 0)
+  i0 = src.astype(int)
+  w1 = src - np.floor(src)
+  return i0, np.minimum(i0 + 1, in_size - 1), 1 - w1, w1
+
+
+def _clip_image_resize(image, size: int) -> np.ndarray:
+  """PIL RGB image -> [size, size, 3] uint8, as CLIPImageProcessor resizes and crops."""
+  from PIL import Image
+  width, height = image.size
+  long = int(size * max(width, height) / min(width, height))
+  new_w, new_h = (size, long) if width <= height else (long, size)
+  pixels = np.asarray(image.resize((new_w, new_h), Image.BICUBIC))
+  top, left = (new_h - size) // 2, (new_w - size) // 2
+  return pixels[top:top + size, left:left + size]
+
+
+def _check_resize(resize: str) -> None:
+  if resize not in RESIZE_MODES:
+    raise ValueError(f"unknown resize {resize!r}; expected one of {RESIZE_MODES}")
+
+
 def _check_exists(path: str) -> None:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"media file not found: {path}")
@@ -112,38 +177,48 @@ def _check_exists(path: str) -> None:
 
 def load_video(path: str, num_frames: int = 8, size: int = 224, sampling: str = "uniform",
                rng: np.random.Generator | None = None, train_crop: bool = False,
-               num_threads: int = 2) -> Frames:
+               num_threads: int = 2, resize: str = "squash") -> Frames:
   """Decode `num_frames` sampled frames of a video file; see the module doc.
 
   `train_crop` applies the training RandomResizedCrop (scale 0.5-1, bicubic) to the decoded
-  frames. `num_threads` are decord's decoding threads for this reader (keep it small when
-  several readers run in parallel). Raises FileNotFoundError or MediaError.
+  frames, in place of the `resize` step. `num_threads` are decord's decoding threads for this
+  reader (keep it small when several readers run in parallel). Raises FileNotFoundError or
+  MediaError.
   """
   import decord
+  _check_resize(resize)
   _check_exists(path)
+  decode_size = dict(width=size, height=size) if resize == "squash" else {}
   try:
-    reader = decord.VideoReader(path, width=size, height=size, num_threads=num_threads)
+    reader = decord.VideoReader(path, num_threads=num_threads, **decode_size)
     vlen, fps = len(reader), float(reader.get_avg_fps())
     if vlen == 0:
       raise MediaError(f"{path} has no video frames")
     indices = sample_indices(vlen, num_frames, sampling, rng)
-    pixels = reader.get_batch(indices.tolist()).asnumpy()  # [n, size, size, 3] uint8
+    pixels = reader.get_batch(indices.tolist()).asnumpy()  # [n, H, W, 3] uint8
   except (decord.DECORDError, RuntimeError) as e:  # decord raises RuntimeError on open
     raise MediaError(f"cannot decode video {path}: {str(e).splitlines()[0]}") from e
   if train_crop:
     pixels = random_resized_crop(pixels, size, rng or np.random.default_rng())
+  elif resize == "short_side_crop":
+    pixels = short_side_crop(pixels, size)
   frames, mask = pad_frames(normalize(pixels), num_frames)
   fps = fps if fps > 0 else 1.0
   return Frames(frames, mask, [round(float(i) / fps, 1) for i in indices])
 
 
-def load_image(path: str, num_frames: int = 1, size: int = 224) -> Frames:
+def load_image(path: str, num_frames: int = 1, size: int = 224, resize: str = "squash") -> Frames:
   """An image file as a one-frame video (padded to `num_frames` masked frames if > 1)."""
   from PIL import Image, UnidentifiedImageError
+  _check_resize(resize)
   _check_exists(path)
   try:
     with Image.open(path) as image:
-      pixels = np.asarray(image.convert("RGB").resize((size, size), Image.BICUBIC))
+      image = image.convert("RGB")
+      if resize == "squash":
+        pixels = np.asarray(image.resize((size, size), Image.BICUBIC))
+      else:
+        pixels = _clip_image_resize(image, size)
   except (UnidentifiedImageError, OSError) as e:
     raise MediaError(f"cannot decode image {path}: {e}") from e
   frames, mask = pad_frames(normalize(pixels)[None], num_frames)
@@ -154,8 +229,9 @@ def is_image_path(path: str) -> bool:
   return os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
 
 
-def load_visual(path: str, num_frames: int = 8, size: int = 224, **kwargs) -> Frames:
-  """A video or (by extension) an image file -> Frames."""
+def load_visual(path: str, num_frames: int = 8, size: int = 224, resize: str = "squash",
+                **kwargs) -> Frames:
+  """A video or (by extension) an image file -> Frames; `kwargs` go to `load_video` only."""
   if is_image_path(path):
-    return load_image(path, num_frames, size)
-  return load_video(path, num_frames, size, **kwargs)
+    return load_image(path, num_frames, size, resize)
+  return load_video(path, num_frames, size, resize=resize, **kwargs)

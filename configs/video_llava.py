@@ -1,0 +1,118 @@
+"""Video-LLaVA, the whole model: `get_config("7b" | "7b-original" | "tiny")`, and its training
+recipes: `get_config("stage1" | "stage2")`, with a size prefix for other models ("tiny_stage1",
+"tiny_stage2", "7b-original_stage2"; no prefix: 7b).
+
+  7b:          `LanguageBind/Video-LLaVA-7B-hf` (transformers `VideoLlavaForConditionalGeneration`):
+               CLIP ViT-L/14 image and video towers (layer -2 of 24, so 23 layers each; plain CLIP
+               per frame for videos), projector 1024 -> 4096 -> 4096, Vicuna-7B v1.5 with the
+               vocabulary grown to 32064 (<image> 32000, <video> 32001, <pad> 32002).
+  7b-original: `LanguageBind/Video-LLaVA-7B` (the PKU-YuanGroup code): the same, but a LanguageBind
+               video tower (temporal attention across 8 frames in every layer) and Vicuna's 32000
+               tokens (the placeholders are outside the vocabulary).
+  tiny:        a few-hundred-kilobyte model for tests (28 px images, 2-layer towers, a tiny LLaMA).
+
+`VideoLlavaConfig.from_dict(cfg.model.to_dict())` gives the model config. `cfg.checkpoints`
+names what `vllm-jax convert video-llava` reads; `cfg.trainable` holds the regexes (over
+'/'-joined parameter paths) of each training stage.
+
+Training configs (`vllm-jax train --config configs/video_llava.py:stage1`) add the sections of
+`vllm_jax.train.trainer` (mesh, optim, train, data) and `init_from`, a converted model folder (its
+config replaces `model`; "" = random init of `model`):
+  stage1: the projector only, on image and video captions (LCS-558K + Valley-702K: ~1.26 M
+          examples, one epoch at a global batch of 256), lr 1e-3.
+  stage2: the projector and the LLM, on instructions (LLaVA-665K + Video-ChatGPT-100K: ~765 K
+          examples, one epoch at 128), lr 2e-5.
+Both: AdamW b=(0.9, 0.999), no weight decay, linear warm-up from 0 over 3% of the steps, then
+cosine decay to 0, gradient clipping at norm 1 (the transformers Trainer's default), text up to
+2048 tokens (3072 once the media placeholders are expanded). The towers stay frozen (kept in bfloat16).
+"""
+
+import math
+
+import ml_collections
+
+from vllm_jax.configs.train_llama_tiny import optim_config
+from vllm_jax.models.llama import LlamaConfig
+from vllm_jax.models.video_llava import VICUNA_7B_V15, VideoLlavaConfig
+from vllm_jax.models.vit import CLIP_VIT_L
+
+PROJECTOR = r"^projector/"
+LLM = r"^llm/"
+SIZES = ("7b", "7b-original", "tiny")
+EXAMPLES = {"stage1": 558_000 + 702_000, "stage2": 665_000 + 100_000}  # about; sets the schedule length
+BATCH = {"stage1": 256, "stage2": 128}
+
+
+def model_config(arg: str) -> VideoLlavaConfig:
+  if arg == "7b":
+    return VideoLlavaConfig(llama=VICUNA_7B_V15, image_tower=CLIP_VIT_L, video_tower=CLIP_VIT_L)
+  if arg == "7b-original":
+    return VideoLlavaConfig(llama=VICUNA_7B_V15.replace(vocab_size=32000), image_tower=CLIP_VIT_L,
+                            video_tower=CLIP_VIT_L.replace(temporal_frames=8), num_frames=8)
+  if arg == "tiny":
+    hidden = 40
+    llama = LlamaConfig(vocab_size=320, hidden_size=hidden, intermediate_size=64, num_layers=2, num_heads=4,
+                        num_kv_heads=2, head_dim=10, max_position_embeddings=1024, remat_policy="none")
+    tower = CLIP_VIT_L.replace(image_size=28, patch_size=14, width=32, depth=2, num_heads=4, mlp_dim=64)
+    return VideoLlavaConfig(llama=llama, image_tower=tower, video_tower=tower, image_token_id=320,
+                            video_token_id=321, num_frames=4)
+  raise ValueError(f"unknown size {arg!r}; expected one of {', '.join(SIZES)}")
+
+
+def get_config(arg: str = "7b") -> ml_collections.ConfigDict:
+  size, _, stage = arg.partition("_") if arg.split("_")[0] in SIZES else ("7b", "", arg)
+  cfg = ml_collections.ConfigDict()
+  cfg.model = ml_collections.ConfigDict(model_config(size).to_dict())
+  cfg.checkpoints = ml_collections.ConfigDict(dict(
+      hf_dir="",       # a transformers VideoLlavaForConditionalGeneration folder (Video-LLaVA-7B-hf)
+      original="",     # or an original Video-LLaVA folder/file (LanguageBind towers, mm_projector)
+  ))
+  cfg.trainable = ml_collections.ConfigDict(dict(stage1=(PROJECTOR,), stage2=(PROJECTOR, LLM)))
+  if stage:
+    train_config(cfg, stage, tiny=size == "tiny")
+  return cfg
+
+
+def train_config(cfg: ml_collections.ConfigDict, stage: str, tiny: bool = False) -> None:
+  """Add the training sections of `stage` ("stage1" | "stage2") to `cfg`."""
+  if stage not in ("stage1", "stage2"):
+    raise ValueError(f"unknown training stage {stage!r}; expected 'stage1' or 'stage2'")
+  stage1 = stage == "stage1"
+  steps = math.ceil(EXAMPLES[stage] / BATCH[stage])
+  cfg.system = "video_llava"  # `vllm_jax.systems` name
+  cfg.seed = 0
+  cfg.init_from = ""  # a `vllm-jax convert video-llava` folder; "" = random init of `model`
+  cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: the remaining devices
+  cfg.optim = optim_config(trainable=tuple(cfg.trainable[stage]), lr=1e-3 if stage1 else 2e-5, min_lr=0.0,
+                           warmup_start_lr=0.0, warmup_steps=math.ceil(0.03 * steps), total_steps=steps,
+                           weight_decay=0.0, clip_norm=1.0)
+  cfg.train = ml_collections.ConfigDict(dict(
+      steps=cfg.optim.total_steps,
+      batch_size=BATCH[stage],   # global, per optimizer update
+      workdir="",                # checkpoints/, tensorboard/, metrics.jsonl; "" = none
+      log_every=50,
+      eval_every=0,
+      checkpoint_every=1000,
+      keep_checkpoints=3,
+      save_frozen=False,         # frozen parameters come back from init_from on resume
+      async_checkpoints=True,
+      max_nan_skips=10,
+      peak_tflops=0.0,
+  ))
+  cfg.data = ml_collections.ConfigDict(dict(
+      instruct_json="",          # conversations with an "image" or "video" path (LLaVA-style JSON)
+      instruct_dir="",           # media paths in the JSON are relative to this folder
+      instruct_format="llava",   # "llava" (LLaVA / Video-ChatGPT JSON)
+      tokenizer="",              # tokenizer folder for a random init (init_from brings its own)
+      max_text_len=2048,         # text tokens, each placeholder counted once (the reference's model_max_length)
+      max_len=3072,              # tokens after the placeholders are expanded (its tokenizer_model_max_length)
+      shuffle=True,
+      num_epochs=-1,             # -1 = repeat forever
+      worker_count=0,            # decoding processes per host; 0 = in the main process
+      max_skipped=10000,         # abort after this many unreadable examples on a host; -1 = no limit
+      cache_examples=False,      # keep every decoded example in memory (small datasets only)
+  ))
+  if tiny:
+    cfg.optim.update(warmup_steps=5, total_steps=100, lr=1e-3 if stage1 else 1e-4)
+    cfg.train.update(steps=20, batch_size=8, log_every=10, checkpoint_every=10)
+    cfg.data.update(max_text_len=256, max_len=320)

@@ -33,7 +33,8 @@ from vllm_jax.converters.core import DictReader, convert
 from vllm_jax.models.llama import LlamaConfig
 from vllm_jax.models.video_llama import VideoLlamaConfig, abstract_params
 from vllm_jax.train import sharding
-from vllm_jax.train import video_llama as train_lib
+from vllm_jax.systems.video_llama import VideoLlamaSystem
+from vllm_jax.train import run as train_lib
 
 TEXT_LEN = 32
 
@@ -126,7 +127,7 @@ def main():
 
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   params = jax.device_put(params)
-  t_ours = train_lib.make_trainer(cfg, mesh, config, params)
+  t_ours = train_lib.make_trainer(cfg, mesh, VideoLlamaSystem, config, params)
   state = t_ours.init()
   global_batch = sharding.make_global_batch(batch, mesh)
   start = time.perf_counter()

@@ -96,6 +96,7 @@ def train_config(cfg: ml_collections.ConfigDict, stage: str, tiny: bool = False)
   if stage not in ("stage1", "stage2", "stage2_full"):
     raise ValueError(f"unknown training stage {stage!r}; expected 'stage1', 'stage2' or 'stage2_full'")
   stage1 = stage == "stage1"
+  cfg.system = "video_llama"  # `vllm_jax.systems` name
   cfg.seed = 0
   cfg.init_from = ""  # a `vllm-jax convert video-llama` folder; "" = random init of `model`
   cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: the remaining devices

@@ -15,7 +15,7 @@ from transformers import LlamaConfig as HFLlamaConfig
 from transformers import LlamaForCausalLM
 
 from test_video_loading import write_video
-from vllm_jax import cli, pretrained
+from vllm_jax import cli, systems
 from vllm_jax.configs.video_llama import model_config
 from vllm_jax.converters import imagebind
 from vllm_jax.converters import video_llama as vision_conv
@@ -78,15 +78,16 @@ def files(tmp_path_factory):
 def load_once(files):
   """Each command loads the model folder; the tests after the first reuse that load (the
   loading itself is checked by test_convert_assembles_every_part)."""
-  cached = functools.lru_cache(pretrained.load_video_llama)
+  cached = functools.lru_cache(systems.load)
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(pretrained, "load_video_llama", lambda model, mesh=None, **kw: cached(model, mesh, **kw))
+    patch.setattr(systems, "load", lambda model, mesh=None, **kw: cached(model, mesh, **kw))
     yield
 
 
 def test_convert_assembles_every_part(files):
   model, _, (vision, audio, llm) = files
-  config, params, tokenizer = pretrained.load_video_llama(model)
+  loaded = systems.load(model)
+  config, params, tokenizer = loaded.config, loaded.params, loaded.tokenizer
   assert config.audio is not None and config.llama.hidden_size == 40
   assert (config.video_token_id, config.audio_token_id) == (len(tokenizer) - 2, len(tokenizer) - 1)
   for ours, source in ((params["vision"], vision), (params["audio"], audio)):

@@ -16,14 +16,14 @@ import orbax.checkpoint as ocp
 import pytest
 
 from test_video_loading import write_video
-from vllm_jax import cli, pretrained
+from vllm_jax import cli
 from vllm_jax.configs.video_llama import VISION_CONNECTOR, model_config
 from vllm_jax.data import conversation as C
 from vllm_jax.data.audio import AudioClipConfig
 from vllm_jax.data.tokenizer import train_tokenizer
 from vllm_jax.models.video_llama import abstract_params
 from vllm_jax.train import optim
-from vllm_jax.train import video_llama as train_lib
+from vllm_jax.systems import video_llama as train_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
@@ -43,7 +43,7 @@ def setup(tmp_path_factory):
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda a: (rng.normal(size=a.shape) * 0.1).astype(a.dtype),
                         nn.meta.unbox(abstract_params(config)))
-  pretrained.save_video_llama(str(root / "model"), config, params, tokenizer)
+  train_lib.VideoLlamaSystem(config, params, tokenizer).save(str(root / "model"))
 
   videos = root / "videos"
   rows = []

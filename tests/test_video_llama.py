@@ -25,6 +25,7 @@ from vllm_jax.data.media import load_media
 from vllm_jax.data.tokenizer import left_pad, load_tokenizer, train_tokenizer
 from vllm_jax.models.llama import Llama, LlamaConfig
 from vllm_jax.models.video_llama import VideoLlama, VideoLlamaConfig, abstract_params, lm_loss
+from vllm_jax.systems import video_llama as video_llama_system
 
 CORPUS = ["###Human: What is moving in the video?\n###Assistant: A red circle moves left.\n",
           "The video contains 4 frames sampled at 0.0, 1.5 seconds. Close your eyes, open your ears"] * 20
@@ -108,7 +109,7 @@ def setup(tmp_path_factory):
   video = write_video(path / "clip.mp4", num_frames=40, audio_seconds=4.0)
   media = load_media(video, num_frames=config.num_frames, size=VISION.vit.image_size, with_audio=True)
   assert media.audio_valid
-  tokens = gen.encode_media(config, params, media.frames.frames[None], None, media.audio[None])
+  tokens = video_llama_system.encode_media(config, params, media.frames.frames[None], None, media.audio[None])
   return config, params, tokenizer, ref, media, tokens
 
 
@@ -137,7 +138,7 @@ def test_logits_and_greedy_match_torch_composition(setup, with_audio):
 
   ids = np.asarray([ids_for(config, tokenizer, prompt)])
   assert ids.shape[1] == embeds.shape[1]
-  inputs = gen.embed_with_media(config, params, ids, video, audio if with_audio else None)
+  inputs = video_llama_system.embed_with_media(config, params, ids, video, audio if with_audio else None)
   logits = llm_logits(config, params, inputs)
   err = np.abs(np.asarray(logits[0]) - expected).max() / np.abs(expected).max()
   print(f"video-llama logits ({'with' if with_audio else 'without'} audio): max rel err {err:.2e}")
@@ -157,7 +158,7 @@ def test_batch_rows_with_different_prompts_and_padding(setup):
   clips = np.stack([media.audio, np.zeros_like(media.audio)])
   batch, _ = jax.jit(VideoLlama(config).apply)({"params": params}, ids, frames, None, clips, mask)
   for row, row_ids in enumerate(rows):
-    alone = llm_logits(config, params, gen.embed_with_media(config, params, np.asarray([row_ids]), video, audio))
+    alone = llm_logits(config, params, video_llama_system.embed_with_media(config, params, np.asarray([row_ids]), video, audio))
     np.testing.assert_allclose(batch[row, -len(row_ids):], alone[0], rtol=1e-5, atol=1e-5)
 
 
@@ -170,7 +171,7 @@ def test_session_reuses_the_cache_across_turns(setup):
   def turn(question):
     conv.ask(question)
     ids = ids_for(config, tokenizer, conv.prompt())
-    embeds = gen.embed_with_media(config, params, np.asarray([ids]), video, audio)
+    embeds = video_llama_system.embed_with_media(config, params, np.asarray([ids]), video, audio)
     out = session.generate(ids, embeds, max_new_tokens=32)
     fresh = gen.generate(config.llama, params["llm"], inputs_embeds=embeds, max_new_tokens=32)
     np.testing.assert_array_equal(out.tokens, fresh.tokens)

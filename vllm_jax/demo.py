@@ -3,7 +3,7 @@
   1. dataset:   {workdir}/dataset, mp4 videos of a coloured shape moving while a sound plays
                 (`vllm_jax.data.synthetic`; reused when already there)
   2. tokenizer: {workdir}/tokenizer, a sentencepiece LLaMA tokenizer trained on the dataset's text
-  3. training:  `vllm_jax.train.video_llama.train` (what `vllm-jax train` runs) on the captions and
+  3. training:  `vllm_jax.train.run.train` (what `vllm-jax train` runs) on the captions and
                 conversations; orbax checkpoints in {workdir}/train, then the model folder that
                 `vllm-jax chat` reads in {workdir}/model
   4. evaluation: `vllm-jax infer` asks about every held-out video; the four attributes parsed from
@@ -111,12 +111,12 @@ def run(cfg) -> dict:
   """The demo of a `configs/demo.py` config -> {"accuracy", "seconds", paths of the artefacts}."""
   import jax
 
-  from vllm_jax import cli, pretrained
+  from vllm_jax import cli
   from vllm_jax.configs import demo as demo_config
-  from vllm_jax.data import conversation as conv_lib
   from vllm_jax.data.tokenizer import train_tokenizer
-  from vllm_jax.train import optim, sharding
-  from vllm_jax.train import video_llama as train_lib
+  from vllm_jax.systems.video_llama import VideoLlamaSystem
+  from vllm_jax.train import optim
+  from vllm_jax.train import run as train_lib
   start = time.perf_counter()
   workdir = cfg.demo.workdir
   cfg = demo_config.resolve(cfg)
@@ -134,15 +134,13 @@ def run(cfg) -> dict:
         f"frame positions {'on' if cfg.model.vision.use_frame_pos else 'off'}, "
         f"audio {'on' if cfg.model.audio else 'off'}) on {jax.device_count()} {jax.devices()[0].platform} device(s)",
         file=sys.stderr)
-  result = train_lib.train(cfg, progress=True)
+  result = train_lib.train(cfg, VideoLlamaSystem, progress=True)
   losses = [m["loss"] for m in result.history]
 
-  mesh = sharding.mesh_from_config(cfg.mesh)
-  config, _, _ = train_lib.load_model(cfg, mesh)
+  config = VideoLlamaSystem.prepare_init(cfg, tokenizer)  # also gives the tokenizer its placeholders
   params = optim.cast(optim.merge(result.state.params, result.state.frozen), np.float32)
   shutil.rmtree(model_dir, ignore_errors=True)
-  conv_lib.add_media_tokens(tokenizer)
-  pretrained.save_video_llama(model_dir, config, params, tokenizer)
+  VideoLlamaSystem(config, params, tokenizer).save(model_dir)
   del result, params
 
   rows = evaluate(model_dir, dataset, workdir, cfg.demo.eval_batch_size)

@@ -5,8 +5,8 @@ runs on device until every row has stopped or the token budget is spent; it retu
 host only between chunks, when tokens are streamed to a callback or stop strings must be
 checked against the decoded text.
 
-For Video-LLaMA, `encode_media` runs the vision/audio branches once per video and
-`embed_with_media` splices their tokens into a prompt's embeddings; `Session` keeps one
+Generation knows only the LLM: prompts arrive as token ids or as embeddings (a system's
+`embed` splices media tokens into them, see `vllm_jax.systems`). `Session` keeps one
 conversation's KV cache across turns, so each turn prefills only its new tokens.
 """
 
@@ -20,7 +20,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from vllm_jax.models.llama import KVCache, Llama, LlamaConfig
-from vllm_jax.models.video_llama import VideoLlama, VideoLlamaConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,23 +226,3 @@ class Session:
     self.slots = (self.slots[:common] + list(range(index + pad, index + length))
                   + list(range(index + length, index + length + fed)))
     return out
-
-
-@functools.partial(jax.jit, static_argnames=("config",))
-def encode_media(config: VideoLlamaConfig, params, frames: jax.Array, frame_mask: jax.Array | None = None,
-                 audio: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
-  """frames [B, T, H, W, 3], mask [B, T], audio [B, N, 1, mel, frames] | None -> (video tokens
-  [B, 32, E], audio tokens [B, 8, E] | None): encoded once, reused by every turn."""
-  model = VideoLlama(config)
-  video = model.apply({"params": params}, frames, frame_mask, method=VideoLlama.encode_video)
-  if audio is None:
-    return video, None
-  return video, model.apply({"params": params}, audio, method=VideoLlama.encode_audio)
-
-
-@functools.partial(jax.jit, static_argnames=("config",))
-def embed_with_media(config: VideoLlamaConfig, params, input_ids: jax.Array, video_tokens: jax.Array | None,
-                     audio_tokens: jax.Array | None) -> jax.Array:
-  """[B, L] ids with placeholder runs -> [B, L, E] embeddings with the media tokens spliced in."""
-  return VideoLlama(config).apply({"params": params}, input_ids, video_tokens, audio_tokens,
-                                  method=VideoLlama.embed)

@@ -1,18 +1,16 @@
-"""Model folders: `config.json` + orbax `params/` + tokenizer files, as the converters write them
-(LLaMA and Video-LLaMA)."""
+"""Model folders: `config.json` (naming the `model_type`) + orbax `params/` + tokenizer files, as
+the converters and training write them."""
 
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from vllm_jax.data.tokenizer import load_tokenizer
-from vllm_jax.models import video_llama
 from vllm_jax.models.llama import Llama, LlamaConfig
-from vllm_jax.models.video_llama import VideoLlamaConfig
 from vllm_jax.train import sharding
 from vllm_jax.train.checkpoint import restore_params, save_params
 
@@ -40,42 +38,39 @@ def load_llama(model_dir: str, mesh: jax.sharding.Mesh | None = None, **override
   return config, params, load_tokenizer(model_dir)
 
 
-def save_video_llama(out_dir: str, config: VideoLlamaConfig, params: Any, tokenizer=None) -> None:
-  """Write a Video-LLaMA folder: config.json, orbax params/ and tokenizer/ (with the media
-  placeholder tokens; in its own folder, where transformers finds no foreign config.json)."""
+def save(out_dir: str, model_type: str, config, params: Any, tokenizer=None) -> None:
+  """Write a model folder: config.json (`model_type` and the config), orbax params/ and
+  tokenizer/ (with the media placeholder tokens; in its own folder, where transformers finds no
+  foreign config.json)."""
   os.makedirs(out_dir, exist_ok=True)
   save_params(os.path.join(out_dir, "params"), params)
   with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump({"model_type": "video_llama", "video_llama": config.to_dict()}, f, indent=2)
+    json.dump({"model_type": model_type, model_type: config.to_dict()}, f, indent=2)
   if tokenizer is not None:
     tokenizer.save_pretrained(os.path.join(out_dir, "tokenizer"))
 
 
-def model_type(model_dir: str) -> str:
-  """'llama' or 'video_llama': what `vllm-jax convert` wrote in `model_dir`."""
-  return _read_meta(model_dir).get("model_type")
-
-
-def load_video_llama(model_dir: str, mesh: jax.sharding.Mesh | None = None, **llama_overrides):
-  """-> (VideoLlamaConfig, params, tokenizer). With a mesh, each tensor is restored straight
-  into its shard; `llama_overrides` change LLaMA config fields such as `dtype`."""
+def load(model_dir: str, model_type: str, config_class, abstract_params: Callable,
+         mesh: jax.sharding.Mesh | None = None, **llama_overrides):
+  """-> (config, params, tokenizer) of a folder written by `save`. With a mesh, each tensor is
+  restored straight into its shard; `llama_overrides` change LLaMA config fields such as `dtype`."""
   meta = _read_meta(model_dir)
-  if meta.get("model_type") != "video_llama":
-    raise ValueError(f"{model_dir} holds a {meta.get('model_type')!r} model, not a video_llama one")
-  config = VideoLlamaConfig.from_dict(meta["video_llama"])
+  if meta.get("model_type") != model_type:
+    raise ValueError(f"{model_dir} holds a {meta.get('model_type')!r} model, not a {model_type} one")
+  config = config_class.from_dict(meta[model_type])
   config = config.replace(llama=config.llama.replace(**llama_overrides))
-  boxed = video_llama.abstract_params(config)
+  boxed = abstract_params(config)
   abstract = nn.meta.unbox(boxed)
   if mesh is not None:
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract, sharding.param_shardings(boxed, mesh))
   params = restore_params(os.path.join(model_dir, "params"), abstract)
-  tokenizer = load_tokenizer(os.path.join(model_dir, "tokenizer"))
-  ids = tokenizer.convert_tokens_to_ids(["<ImageHere>", "<AudioHere>"])
-  if tuple(ids) != (config.video_token_id, config.audio_token_id):
-    raise ValueError(f"the tokenizer in {model_dir} maps <ImageHere>/<AudioHere> to {ids}, the model expects "
-                     f"{config.video_token_id}/{config.audio_token_id}")
-  return config, params, tokenizer
+  return config, params, load_tokenizer(os.path.join(model_dir, "tokenizer"))
+
+
+def model_type(model_dir: str) -> str:
+  """What `vllm-jax convert` (or training) wrote in `model_dir`: 'llama', 'video_llama', ..."""
+  return _read_meta(model_dir).get("model_type")
 
 
 def _read_meta(model_dir: str) -> dict:

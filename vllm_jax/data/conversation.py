@@ -1,19 +1,21 @@
-"""Video-LLaMA's prompt formats and their tokenization, with training labels.
+"""Conversation templates and their tokenization, with training labels.
 
-Media enter the text as placeholders: `<ImageHere>` for the 32 video (or image) query tokens
-and `<AudioHere>` for the 8 audio query tokens. Both are added to the LLaMA tokenizer as
-special tokens (ids 32000 and 32001 for a 32000-piece vocabulary); in the token ids each
-placeholder is repeated once per query token and the model splices the media tokens in at
-those positions.
+Media enter the text as placeholders, added to the LLaMA tokenizer as special tokens; in the
+token ids each placeholder is repeated once per media token (`encode_text`) and the model
+splices the media tokens in at those positions. Video-LLaMA: `<ImageHere>` for the 32 video
+(or image) query tokens, `<AudioHere>` for the 8 audio query tokens (ids 32000 and 32001 for a
+32000-piece vocabulary). Video-LLaVA: `<image>` (256 patch tokens) and `<video>` (8 x 257).
 
-Text is tokenized the way Video-LLaMA embeds a prompt: split at the placeholders, each text
+Text is tokenized the way both systems embed a prompt: split at the placeholders, each text
 segment tokenized on its own, BOS only before the first segment.
 
 Inference prompts (the demo's `Chat`), `Conversation.prompt()`:
   vicuna_v0: system + "###" + "Human: {msg}###" + ... + "Assistant:"
   llama_2:   "[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{msg} [/INST] {answer} </s><s>[INST] {msg} [/INST]"
-The media turn opens the first human message and the first question is appended to it after
-a space (the media turns end with a space, so two spaces separate them).
+  llava_v1:  system + " USER: {msg} ASSISTANT: {answer}</s>USER: {msg} ASSISTANT:"
+The media turn opens the first human message and the first question is appended to it
+(`Template.media_join`: after a space for Video-LLaMA, whose media turns end with a space, so
+two spaces separate them; directly after Video-LLaVA's "<video>\n").
 
 Training examples (`encode_training`), labels aligned with the ids and -100 where the model
 must not learn, as Video-LLaMA's instruction datasets mask them:
@@ -23,6 +25,8 @@ must not learn, as Video-LLaMA's instruction datasets mask them:
     assistant turn, its "Assistant: " header included.
   llama_2 (stage 2): "[INST] <<SYS>>\\n \\n<</SYS>>\\n\\n{q} [/INST] {a} </s><s>[INST] {q} [/INST] {a} </s>".
     Masked: BOS, each "<s>[INST] ... [/INST]". Learned: " {a} </s>".
+  llava_v1: "{system} USER: {q} ASSISTANT: {a}</s>USER: {q} ASSISTANT: {a}</s>".
+    Masked: BOS, the system and each "USER: {q} ASSISTANT: ". Learned: "{a}</s>".
   caption (stage 1, `encode_caption`): BOS, the query placeholders, then the caption + "\\n"
     (at most 32 tokens); only the caption is learned.
 Each token is labelled by the piece its first character falls in.
@@ -50,7 +54,8 @@ LLAMA_2_SYSTEM = ("You are a helpful language and vision assistant. You are able
 AUDIO_VIDEO_TURN = (f"Close your eyes, open your ears and you imagine only based on the sound that: {AUDIO_TOKEN}."
                     f"{' ' * 17}Close your ears, open your eyes and you see that <Video>{IMAGE_TOKEN}</Video>."
                     f"{' ' * 18}Now answer my question based on what you have just seen and heard.")
-_PLACEHOLDER = re.compile(f"({re.escape(IMAGE_TOKEN)}|{re.escape(AUDIO_TOKEN)})")
+LLAVA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+                "The assistant gives helpful, detailed, and polite answers to the human's questions.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +65,7 @@ class Template:
   system: str                       # default system prompt of the chat
   train_system: str                 # system prompt of the training format
   stop_strings: tuple[str, ...]     # the answer ends at the first of these (besides EOS)
+  media_join: str = " "             # between the media turn and the first question
 
   @property
   def is_llama_2(self) -> bool:
@@ -67,9 +73,11 @@ class Template:
 
 
 VICUNA_V0 = Template("vicuna_v0", ("Human", "Assistant"), system="", train_system="", stop_strings=("###",))
-# LLaMA-2 answers end with EOS (</s>), a stop token rather than a stop string.
+# LLaMA-2 and llava_v1 answers end with EOS (</s>), a stop token rather than a stop string.
 LLAMA_2 = Template("llama_2", ("USER", "ASSISTANT"), system=LLAMA_2_SYSTEM, train_system=" ", stop_strings=())
-TEMPLATES = {t.name: t for t in (VICUNA_V0, LLAMA_2)}
+LLAVA_V1 = Template("llava_v1", ("USER", "ASSISTANT"), system=LLAVA_SYSTEM, train_system=LLAVA_SYSTEM,
+                    stop_strings=(), media_join="")
+TEMPLATES = {t.name: t for t in (VICUNA_V0, LLAMA_2, LLAVA_V1)}
 
 
 def get_template(name: str) -> Template:
@@ -113,20 +121,26 @@ class Conversation:
   template: Template = VICUNA_V0
   system: str | None = None         # None: the template's default
   messages: list[list[str]] = dataclasses.field(default_factory=list)  # [role, text]
+  awaits_question: bool = False     # the last message is a media turn the next question joins
 
   @classmethod
   def for_media(cls, template: Template, timestamps: Sequence[float] = (), is_image: bool = False,
                 with_audio: bool = False) -> "Conversation":
-    """A conversation opened by a media turn, with the demo's system prompt for that media."""
-    conv = cls(template, system=IMAGE_SYSTEM if is_image else "")
-    conv.messages.append([template.roles[0], media_turn(timestamps, is_image, with_audio)])
-    return conv
+    """A Video-LLaMA conversation opened by a media turn, with the demo's system prompt for that media."""
+    return cls(template, system=IMAGE_SYSTEM if is_image else "").open_with(
+        media_turn(timestamps, is_image, with_audio))
+
+  def open_with(self, turn: str) -> "Conversation":
+    """Start with the media `turn`, which the first question joins."""
+    self.messages.append([self.template.roles[0], turn])
+    self.awaits_question = True
+    return self
 
   def ask(self, text: str) -> None:
-    """A human message; right after the media turn it joins that turn (after a space)."""
-    last = self.messages[-1] if self.messages else None
-    if last and last[0] == self.template.roles[0] and ("</Video>" in last[1] or "</Image>" in last[1]):
-      last[1] = " ".join([last[1], text])
+    """A human message; right after the media turn it joins that turn (`Template.media_join`)."""
+    if self.awaits_question:
+      self.messages[-1][1] += self.template.media_join + text
+      self.awaits_question = False
     else:
       self.messages.append([self.template.roles[0], text])
 
@@ -139,6 +153,11 @@ class Conversation:
     messages = list(self.messages)
     if not messages or messages[-1][0] != self.template.roles[1]:
       messages.append([self.template.roles[1], ""])
+    if self.template.name == "llava_v1":
+      out = system + " "
+      for role, text in messages:
+        out += (f"{role}: {text}" + (" " if role == self.template.roles[0] else "</s>")) if text else f"{role}:"
+      return out
     if not self.template.is_llama_2:
       out = system + "###"
       for role, text in messages:
@@ -188,27 +207,24 @@ def media_token_ids(tokenizer) -> tuple[int, int]:
   return tuple(ids)
 
 
-def _num_tokens(placeholder: str, num_video_tokens: int, num_audio_tokens: int) -> int:
-  return num_video_tokens if placeholder == IMAGE_TOKEN else num_audio_tokens
-
-
-def encode_pieces(tokenizer, pieces: Sequence[tuple[str, bool]], num_video_tokens: int = NUM_VIDEO_TOKENS,
-                  num_audio_tokens: int = NUM_AUDIO_TOKENS) -> tuple[list[int], list[int]]:
+def encode_text(tokenizer, pieces: Sequence[tuple[str, bool]],
+                placeholders: dict[str, tuple[int, int]]) -> tuple[list[int], list[int]]:
   """[(text, learned)] -> (ids, labels) for their concatenation; see the module doc.
 
-  Each placeholder becomes its run of placeholder ids (label -100). Labels equal the ids on
-  tokens that start inside a learned piece and are -100 elsewhere (BOS included).
+  `placeholders` maps each placeholder text to (its token id, its number of media tokens):
+  each becomes a run of that id (label -100). Labels equal the ids on tokens that start inside
+  a learned piece and are -100 elsewhere (BOS included).
   """
   text = "".join(t for t, _ in pieces)
   ends = np.cumsum([len(t) for t, _ in pieces])
   learned = [flag for _, flag in pieces]
-  image_id, audio_id = media_token_ids(tokenizer)
+  split = re.compile("(" + "|".join(re.escape(p) for p in placeholders) + ")")
   ids, labels = [tokenizer.bos_token_id], [IGNORE_INDEX]
   start = 0
-  for part in _PLACEHOLDER.split(text):
-    if part in (IMAGE_TOKEN, AUDIO_TOKEN):
-      n = _num_tokens(part, num_video_tokens, num_audio_tokens)
-      ids += [image_id if part == IMAGE_TOKEN else audio_id] * n
+  for part in split.split(text):
+    if part in placeholders:
+      token_id, n = placeholders[part]
+      ids += [token_id] * n
       labels += [IGNORE_INDEX] * n
     elif part:
       enc = tokenizer(part, add_special_tokens=False, return_offsets_mapping=True)
@@ -218,6 +234,14 @@ def encode_pieces(tokenizer, pieces: Sequence[tuple[str, bool]], num_video_token
         labels.append(token if learned[min(piece, len(learned) - 1)] else IGNORE_INDEX)
     start += len(part)
   return ids, labels
+
+
+def encode_pieces(tokenizer, pieces: Sequence[tuple[str, bool]], num_video_tokens: int = NUM_VIDEO_TOKENS,
+                  num_audio_tokens: int = NUM_AUDIO_TOKENS) -> tuple[list[int], list[int]]:
+  """`encode_text` with Video-LLaMA's placeholders."""
+  image_id, audio_id = media_token_ids(tokenizer)
+  return encode_text(tokenizer, pieces, {IMAGE_TOKEN: (image_id, num_video_tokens),
+                                         AUDIO_TOKEN: (audio_id, num_audio_tokens)})
 
 
 def encode_prompt(tokenizer, prompt: str, num_video_tokens: int = NUM_VIDEO_TOKENS,
@@ -232,6 +256,11 @@ def training_pieces(template: Template, turns: Sequence[tuple[str, str]],
   system = template.train_system if system is None else system
   human, assistant = template.roles
   pieces = []
+  if template.name == "llava_v1":
+    pieces.append((system + " ", False))
+    for question, answer in turns:
+      pieces += [(f"{human}: {question} {assistant}: ", False), (f"{answer}</s>", True)]
+    return pieces
   if not template.is_llama_2:
     pieces.append((f"{system}\n\n", False))
     for question, answer in turns:

@@ -10,6 +10,7 @@ the counts reach the training loop through batches, whichever process decoded th
 """
 
 import csv
+import dataclasses
 import json
 import logging
 import os
@@ -128,3 +129,27 @@ def batches(ds: grain.MapDataset, global_batch_size: int, *, worker_count: int =
       flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return it
+
+
+@dataclasses.dataclass(frozen=True)
+class Cached:
+  """A decode whose examples are kept in this process's memory, keyed by media path: a decode
+  that gives the same example for a record every epoch decodes a small dataset once."""
+  decode: Decode
+  memo: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+  def __call__(self, record: Record) -> dict[str, np.ndarray]:
+    if record["media"] not in self.memo:
+      self.memo[record["media"]] = self.decode(record)
+    return self.memo[record["media"]]
+
+
+def from_sources(data_cfg, sources: Sequence[tuple[Sequence[Record], Decode, float, int]]) -> grain.MapDataset:
+  """The training examples of (records, decode, mixture weight, shuffle seed) sources, as a
+  config's `data` section asks: `shuffle`, `num_epochs` (-1: forever) and, optionally,
+  `cache_examples` (each example decoded once and kept in memory)."""
+  num_epochs = None if data_cfg.num_epochs < 0 else data_cfg.num_epochs
+  wrap = Cached if data_cfg.get("cache_examples", False) else lambda decode: decode
+  parts = [examples(records, wrap(decode), seed=seed, shuffle=data_cfg.shuffle, num_epochs=num_epochs)
+           for records, decode, _, seed in sources]
+  return parts[0] if len(parts) == 1 else mixture(parts, [weight for _, _, weight, _ in sources])

@@ -1,7 +1,8 @@
-"""Video-LLaMA training: examples from video captions (stage 1) or instruction conversations
-(stage 2), the loss, and the run behind `vllm-jax train`.
+"""Video-LLaMA as a system: uniform frames squashed to the ViT's size, the video (and audio) branch
+tokens, the vicuna_v0 / llama_2 templates with `<ImageHere>` / `<AudioHere>`, and training
+examples from video captions (stage 1) or instruction conversations (stage 2).
 
-An example (fixed shapes, so that batches stack and the step compiles once):
+A training example (fixed shapes, so that batches stack and the step compiles once):
   frames [T, S, S, 3] float32, frame_mask [T] bool (False on padding frames);
   input_ids, labels, attention_mask [L] int32, right-padded, labels -100 where nothing is learned;
   audio [N, 1, mel, frames] float32, with `data.with_audio` (zeros for media without sound).
@@ -16,29 +17,126 @@ L is the longest layout the configured sources can produce (`seq_len`).
 import dataclasses
 import functools
 import hashlib
-import json
-import logging
-import os
 import re
-from typing import Any
+from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from vllm_jax import pretrained
 from vllm_jax.data import conversation as conv_lib
 from vllm_jax.data import datasets
 from vllm_jax.data.audio import AudioClipConfig
-from vllm_jax.data.media import load_media
+from vllm_jax.data.media import Media, load_media
 from vllm_jax.data.tokenizer import load_tokenizer
 from vllm_jax.models.video_llama import VideoLlama, VideoLlamaConfig, abstract_params, init_inputs
-from vllm_jax.train import checkpoint, sharding, trainer
-
-log = logging.getLogger(__name__)
+from vllm_jax.systems.base import System, apply
+from vllm_jax.train import trainer
 
 INSTRUCTION_READERS = {"llava": datasets.llava_records, "videochat": datasets.videochat_records}
 _MEDIA_MARKER = re.compile(r"\s*<(image|video)>\s*")  # LLaVA/Video-ChatGPT's media slot in a question
+
+
+def encode_media(config: VideoLlamaConfig, params, frames: jax.Array, frame_mask: jax.Array | None = None,
+                 audio: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
+  """frames [B, T, H, W, 3], mask [B, T], audio [B, N, 1, mel, frames] | None -> (video tokens
+  [B, 32, E], audio tokens [B, 8, E] | None): encoded once, reused by every turn."""
+  model = VideoLlama(config)
+  video = apply(model, "encode_video", params, frames, frame_mask)
+  return video, None if audio is None else apply(model, "encode_audio", params, audio)
+
+
+def embed_with_media(config: VideoLlamaConfig, params, input_ids: jax.Array, video_tokens: jax.Array | None,
+                     audio_tokens: jax.Array | None) -> jax.Array:
+  """[B, L] ids with placeholder runs -> [B, L, E] embeddings with the media tokens spliced in."""
+  return apply(VideoLlama(config), "embed", params, input_ids, video_tokens, audio_tokens)
+
+
+def clip_config(config: VideoLlamaConfig) -> AudioClipConfig:
+  """The audio clips the model's audio branch reads (Video-LLaMA: 8 clips of 128 mel x 204 frames)."""
+  if config.audio is None:
+    return AudioClipConfig()
+  enc = config.audio.encoder
+  return AudioClipConfig(num_clips=config.audio.max_clips, num_mel_bins=enc.num_mel_bins, num_frames=enc.num_frames)
+
+
+class VideoLlamaSystem(System):
+  model_type = "video_llama"
+  config_class = VideoLlamaConfig
+  placeholder_tokens = (conv_lib.IMAGE_TOKEN, conv_lib.AUDIO_TOKEN)
+
+  @classmethod
+  def placeholder_ids(cls, config):
+    return config.video_token_id, config.audio_token_id
+
+  @property
+  def has_audio(self) -> bool:
+    return self.config.audio is not None
+
+  def load_media(self, path, use_audio=False, num_frames=None):
+    return load_media(path, num_frames or self.config.num_frames, self.config.vision.vit.image_size,
+                      with_audio=use_audio, audio_config=clip_config(self.config))
+
+  def conversation(self, media, use_audio=False):
+    return conv_lib.Conversation.for_media(self.template, media.frames.timestamps, media.is_image,
+                                           use_audio and media.audio_valid)
+
+  def placeholders(self):
+    cfg = self.config
+    return {conv_lib.IMAGE_TOKEN: (cfg.video_token_id, cfg.num_video_tokens),
+            conv_lib.AUDIO_TOKEN: (cfg.audio_token_id, cfg.num_audio_tokens)}
+
+  def encode_media(self, media: Sequence[Media], use_audio=False):
+    """With `use_audio` every row carries clips (zeros where a file has none, which its prompt
+    then does not ask for): one compiled encoder serves every batch."""
+    clips = None
+    if use_audio:
+      c = clip_config(self.config)
+      empty = np.zeros((c.num_clips, 1, c.num_mel_bins, c.num_frames), np.float32)
+      clips = np.stack([m.audio if m.audio_valid else empty for m in media])
+    return encode_media(self.config, self.params, np.stack([m.frames.frames for m in media]),
+                        np.stack([m.frames.frame_mask for m in media]), clips)
+
+  def embed(self, input_ids, tokens):
+    return embed_with_media(self.config, self.params, np.asarray(input_ids), *tokens)
+
+  # --- training -----------------------------------------------------------------------------
+
+  @classmethod
+  def model(cls, config):
+    return VideoLlama(config)
+
+  @classmethod
+  def abstract_params(cls, config):
+    return abstract_params(config)
+
+  @classmethod
+  def init_inputs(cls, config):
+    return init_inputs(config)
+
+  @classmethod
+  def loss_fn(cls, config) -> trainer.LossFn:
+    model = VideoLlama(config)
+
+    def loss(params, batch, rng):
+      del rng  # no dropout: frozen encoders, deterministic connectors
+      logits, _ = model.apply({"params": params}, batch["input_ids"], frames=batch["frames"],
+                              frame_mask=batch["frame_mask"], audio=batch.get("audio"),
+                              attention_mask=batch["attention_mask"])
+      return trainer.cross_entropy(logits, batch["labels"])
+    return loss
+
+  @classmethod
+  def dataset(cls, cfg, config, tokenizer_dir):
+    return make_dataset(cfg, config, tokenizer_dir)
+
+  @classmethod
+  def prepare_init(cls, cfg, tokenizer):
+    config = VideoLlamaConfig.from_dict(cfg.model.to_dict())
+    video_id, audio_id = conv_lib.add_media_tokens(tokenizer)
+    if len(tokenizer) - 2 > config.llama.vocab_size:
+      raise ValueError(f"the tokenizer has {len(tokenizer) - 2} text tokens, model.llama.vocab_size is "
+                       f"{config.llama.vocab_size}")
+    return config.replace(video_token_id=video_id, audio_token_id=audio_id)
 
 
 @functools.lru_cache(maxsize=4)
@@ -99,19 +197,6 @@ class Decode:
     return example
 
 
-@dataclasses.dataclass(frozen=True)
-class Cached:
-  """A decode whose examples are kept in this process's memory, keyed by media path: a `Decode`
-  gives the same example for a record every epoch, so a small dataset is decoded once."""
-  decode: Decode
-  memo: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
-
-  def __call__(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
-    if record["media"] not in self.memo:
-      self.memo[record["media"]] = self.decode(record)
-    return self.memo[record["media"]]
-
-
 def conversation_turns(messages: list[dict[str, str]]) -> list[tuple[str, str]]:
   """[{"from": "human" | "gpt", "value"}] -> [(question, answer)], media markers removed."""
   if len(messages) < 2 or len(messages) % 2:
@@ -124,17 +209,6 @@ def conversation_turns(messages: list[dict[str, str]]) -> list[tuple[str, str]]:
   return turns
 
 
-def loss_fn(model: VideoLlama) -> trainer.LossFn:
-  """(params, batch, rng) -> (summed next-token loss, learned-token count) over the batch."""
-  def loss(params, batch, rng):
-    del rng  # no dropout: frozen encoders, deterministic connectors
-    logits, _ = model.apply({"params": params}, batch["input_ids"], frames=batch["frames"],
-                            frame_mask=batch["frame_mask"], audio=batch.get("audio"),
-                            attention_mask=batch["attention_mask"])
-    return trainer.cross_entropy(logits, batch["labels"])
-  return loss
-
-
 def seq_len(cfg, config: VideoLlamaConfig) -> int:
   media = 1 + config.num_video_tokens + (config.num_audio_tokens if cfg.data.with_audio else 0)
   return max(media + cfg.data.max_text_len if cfg.data.webvid_csv else 0,
@@ -143,102 +217,25 @@ def seq_len(cfg, config: VideoLlamaConfig) -> int:
 
 def make_dataset(cfg, config: VideoLlamaConfig, tokenizer_dir: str):
   """The examples of every configured source (`data.webvid_*` captions, `data.instruct_*`
-  conversations), mixed by `data.weights`; with `data.cache_examples` (optional) each is decoded
-  once and kept in memory."""
+  conversations), mixed by `data.weights`."""
   data = cfg.data
   if not data.webvid_csv and not data.instruct_json:
     raise ValueError("no training data: set data.webvid_csv (+ data.webvid_dir) and/or data.instruct_json "
                      "(+ data.instruct_dir)")
   if data.with_audio and config.audio is None:
     raise ValueError("data.with_audio needs a model with an audio branch")
-  enc = config.audio.encoder if data.with_audio else None
   common = dict(
       tokenizer_dir=tokenizer_dir, seq_len=seq_len(cfg, config), max_text_len=data.max_text_len,
       num_frames=config.num_frames, image_size=config.vision.vit.image_size,
       num_video_tokens=config.num_video_tokens, num_audio_tokens=config.num_audio_tokens,
-      audio=AudioClipConfig(num_clips=config.audio.max_clips, num_mel_bins=enc.num_mel_bins,
-                            num_frames=enc.num_frames) if enc else None,
+      audio=clip_config(config) if data.with_audio else None,
       template=config.template, end_sym=data.end_sym, sampling=data.sampling, train_crop=data.train_crop,
       seed=cfg.seed)
-  wrap = Cached if data.get("cache_examples", False) else lambda decode: decode
-  sources, weights = [], []
-  num_epochs = None if data.num_epochs < 0 else data.num_epochs
+  sources = []
   if data.webvid_csv:
-    records = datasets.webvid_records(data.webvid_csv, data.webvid_dir)
-    sources.append(datasets.examples(records, wrap(Decode(stage=1, **common)), seed=cfg.seed, shuffle=data.shuffle,
-                                     num_epochs=num_epochs))
-    weights.append(data.weights[0])
+    sources.append((datasets.webvid_records(data.webvid_csv, data.webvid_dir), Decode(stage=1, **common),
+                    data.weights[0], cfg.seed))
   if data.instruct_json:
     records = INSTRUCTION_READERS[data.instruct_format](data.instruct_json, data.instruct_dir)
-    sources.append(datasets.examples(records, wrap(Decode(stage=2, **common)), seed=cfg.seed + 1,
-                                     shuffle=data.shuffle, num_epochs=num_epochs))
-    weights.append(data.weights[-1])
-  return sources[0] if len(sources) == 1 else datasets.mixture(sources, weights)
-
-
-def make_trainer(cfg, mesh, config: VideoLlamaConfig, params=None) -> trainer.Trainer:
-  """A Trainer for `config`, starting from `params` (sharded like the model's parameters) or,
-  without them, from a random init."""
-  model = VideoLlama(config)
-  boxed = abstract_params(config)
-  if params is None:
-    inputs = {k: jnp.zeros(v.shape, v.dtype) for k, v in init_inputs(config).items()}
-    params_fn = lambda rng: model.init(rng, **inputs)["params"]
-  else:
-    params_fn = lambda rng: params
-  return trainer.Trainer(cfg, mesh, loss_fn(model), params_fn, sharding.param_shardings(boxed, mesh))
-
-
-def load_model(cfg, mesh) -> tuple[VideoLlamaConfig, Any, str]:
-  """-> (model config, params or None, tokenizer folder). `init_from`: a folder written by
-  `vllm-jax convert video-llama`; else `model` with a random init and `data.tokenizer`, whose
-  placeholder ids become the model's."""
-  if cfg.init_from:
-    config, params, _ = pretrained.load_video_llama(cfg.init_from, mesh=mesh)
-    return config, params, os.path.join(cfg.init_from, "tokenizer")
-  if not cfg.data.tokenizer:
-    raise ValueError("set init_from (a converted model folder) or data.tokenizer (for a random init)")
-  config = VideoLlamaConfig.from_dict(cfg.model.to_dict())
-  tokenizer = _tokenizer(cfg.data.tokenizer)
-  video_id, audio_id = conv_lib.media_token_ids(tokenizer)
-  if len(tokenizer) - 2 > config.llama.vocab_size:
-    raise ValueError(f"the tokenizer has {len(tokenizer) - 2} text tokens, model.llama.vocab_size is "
-                     f"{config.llama.vocab_size}")
-  return config.replace(video_token_id=video_id, audio_token_id=audio_id), None, cfg.data.tokenizer
-
-
-def train(cfg, progress: bool = False) -> trainer.LoopResult:
-  """Train to `train.steps`, resuming from the latest checkpoint in `train.workdir`; per-step
-  metrics are appended to `train.workdir`/metrics.jsonl. `progress`: a progress bar of the steps."""
-  mesh = sharding.mesh_from_config(cfg.mesh)
-  config, params, tokenizer_dir = load_model(cfg, mesh)
-  t = make_trainer(cfg, mesh, config, params)
-  state = t.init()
-  it = iter(datasets.batches(make_dataset(cfg, config, tokenizer_dir), cfg.train.batch_size,
-                             worker_count=cfg.data.worker_count))
-  ckpt = None
-  if cfg.train.workdir:
-    ckpt = checkpoint.TrainCheckpointer(os.path.join(cfg.train.workdir, "checkpoints"),
-                                        max_to_keep=cfg.train.keep_checkpoints,
-                                        async_save=cfg.train.async_checkpoints, save_frozen=cfg.train.save_frozen)
-    if ckpt.latest_step() is not None:
-      state = ckpt.restore(state, it)
-      log.info("resumed from step %d", int(state.step))
-  start = int(state.step)
-  batches = it
-  if progress:
-    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-    batches = iter(tqdm(it, desc="training", unit="step", total=cfg.train.steps, initial=start))
-  preemption = checkpoint.Preemption()
-  try:
-    result = trainer.train_loop(t, state, batches, steps=cfg.train.steps, checkpointer=ckpt, data_iterator=it,
-                                preemption=preemption)
-  finally:
-    preemption.close()
-    if ckpt is not None:
-      ckpt.close()
-  if cfg.train.workdir and jax.process_index() == 0:
-    with open(os.path.join(cfg.train.workdir, "metrics.jsonl"), "a") as f:
-      for i, m in enumerate(result.history):
-        f.write(json.dumps(dict(step=start + i + 1, **m)) + "\n")
-  return result
+    sources.append((records, Decode(stage=2, **common), data.weights[-1], cfg.seed + 1))
+  return datasets.from_sources(data, sources)

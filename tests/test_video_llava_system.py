@@ -1,0 +1,185 @@
+"""Video-LLaVA through the commands every system shares: `convert video-llava` of a transformers
+folder (a real tokenizer with <image>/<video>), `chat` and `infer` on real mp4/png files (good and
+bad), `train` from the converted folder; a (2, 2, 2) mesh gives the forward and the stage-1 step of
+one device."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers as T
+from PIL import Image
+
+from test_video_loading import write_video
+from vllm_jax import cli, systems
+from vllm_jax.cli.flags import load_config
+from vllm_jax.data import datasets
+from vllm_jax.data.tokenizer import train_tokenizer
+from vllm_jax.systems.video_llava import VideoLlavaSystem, add_media_tokens
+from vllm_jax.train import optim, sharding
+from vllm_jax.train import run as run_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CORPUS = ["USER: What is moving in the video? ASSISTANT: A red circle moves left.",
+          "A chat between a curious human and an artificial intelligence assistant."] * 20
+FRAMES = 4
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+  """A random transformers Video-LLaVA (28 px, 2 tower layers used) with a trained tokenizer,
+  converted by the CLI; media files and a LLaVA-style JSON mixing images and videos."""
+  root = tmp_path_factory.mktemp("video_llava_system")
+  hf_dir = root / "hf"
+  tokenizer = train_tokenizer(CORPUS, str(hf_dir), vocab_size=300)
+  image_id, video_id = add_media_tokens(tokenizer)
+  tokenizer.save_pretrained(str(hf_dir))
+  torch.manual_seed(0)
+  vision = T.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=28, patch_size=14)
+  text = T.LlamaConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+  hf = T.VideoLlavaForConditionalGeneration(T.VideoLlavaConfig(
+      vision_config=vision, text_config=text, image_token_index=image_id, video_token_index=video_id,
+      image_seq_length=4, video_seq_length=FRAMES * 5))
+  hf.save_pretrained(str(hf_dir))
+  model = str(root / "model")
+  assert cli.main(["convert", "video-llava", "--hf-dir", str(hf_dir), "--out", model]) == 0
+
+  media = root / "media"
+  media.mkdir()
+  (media / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"not a video" * 50)
+  rng = np.random.default_rng(0)
+  for i in range(2):
+    Image.fromarray(rng.integers(0, 256, (30, 40, 3), np.uint8)).save(media / f"img{i}.png")
+    write_video(media / f"clip{i}.mp4", num_frames=12 + 5 * i, size=(48, 64))
+  items = [{"id": str(i), kind: f"{name}{i}.{ext}", "conversations": [
+      {"from": "human", "value": f"<{kind}>\nWhat is shown?"}, {"from": "gpt", "value": answer}]}
+      for i in range(2) for kind, name, ext, answer in (("image", "img", "png", "A picture."),
+                                                         ("video", "clip", "mp4", "A red circle moves left."))]
+  (root / "train.json").write_text(json.dumps(items * 2))
+  return root, model, media
+
+
+def test_convert_records_the_system(files):
+  _, model, _ = files
+  system = systems.load(model)
+  assert isinstance(system, VideoLlavaSystem) and system.config.num_frames == FRAMES
+  assert system.config.video_tower.temporal_frames == 0 and system.config.image_tower.depth == 2
+
+
+def chat(model, *args):
+  return cli.main(["chat", "--model", model, "--max-new-tokens", "5", *args])
+
+
+def test_chat_about_video_and_image_and_bad_media(files, capsys):
+  _, model, media = files
+  assert chat(model, "--video", str(media / "clip0.mp4"), "--question", "What is moving?") == 0
+  out, err = capsys.readouterr()
+  assert "[video, frames at" in err and out.endswith("\n")
+  assert chat(model, "--image", str(media / "img0.png"), "--question", "What is this?") == 0
+  assert "[image]" in capsys.readouterr().err
+  assert chat(model, "--video", str(media / "corrupt.mp4"), "--question", "What?") == 2
+  assert "error: cannot decode video" in capsys.readouterr().err
+  assert chat(model, "--video", str(media / "clip0.mp4"), "--audio", "--question", "What?") == 2
+  assert "has no audio branch" in capsys.readouterr().err
+
+
+def test_prompt_expands_placeholders(files):
+  _, model, media = files
+  system = systems.load(model)
+  conv = system.conversation(system.load_media(str(media / "clip1.mp4")))
+  conv.ask("What is moving?")
+  assert conv.prompt().endswith(" USER: <video>\nWhat is moving? ASSISTANT:")
+  ids = system.prompt_ids(conv.prompt())
+  assert ids.count(system.config.video_token_id) == FRAMES * 5 and ids[0] == system.tokenizer.bos_token_id
+
+
+def test_infer_mixes_images_and_videos_in_a_batch(files, tmp_path):
+  _, model, media = files
+  items = [{"video": str(media / "clip0.mp4"), "question": "What is moving?", "id": "v"},
+           {"image": str(media / "img1.png"), "question": "What is this?"},
+           {"video": str(media / "missing.mp4"), "question": "Where?"}]
+  src, dst = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
+  src.write_text("\n".join(map(json.dumps, items)) + "\n")
+  assert cli.main(["infer", "--model", model, "--input", str(src), "--output", str(dst), "--batch-size", "3",
+                   "--max-new-tokens", "4"]) == 0
+  records = {r["line"]: r for r in map(json.loads, dst.read_text().splitlines())}
+  assert isinstance(records[0]["answer"], str) and isinstance(records[1]["answer"], str)
+  assert "FileNotFoundError" in records[2]["error"]
+
+  # The batched answers are those of each item alone.
+  for line, record in records.items():
+    if "answer" in record:
+      alone = tmp_path / f"alone{line}.jsonl"
+      alone.write_text(json.dumps(items[line]) + "\n")
+      out = tmp_path / f"out{line}.jsonl"
+      assert cli.main(["infer", "--model", model, "--input", str(alone), "--output", str(out), "--batch-size", "3",
+                       "--max-new-tokens", "4"]) == 0
+      assert json.loads(out.read_text())["answer"] == record["answer"]
+
+
+def stage1_config(root, model, **overrides):
+  cfg = load_config(os.path.join(ROOT, "configs/video_llava.py:tiny_stage1"),
+                    [f"--config.init_from={model}", f"--config.data.instruct_json={root / 'train.json'}",
+                     f"--config.data.instruct_dir={root / 'media'}"])
+  for key, value in overrides.items():
+    section, name = key.split(".")
+    cfg[section][name] = value
+  return cfg
+
+
+def test_train_from_converted_folder_through_the_cli(files, tmp_path, capsys):
+  root, model, _ = files
+  workdir = tmp_path / "run"
+  assert cli.main(["train", "--config", os.path.join(ROOT, "configs/video_llava.py:tiny_stage1"),
+                   f"--config.init_from={model}", f"--config.data.instruct_json={root / 'train.json'}",
+                   f"--config.data.instruct_dir={root / 'media'}", f"--config.train.workdir={workdir}",
+                   "--config.train.steps=3", "--config.train.log_every=1", "--config.train.batch_size=8"]) == 0
+  steps = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [m["step"] for m in steps] == [1, 2, 3] and all(np.isfinite(m["loss"]) for m in steps)
+
+
+def test_sharded_forward_and_stage1_step_match_single_device(files):
+  root, model, _ = files
+  cfg = stage1_config(root, model, **{"train.batch_size": 4})
+  single, full = sharding.make_mesh((1, 1, 1), jax.devices()[:1]), sharding.make_mesh((2, 2, 2))
+  system = systems.load(model)
+  config = system.config
+  ds = VideoLlavaSystem.dataset(cfg, config, os.path.join(model, "tokenizer"))
+  batch = next(iter(datasets.batches(ds, 4, process_index=0, process_count=1)))
+  assert batch["pixels"].shape == (4, FRAMES, 28, 28, 3)
+  batch = {k: v for k, v in batch.items() if k != "skipped"}
+
+  # Forward (logits compared where the attention mask is 1).
+  logits = {}
+  for name, mesh in (("single", single), ("sharded", full)):
+    params = sharding.shard_params(system.params, sharding.param_shardings(
+        VideoLlavaSystem.abstract_params(config), mesh))
+    with sharding.mesh_context(mesh):
+      inputs = sharding.make_global_batch(batch, mesh)
+      logits[name] = jax.jit(VideoLlavaSystem.model(config).apply)(
+          {"params": params}, inputs["input_ids"], images=inputs["pixels"][:, 0], videos=inputs["pixels"],
+          attention_mask=inputs["attention_mask"])[0]
+  mask = batch["attention_mask"].astype(bool)
+  np.testing.assert_allclose(np.asarray(logits["sharded"])[mask], np.asarray(logits["single"])[mask],
+                             rtol=1e-4, atol=1e-5)
+
+  # Two stage-1 steps (the first at the warm-up's lr 0): the same losses and projector update.
+  results = {}
+  for name, mesh in (("single", single), ("sharded", full)):
+    t = run_lib.make_trainer(cfg, mesh, VideoLlavaSystem, config, jax.device_put(system.params))
+    state = t.init()
+    for _ in range(2):
+      state, metrics = t.train_step(state, sharding.make_global_batch(batch, mesh))
+    results[name] = (float(metrics["loss"]), optim.flatten(state.params))
+  (loss1, p1), (loss8, p8) = results["single"], results["sharded"]
+  assert np.isfinite(loss1) and abs(loss8 - loss1) <= 1e-5 * abs(loss1)
+  assert sorted(p1) == ["projector/fc1/bias", "projector/fc1/kernel", "projector/fc2/bias", "projector/fc2/kernel"]
+  for k in p1:
+    np.testing.assert_allclose(np.asarray(p8[k]), np.asarray(p1[k]), rtol=1e-4, atol=1e-6, err_msg=k)
+    assert not np.allclose(np.asarray(p1[k]), np.asarray(optim.flatten(system.params)[k])), k

@@ -1,0 +1,43 @@
+"""The `vllm-jax` command: one module per command, shared flags in `flags`."""
+
+import argparse
+
+from vllm_jax.cli import chat, convert, demo, infer, train
+from vllm_jax.cli.flags import load_config
+
+__all__ = ["build_parser", "load_config", "main"]
+
+EPILOG = """examples:
+  vllm-jax demo                      # train a tiny audio-visual Video-LLaMA on synthetic videos (~10 min, CPU)
+  vllm-jax convert llama --hf-dir ./vicuna-7b --out ./models/vicuna-7b
+  vllm-jax chat --model ./models/vicuna-7b --question "What is a llama?"
+  vllm-jax convert video-llama --config 7b --llama-dir ./vicuna-7b --eva-vit eva_vit_g.pth \\
+      --blip2 blip2_pretrained_flant5xxl.pth --vl finetune-vicuna7b-v2.pth \\
+      --al finetune_vicuna7b_audiobranch.pth --imagebind imagebind_huge.pth --out ./models/video-llama-7b
+  vllm-jax convert video-llava --hf-dir ./Video-LLaVA-7B-hf --out ./models/video-llava-7b
+  vllm-jax chat --model ./models/video-llama-7b --video clip.mp4 --question "What happens?"
+  vllm-jax infer --model ./models/video-llava-7b --input questions.jsonl --output answers.jsonl
+  vllm-jax train --config configs/video_llama.py:stage1 --config.init_from=./models/video-llama-7b \\
+      --config.data.webvid_csv=webvid/results_2M_train.csv --config.data.webvid_dir=webvid/videos \\
+      --config.train.workdir=./runs/stage1
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="vllm-jax", description="Video LLMs in JAX/Flax: convert weights, chat, train.",
+      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+  commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+  for module in (convert, chat, infer, train, demo):
+    module.add_parser(commands)
+  return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = build_parser()
+  args, extra = parser.parse_known_args(argv)
+  if getattr(args, "takes_overrides", False):
+    return args.run(args, extra)
+  if extra:
+    parser.error(f"unrecognized arguments: {' '.join(extra)}")
+  return args.run(args)

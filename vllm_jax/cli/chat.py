@@ -1,0 +1,117 @@
+"""`vllm-jax chat`: answer one question, or a multi-turn conversation, about a video or an image
+(any system), or a text prompt (a plain LLaMA)."""
+
+import sys
+
+from vllm_jax.cli import flags
+
+DESCRIPTION = ("Answer one --question, or read prompts interactively from the terminal (a multi-turn "
+               "conversation for video models: the media are encoded once and the KV cache is kept "
+               "between turns). Tokens are printed as they are generated. A missing or corrupt media "
+               "file is reported and the command exits with status 2; a video without audio is "
+               "answered from its frames.")
+
+
+def add_parser(commands) -> None:
+  chat = commands.add_parser("chat", help="generate from a converted model, streaming tokens",
+                             description=DESCRIPTION)
+  chat.add_argument("--model", required=True, help="a model folder written by `vllm-jax convert` or training")
+  chat.add_argument("--question", default=None, help="answer this prompt and exit")
+  chat.add_argument("--video", default=None, help="a video file to talk about (video models)")
+  chat.add_argument("--image", default=None, help="an image file (jpg/png/webp) to talk about")
+  flags.media_flags(chat)
+  flags.sampling_flags(chat)
+  chat.set_defaults(run=run)
+
+
+def run(args) -> int:
+  from vllm_jax import pretrained
+  try:
+    kind = pretrained.model_type(args.model)
+  except FileNotFoundError as e:
+    return flags.error(str(e))
+  if kind == "llama":
+    if args.video or args.image:
+      return flags.error(f"{args.model} is a text-only LLaMA; --video/--image need a video model")
+    return _chat_text(args)
+  return _chat_media(args)
+
+
+def _streamer(tokenizer, stop_ids, stop_strings=()):
+  """An `on_tokens` callback printing the answer as it grows (held back where a stop string may start)."""
+  from vllm_jax.data.conversation import visible_prefix
+  state = {"shown": "", "tokens": []}
+
+  def stream(tokens):
+    state["tokens"].extend(int(t) for t in tokens[0] if t not in stop_ids)
+    text = visible_prefix(tokenizer.decode(state["tokens"], skip_special_tokens=True), stop_strings)
+    print(text[len(state["shown"]):], end="", flush=True)
+    state["shown"] = text
+
+  return stream, state
+
+
+def _chat_text(args) -> int:
+  from vllm_jax import generate, pretrained
+  from vllm_jax.data.tokenizer import left_pad
+  config, params, tokenizer = pretrained.load_llama(args.model, mesh=flags.mesh(args.mesh), dtype=args.dtype)
+  stop_ids = sorted({i for i in (tokenizer.eos_token_id, config.eos_token_id) if isinstance(i, int)})
+
+  def answer(question: str, seed: int) -> None:
+    ids, mask = left_pad([tokenizer(question).input_ids], multiple=32)
+    stream, _ = _streamer(tokenizer, stop_ids)
+    generate.generate(config, params, input_ids=ids, attention_mask=mask, max_new_tokens=args.max_new_tokens,
+                      sampling=flags.sampling(args), stop_token_ids=stop_ids, tokenizer=tokenizer, seed=seed,
+                      on_tokens=stream)
+    print()
+
+  return flags.answer_or_loop(answer, args.question, args.seed, "Type a prompt and press enter")
+
+
+def _chat_media(args) -> int:
+  from vllm_jax import generate
+  from vllm_jax.data.media import MediaError
+  try:
+    system = flags.load_system(args)
+  except (FileNotFoundError, ValueError) as e:
+    return flags.error(str(e))
+  path = args.video or args.image
+  if path is None:
+    return flags.error(f"{args.model} is a video model; give --video or --image")
+  use_audio = flags.use_audio(args, system)
+  if use_audio is None:
+    return flags.error(f"--audio: {args.model} has no audio branch")
+  try:
+    media = system.load_media(path, use_audio=use_audio, num_frames=args.num_frames)
+  except (FileNotFoundError, MediaError) as e:
+    return flags.error(str(e))
+  with_audio = use_audio and media.audio_valid
+  if use_audio and not media.is_image and not media.audio_valid:
+    print(f"note: {path} has no usable audio track; answering from the frames only", file=sys.stderr)
+  times = ", ".join(str(t) for t in media.frames.timestamps)
+  print(f"[{'image' if media.is_image else f'video, frames at {times} s'}{', with audio' if with_audio else ''}]",
+        file=sys.stderr)
+
+  conv = system.conversation(media, with_audio)
+  tokens = system.encode_media([media], use_audio=with_audio)
+  llama = system.config.llama
+  session = generate.Session(llama, system.params["llm"], max_len=llama.max_position_embeddings)
+  stop_strings = system.template.stop_strings
+
+  def answer(question: str, seed: int) -> None:
+    conv.ask(question)
+    ids = system.prompt_ids(conv.prompt())
+    stream, shown = _streamer(system.tokenizer, system.stop_ids, stop_strings)
+    out = session.generate(ids, system.embed([ids], tokens), max_new_tokens=args.max_new_tokens,
+                           sampling=flags.sampling(args), stop_token_ids=system.stop_ids, stop_strings=stop_strings,
+                           tokenizer=system.tokenizer, seed=seed, on_tokens=stream)
+    if out.texts[0].startswith(shown["shown"]):  # a held-back tail that turned out not to start a stop string
+      print(out.texts[0][len(shown["shown"]):], end="")
+    print()
+    conv.answer(system.clean_answer(out.texts[0]))
+
+  try:
+    return flags.answer_or_loop(answer, args.question, args.seed, "Ask about the media and press enter")
+  except ValueError as e:  # the conversation outgrew the context
+    print(f"\nerror: {e}; start a new chat", file=sys.stderr)
+    return 1

@@ -1,0 +1,138 @@
+"""`vllm-jax convert SOURCE`: PyTorch/HF weights -> a vllm_jax model folder."""
+
+import time
+
+from vllm_jax.cli import flags
+
+DTYPES = ["float32", "bfloat16", "float16"]
+
+
+def add_parser(commands) -> None:
+  convert = commands.add_parser("convert", help="convert PyTorch/HF weights into a vllm_jax model folder")
+  sources = convert.add_subparsers(dest="source", required=True, metavar="SOURCE")
+
+  llama = sources.add_parser(
+      "llama", help="an HF LLaMA/Vicuna/Llama-2/3 folder (safetensors or .bin shards)",
+      description="Convert an HF LLaMA folder (config.json, weights, tokenizer) into a vllm_jax "
+                  "model folder: config.json, orbax params/ and the tokenizer files. Tensors are "
+                  "streamed one at a time; any missing, unexpected or mis-shaped key is named.")
+  llama.add_argument("--hf-dir", required=True, help="folder with config.json and the weight files")
+  llama.add_argument("--out", required=True, help="output model folder (created)")
+  llama.add_argument("--dtype", default=None, choices=DTYPES, help="store parameters in this dtype (default: float32)")
+  llama.set_defaults(run=convert_llama)
+
+  vl = sources.add_parser(
+      "video-llama", help="Video-LLaMA: LLaMA folder + EVA ViT-g + BLIP-2 + VL/AL finetuned + ImageBind",
+      description="Assemble a Video-LLaMA model folder (one orbax checkpoint, config.json and the tokenizer "
+                  "with the <ImageHere>/<AudioHere> placeholders) from the released parts. File flags "
+                  "override the `checkpoints` entries of configs/video_llama.py; without --al the model "
+                  "is vision-only.")
+  vl.add_argument("--config", default="7b", choices=["7b", "13b", "tiny"], help="configs/video_llama.py size")
+  vl.add_argument("--llama-dir", help="HF LLaMA/Vicuna/LLaMA-2 folder (weights, config.json, tokenizer)")
+  vl.add_argument("--eva-vit", help="eva_vit_g.pth")
+  vl.add_argument("--blip2", help="LAVIS BLIP-2 .pth (image Q-Former, query tokens, ln_vision)")
+  vl.add_argument("--hf-blip2", help="or a transformers Blip2 folder/file (ViT, ln_vision, image Q-Former)")
+  vl.add_argument("--vl", help="Video-LLaMA vision-language finetuned .pth")
+  vl.add_argument("--al", help="Video-LLaMA audio-language finetuned .pth")
+  vl.add_argument("--imagebind", help="imagebind_huge.pth (default: the AL file's audio_encoder.* keys)")
+  vl.add_argument("--template", choices=["vicuna_v0", "llama_2"], default=None,
+                  help="conversation template (default vicuna_v0; llama_2 for LLaMA-2-chat models)")
+  vl.add_argument("--dtype", default=None, choices=DTYPES,
+                  help="store the LLaMA parameters in this dtype (default: float32)")
+  vl.add_argument("--out", required=True, help="output model folder (created)")
+  vl.set_defaults(run=convert_video_llama)
+
+  lv = sources.add_parser(
+      "video-llava", help="Video-LLaVA: a transformers -hf folder or the original LanguageBind checkpoint",
+      description="Convert Video-LLaVA into a model folder (one orbax checkpoint, config.json and the tokenizer "
+                  "with the <image>/<video> placeholders). --hf-dir reads a transformers "
+                  "VideoLlavaForConditionalGeneration folder (e.g. Video-LLaVA-7B-hf: plain CLIP video tower); "
+                  "--original reads the original checkpoint (e.g. Video-LLaVA-7B: LanguageBind video tower "
+                  "with temporal attention), its LLaMA sizes from the folder's config.json and its towers from "
+                  "configs/video_llava.py --config. Tensors are streamed; any missing, unexpected or "
+                  "mis-shaped key is named.")
+  source = lv.add_mutually_exclusive_group(required=True)
+  source.add_argument("--hf-dir", help="transformers Video-LLaVA folder (config.json, safetensors, tokenizer)")
+  source.add_argument("--original", help="original Video-LLaVA folder (config.json, weight shards, tokenizer)")
+  lv.add_argument("--config", default="7b-original", help="configs/video_llava.py size for --original")
+  lv.add_argument("--dtype", default=None, choices=DTYPES, help="store parameters in this dtype (default: float32)")
+  lv.add_argument("--out", required=True, help="output model folder (created)")
+  lv.set_defaults(run=convert_video_llava)
+
+
+def _report(start: float, params, out: str, detail: str = "") -> None:
+  import jax
+  leaves = jax.tree.leaves(params)
+  parts = ", ".join(f"{k} {sum(x.size for x in jax.tree.leaves(v)) / 1e6:.1f}M" for k, v in params.items())
+  print(f"converted {sum(x.size for x in leaves) / 1e6:.1f}M parameters ({parts}{detail}; "
+        f"{sum(x.nbytes for x in leaves) / 2**30:.2f} GiB) in {time.perf_counter() - start:.1f}s -> {out}")
+
+
+def convert_llama(args) -> int:
+  import sys
+
+  from vllm_jax import pretrained
+  from vllm_jax.converters import llama
+  start = time.perf_counter()
+  config, params = llama.load_hf(args.hf_dir, param_dtype=args.dtype)
+  pretrained.save_llama(args.out, config, params)
+  copied = llama.copy_tokenizer(args.hf_dir, args.out)
+  _report(start, {"llm": params}, args.out, f", {config.param_dtype}")
+  if not copied:
+    print("warning: no tokenizer files found next to the weights; `chat` needs them", file=sys.stderr)
+  return 0
+
+
+def convert_video_llama(args) -> int:
+  from vllm_jax.configs import video_llama as video_llama_configs
+  from vllm_jax.converters import video_llama_full
+  from vllm_jax.models.video_llama import VideoLlamaConfig
+  from vllm_jax.systems.video_llama import VideoLlamaSystem
+  start = time.perf_counter()
+  cfg = video_llama_configs.get_config(args.config)
+  files = {k: getattr(args, k) or cfg.checkpoints[k] or None for k in cfg.checkpoints}
+  if not files["llama_dir"]:
+    return flags.error("--llama-dir (or checkpoints.llama_dir in the config) is required")
+  base = VideoLlamaConfig.from_dict(cfg.model.to_dict())
+  if args.template:
+    base = base.replace(template=args.template)
+  config, params, tokenizer = video_llama_full.assemble(base, param_dtype=args.dtype, **files)
+  VideoLlamaSystem(config, params, tokenizer).save(args.out)
+  _report(start, params, args.out, f"; {'with' if config.audio else 'without'} audio")
+  return 0
+
+
+def convert_video_llava(args) -> int:
+  import json
+  import os
+
+  from vllm_jax.configs import video_llava as video_llava_configs
+  from vllm_jax.converters import llama as llama_format
+  from vllm_jax.converters import video_llava as video_llava_format
+  from vllm_jax.data.tokenizer import load_tokenizer
+  from vllm_jax.models.video_llava import VideoLlavaConfig
+  from vllm_jax.systems.video_llava import VideoLlavaSystem, add_media_tokens
+  start = time.perf_counter()
+  folder = args.hf_dir or args.original
+  try:
+    tokenizer = load_tokenizer(folder)
+    ids = add_media_tokens(tokenizer)
+    if args.hf_dir:
+      config, params = video_llava_format.load_hf(args.hf_dir, param_dtype=args.dtype)
+    else:
+      with open(os.path.join(folder, "config.json")) as f:
+        llama = llama_format.config_from_hf(json.load(f))
+      base = VideoLlavaConfig.from_dict(video_llava_configs.get_config(args.config).model.to_dict())
+      config = base.replace(llama=llama, image_token_id=ids[0], video_token_id=ids[1])
+      if args.dtype:
+        config = video_llava_format.with_param_dtype(config, args.dtype)
+      params = video_llava_format.load_original(folder, config)
+  except (FileNotFoundError, ValueError) as e:
+    return flags.error(str(e))
+  if ids != (config.image_token_id, config.video_token_id):
+    return flags.error(f"the tokenizer in {folder} maps <image>/<video> to {list(ids)}, its config.json says "
+                       f"{[config.image_token_id, config.video_token_id]}")
+  VideoLlavaSystem(config, params, tokenizer).save(args.out)
+  temporal = config.video_tower.temporal_frames
+  _report(start, params, args.out, f"; video tower {'with' if temporal else 'without'} temporal attention")
+  return 0

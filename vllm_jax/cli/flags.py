@@ -1,0 +1,115 @@
+"""What the commands share: flag groups, config files with `--config.a.b=VALUE` overrides, model
+loading, error lines and the question loop."""
+
+import argparse
+import ast
+import importlib.util
+import sys
+
+
+def error(message: str) -> int:
+  """Print one `error:` line; the command's exit status (2)."""
+  print(f"error: {message}", file=sys.stderr)
+  return 2
+
+
+def mesh(spec: str | None):
+  if not spec:
+    return None
+  from vllm_jax.train.sharding import make_mesh
+  return make_mesh(tuple(int(s) for s in spec.split(",")))
+
+
+def load_system(args):
+  """The model folder `args.model` as its system (`vllm_jax.systems`), restored onto `--mesh`."""
+  from vllm_jax import systems
+  return systems.load(args.model, mesh=mesh(args.mesh), dtype=args.dtype)
+
+
+def use_audio(args, system) -> bool | None:
+  """--audio/--no-audio, by default on when the model has an audio branch; None: impossible."""
+  if args.audio and not system.has_audio:
+    return None
+  return system.has_audio if args.audio is None else args.audio
+
+
+def sampling(args):
+  from vllm_jax.generate import SamplingConfig
+  return SamplingConfig(args.temperature, args.top_k, args.top_p)
+
+
+def sampling_flags(parser) -> None:
+  parser.add_argument("--max-new-tokens", type=int, default=128)
+  parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+  parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+  parser.add_argument("--top-k", type=int, default=0, help="sample among the k best tokens (0 = off)")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+  parser.add_argument("--mesh", default=None,
+                      help="data,fsdp,tensor mesh sizes, e.g. 1,1,-1 for tensor parallel over all devices")
+
+
+def media_flags(parser) -> None:
+  parser.add_argument("--audio", action=argparse.BooleanOptionalAction, default=None,
+                      help="use the video's audio track (default: when the model has an audio branch)")
+  parser.add_argument("--num-frames", type=int, default=None, help="frames sampled per video (default: the model's)")
+
+
+def answer_or_loop(answer, question: str | None, seed: int, hint: str) -> int:
+  """`answer(question, seed)` once, or, without a question, for each line typed until an empty
+  line or Ctrl-D (seed + turn for the turn-th)."""
+  if question is not None:
+    answer(question, seed)
+    return 0
+  print(f"{hint}; an empty line or Ctrl-D quits.", file=sys.stderr)
+  for turn in range(sys.maxsize):
+    try:
+      line = input("> ").strip()
+    except EOFError:
+      break
+    if not line:
+      break
+    answer(line, seed + turn)
+  return 0
+
+
+def load_config(spec: str, overrides: list[str]):
+  """`FILE[:ARG]` -> FILE's get_config(ARG), then each `--config.a.b=VALUE` applied."""
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("train_config", path)
+  if module_spec is None or not path.endswith(".py"):
+    raise ValueError(f"--config {spec!r}: expected a .py file, optionally with :ARG")
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  cfg = module.get_config(arg) if arg else module.get_config()
+  for override in overrides:
+    key, eq, value = override.removeprefix("--config.").partition("=")
+    if not override.startswith("--config.") or not eq:
+      raise ValueError(f"unrecognised argument {override!r}; overrides look like --config.train.steps=100")
+    *parents, name = key.split(".")
+    node = cfg
+    for part in parents:
+      node = node[part]
+    if name not in node:
+      raise ValueError(f"--config.{key}: the config has no field {key!r}")
+    node[name] = _coerce(value, node[name], key)
+  return cfg
+
+
+def _coerce(value: str, current, key: str):
+  """The override string as the type of the field's current value."""
+  try:
+    if isinstance(current, bool):
+      if value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(value)
+      return value.lower() in ("true", "1")
+    if isinstance(current, (int, float)):
+      return type(current)(value)
+    if isinstance(current, (tuple, list)):
+      if value[:1] in "([":
+        return type(current)(ast.literal_eval(value))
+      kind = type(current[0]) if current else str
+      return type(current)(kind(v) for v in value.split(",") if v)
+  except (ValueError, SyntaxError) as e:
+    raise ValueError(f"--config.{key}={value}: not a {type(current).__name__}") from e
+  return value

@@ -1,0 +1,114 @@
+"""`vllm-jax infer`: answer a JSONL file of questions about videos and images, batched and resumable."""
+
+import json
+import os
+import sys
+
+from vllm_jax.cli import flags
+
+DESCRIPTION = ('Each input line is {"video": path (or "image": path), "question": text, "id": optional}. '
+               'Each output line repeats "line" (the input line number), "id", the media path and '
+               'the question, with "answer" or, for a bad line or a missing or undecodable file, '
+               '"error"; the other items go on. Rerunning skips the lines already answered and '
+               'retries the errors.')
+
+
+def add_parser(commands) -> None:
+  infer = commands.add_parser(
+      "infer", help="answer a JSONL file of questions about videos/images, batched and resumable",
+      description=DESCRIPTION)
+  infer.add_argument("--model", required=True, help="a video model folder")
+  infer.add_argument("--input", required=True, help="questions, one JSON object per line")
+  infer.add_argument("--output", required=True, help="answers, appended one JSON object per line")
+  infer.add_argument("--batch-size", type=int, default=4)
+  flags.media_flags(infer)
+  flags.sampling_flags(infer)
+  infer.set_defaults(run=run)
+
+
+def run(args) -> int:
+  from tqdm import tqdm
+
+  from vllm_jax import generate
+  from vllm_jax.data.media import MediaError
+  from vllm_jax.data.tokenizer import left_pad
+  try:
+    system = flags.load_system(args)
+  except (FileNotFoundError, ValueError) as e:
+    return flags.error(str(e))
+  use_audio = flags.use_audio(args, system)
+  if use_audio is None:
+    return flags.error(f"--audio: {args.model} has no audio branch")
+  sampling = flags.sampling(args)
+
+  with open(args.input) as f:
+    lines = f.read().splitlines()
+  done = _answered(args.output)
+  pending = [i for i, line in enumerate(lines) if line.strip() and i not in done]
+  print(f"{len(done)} of {len(lines)} lines already answered; {len(pending)} to go", file=sys.stderr)
+
+  with open(args.output, "a") as out, tqdm(total=len(pending), unit="item", file=sys.stderr) as bar:
+    def write(record):
+      out.write(json.dumps(record) + "\n")
+      out.flush()
+
+    for start in range(0, len(pending), args.batch_size):
+      batch = []
+      for i in pending[start:start + args.batch_size]:
+        record = {"line": i}
+        try:
+          item = json.loads(lines[i])
+          record.update({k: item[k] for k in ("id", "video", "image") if k in item})
+          path, question = item.get("video") or item.get("image"), item.get("question")
+          if not path or not isinstance(question, str):
+            raise ValueError('each line needs "video" (or "image") and "question"')
+          media = system.load_media(path, use_audio=use_audio, num_frames=args.num_frames)
+        except (ValueError, FileNotFoundError, MediaError) as e:  # JSONDecodeError is a ValueError
+          write({**record, "error": f"{type(e).__name__}: {e}"})
+          bar.update()
+          continue
+        batch.append((record, question, media))
+      if not batch:
+        continue
+      rows = []
+      for record, question, media in batch:
+        record["audio"] = use_audio and media.audio_valid
+        conv = system.conversation(media, record["audio"])
+        conv.ask(question)
+        rows.append(system.prompt_ids(conv.prompt()))
+      # Every batch has the same number of rows (copies of the first fill it): one compiled
+      # encoder serves all batches.
+      media = [m for _, _, m in batch]
+      fill = args.batch_size - len(batch)
+      rows, media = rows + rows[:1] * fill, media + media[:1] * fill
+      ids, mask = left_pad(rows, multiple=32)
+      embeds = system.embed(ids, system.encode_media(media, use_audio=use_audio))
+      result = generate.generate(system.config.llama, system.params["llm"], inputs_embeds=embeds,
+                                 attention_mask=mask, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                                 stop_token_ids=system.stop_ids, stop_strings=system.template.stop_strings,
+                                 tokenizer=system.tokenizer, seed=args.seed + start)
+      for (record, question, _), text in zip(batch, result.texts):
+        write({**record, "question": question, "answer": system.clean_answer(text)})
+        bar.update()
+  return 0
+
+
+def _answered(path: str) -> set[int]:
+  """Input lines with an answer in `path`; other records (errors, a torn last line) are
+  dropped from the file, so those lines are tried again."""
+  if not os.path.exists(path):
+    return set()
+  keep, done = [], set()
+  with open(path) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except ValueError:
+        continue
+      if "answer" in record and record.get("line") not in done:
+        done.add(record["line"])
+        keep.append(json.dumps(record) + "\n")
+  with open(path + ".tmp", "w") as f:
+    f.writelines(keep)
+  os.replace(path + ".tmp", path)
+  return done

@@ -1,0 +1,50 @@
+"""`vllm-jax train`: any system's training recipe from a config file."""
+
+import sys
+
+from vllm_jax.cli import flags
+
+HELP = """Train a model with a config file: `--config FILE:ARG` calls FILE's get_config(ARG)
+(e.g. configs/video_llama.py:stage1, :stage2, :stage2_full, :tiny_stage1, or
+configs/video_llava.py:stage1, :stage2), and each `--config.a.b=VALUE` then sets field a.b,
+VALUE read as the field's type (ints, floats, true/false, comma-separated or Python-literal
+tuples, strings as they are). The config's `system` names the model family.
+
+Starts from a model folder (--config.init_from=DIR, written by `vllm-jax convert`) or from a
+random init of the config's model (with --config.data.tokenizer=DIR). Data: the config's `data`
+section (captions, instruction JSON); unreadable media are skipped and counted. Logs a line every
+train.log_every steps; with train.workdir, writes orbax checkpoints (workdir/checkpoints),
+TensorBoard events and metrics.jsonl there, and a rerun resumes from the latest checkpoint (data
+position included). SIGTERM checkpoints and stops.
+Mesh: mesh.data, mesh.fsdp, mesh.tensor (-1 = the remaining devices).
+"""
+
+
+def add_parser(commands) -> None:
+  train = commands.add_parser("train", help="train a model (sharded, checkpointed, resumable)",
+                              description=HELP, formatter_class=flags.argparse.RawDescriptionHelpFormatter,
+                              usage="vllm-jax train --config FILE[:ARG] [--config.a.b=VALUE ...]")
+  train.add_argument("--config", required=True, metavar="FILE[:ARG]",
+                     help="config file and its get_config argument, e.g. configs/video_llama.py:stage1")
+  train.set_defaults(run=run, takes_overrides=True)
+
+
+def run(args, overrides: list[str]) -> int:
+  import logging
+
+  from vllm_jax import systems
+  from vllm_jax.train import run as run_lib
+  from vllm_jax.train import sharding
+  try:
+    cfg = flags.load_config(args.config, overrides)
+    system = systems.get(cfg.system)
+  except (ValueError, KeyError, AttributeError, FileNotFoundError) as e:
+    return flags.error(str(e))
+  sharding.initialize_distributed()
+  logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
+  logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
+  result = run_lib.train(cfg, system)
+  state = "preempted at" if result.preempted else "done at"
+  print(f"{state} step {int(result.state.step)}; {result.skipped_examples} unreadable examples skipped",
+        file=sys.stderr)
+  return 0

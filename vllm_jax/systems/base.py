@@ -1,0 +1,144 @@
+"""What a system is: the interface every command (chat, infer, train, demo, ...) is written against.
+
+A `System` holds one loaded model (config, params, tokenizer) and turns media and text into
+the LLM's inputs; generation then knows only the LLM (`vllm_jax.generate`):
+
+  media  = system.load_media(path)              the file, preprocessed as the system's reference does
+  conv   = system.conversation(media)           a chat in the system's template, opened by the media turn
+  conv.ask(question)
+  ids    = system.prompt_ids(conv.prompt())     text ids with each placeholder expanded to its run
+  tokens = system.encode_media([media, ...])    media tokens of a batch (one row per media item), once
+  embeds = system.embed(ids [B, L], tokens)     token embeddings with the media tokens spliced in
+  generate.generate(system.config.llama, system.params["llm"], inputs_embeds=embeds, ...)
+
+Training uses the class side, which needs no loaded model: `model`, `abstract_params`,
+`init_inputs`, `loss_fn`, `dataset` (examples of the configured sources) and `prepare_init`
+(the config and tokenizer of a random init).
+"""
+
+import functools
+from typing import Any, ClassVar, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from vllm_jax import pretrained
+from vllm_jax.data import conversation as conv_lib
+from vllm_jax.data.media import Media
+from vllm_jax.train import trainer
+
+
+@functools.partial(jax.jit, static_argnames=("model", "method"))
+def apply(model: nn.Module, method: str, params, *args):
+  """`model.<method>(*args)` with `params`, compiled once per model, method and input shapes."""
+  return model.apply({"params": params}, *args, method=method)
+
+
+class System:
+  """One loaded model of a system. Subclasses set the class attributes and the methods marked
+  'per system'."""
+  model_type: ClassVar[str]             # config.json's model_type
+  config_class: ClassVar[type]          # the model config (a ConfigBase dataclass)
+  placeholder_tokens: ClassVar[tuple[str, ...]]  # the tokenizer's media placeholders, config order
+
+  def __init__(self, config, params, tokenizer):
+    self.config, self.params, self.tokenizer = config, params, tokenizer
+    self.template = conv_lib.get_template(config.template)
+
+  # --- model folders ------------------------------------------------------------------------
+
+  @classmethod
+  def load(cls, model_dir: str, mesh: jax.sharding.Mesh | None = None, **llama_overrides) -> "System":
+    """The model saved in `model_dir` (restored into its shards with a mesh); `llama_overrides`
+    change LLaMA config fields such as `dtype`."""
+    config, params, tokenizer = pretrained.load(model_dir, cls.model_type, cls.config_class, cls.abstract_params,
+                                                mesh, **llama_overrides)
+    cls.check_tokenizer(config, tokenizer, model_dir)
+    return cls(config, params, tokenizer)
+
+  def save(self, out_dir: str) -> None:
+    pretrained.save(out_dir, self.model_type, self.config, self.params, self.tokenizer)
+
+  @classmethod
+  def placeholder_ids(cls, config) -> tuple[int, ...]:  # per system
+    raise NotImplementedError
+
+  @classmethod
+  def check_tokenizer(cls, config, tokenizer, where: str) -> None:
+    ids = tuple(tokenizer.convert_tokens_to_ids(list(cls.placeholder_tokens)))
+    if ids != cls.placeholder_ids(config):
+      raise ValueError(f"the tokenizer in {where} maps {'/'.join(cls.placeholder_tokens)} to {list(ids)}, the "
+                       f"model expects {list(cls.placeholder_ids(config))}")
+
+  # --- inference (per system) ---------------------------------------------------------------
+
+  @property
+  def has_audio(self) -> bool:
+    return False
+
+  def load_media(self, path: str, use_audio: bool = False, num_frames: int | None = None) -> Media:
+    """A video or image file -> Media. Raises FileNotFoundError or MediaError."""
+    raise NotImplementedError
+
+  def conversation(self, media: Media, use_audio: bool = False) -> conv_lib.Conversation:
+    raise NotImplementedError
+
+  def placeholders(self) -> dict[str, tuple[int, int]]:
+    """Placeholder text -> (token id, number of media tokens it stands for)."""
+    raise NotImplementedError
+
+  def encode_media(self, media: Sequence[Media], use_audio: bool = False) -> Any:
+    """The media of a batch (row b: media[b]) -> their tokens for `embed`, a pytree of arrays."""
+    raise NotImplementedError
+
+  def embed(self, input_ids: np.ndarray, tokens: Any) -> jax.Array:
+    """ids [B, L] with placeholder runs -> embeddings [B, L, E] with the media tokens spliced in."""
+    raise NotImplementedError
+
+  # --- inference (shared) -------------------------------------------------------------------
+
+  def prompt_ids(self, prompt: str) -> list[int]:
+    """An inference prompt -> ids: BOS, each text segment tokenized alone, placeholder runs."""
+    return conv_lib.encode_text(self.tokenizer, [(prompt, False)], self.placeholders())[0]
+
+  @property
+  def stop_ids(self) -> list[int]:
+    eos = self.config.llama.eos_token_id
+    eos = eos if isinstance(eos, tuple) else (eos,)
+    return sorted({i for i in (self.tokenizer.eos_token_id, *eos) if isinstance(i, int)})
+
+  def clean_answer(self, text: str) -> str:
+    return conv_lib.clean_answer(self.template, text)
+
+  # --- training (per system) ----------------------------------------------------------------
+
+  @classmethod
+  def model(cls, config) -> nn.Module:
+    raise NotImplementedError
+
+  @classmethod
+  def abstract_params(cls, config):
+    """The parameters as ShapeDtypeStructs, boxed with their logical axis names."""
+    raise NotImplementedError
+
+  @classmethod
+  def init_inputs(cls, config) -> dict[str, jax.ShapeDtypeStruct]:
+    """Model inputs that create every parameter (for `init`)."""
+    raise NotImplementedError
+
+  @classmethod
+  def loss_fn(cls, config) -> trainer.LossFn:
+    """(params, batch, rng) -> (summed next-token loss, learned-token count) of a batch of examples."""
+    raise NotImplementedError
+
+  @classmethod
+  def dataset(cls, cfg, config, tokenizer_dir: str):
+    """The grain dataset of training examples (fixed shapes) of the sources in `cfg.data`."""
+    raise NotImplementedError
+
+  @classmethod
+  def prepare_init(cls, cfg, tokenizer) -> Any:
+    """The model config of a random init from `cfg.model`, its placeholder ids taken from the
+    tokenizer (whose placeholders this adds)."""
+    raise NotImplementedError

@@ -1,0 +1,166 @@
+"""Video-LLaVA as a system: 8 frames by linspace, short side resized to 224 and centre-cropped
+(images as CLIPImageProcessor does), the image and video towers with the shared projector, the
+llava_v1 template with `<image>` (256 tokens) / `<video>` (8 x 257), and training examples from
+LLaVA-style conversation JSON mixing images and videos.
+
+A training example (fixed shapes, so that batches stack and the step compiles once):
+  pixels [T, S, S, 3] float32: a video's T frames, or an image in frame 0 (the rest copies);
+  input_ids, labels, attention_mask [L] int32, right-padded, labels -100 where nothing is learned.
+The text is the llava_v1 training format with the media turn ("<image>\\n" or "<video>\\n") opening
+the first question, cut at `data.max_text_len` tokens with each placeholder counted once (the
+reference's model_max_length), then expanded; L = `data.max_len` (its tokenizer_model_max_length)
+bounds the expanded sequence. Every row runs both towers and uses the one its placeholders ask for.
+"""
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import numpy as np
+
+from vllm_jax.data import conversation as conv_lib
+from vllm_jax.data import datasets
+from vllm_jax.data.media import Media, load_media
+from vllm_jax.data.tokenizer import load_tokenizer
+from vllm_jax.models.video_llava import VideoLlava, VideoLlavaConfig, abstract_params, init_inputs
+from vllm_jax.systems.base import System, apply
+from vllm_jax.systems.video_llama import conversation_turns
+from vllm_jax.train import trainer
+
+IMAGE_TOKEN = "<image>"
+VIDEO_TOKEN = "<video>"
+PREPROCESS = dict(sampling="linspace", resize="short_side_crop")
+
+
+def add_media_tokens(tokenizer) -> tuple[int, int]:
+  """Add `<image>`, `<video>` as special tokens (no-op if present) -> their ids."""
+  tokenizer.add_tokens([IMAGE_TOKEN, VIDEO_TOKEN], special_tokens=True)
+  return tuple(tokenizer.convert_tokens_to_ids([IMAGE_TOKEN, VIDEO_TOKEN]))
+
+
+class VideoLlavaSystem(System):
+  model_type = "video_llava"
+  config_class = VideoLlavaConfig
+  placeholder_tokens = (IMAGE_TOKEN, VIDEO_TOKEN)
+
+  @classmethod
+  def placeholder_ids(cls, config):
+    return config.image_token_id, config.video_token_id
+
+  def load_media(self, path, use_audio=False, num_frames=None):
+    del use_audio  # no audio branch
+    cfg = self.config
+    if num_frames not in (None, cfg.num_frames):
+      raise ValueError(f"Video-LLaVA reads {cfg.num_frames} frames per video (the prompt holds their tokens)")
+    return load_media(path, cfg.num_frames, cfg.video_tower.image_size, **PREPROCESS)
+
+  def conversation(self, media, use_audio=False):
+    return conv_lib.Conversation(self.template).open_with((IMAGE_TOKEN if media.is_image else VIDEO_TOKEN) + "\n")
+
+  def placeholders(self):
+    cfg = self.config
+    return {IMAGE_TOKEN: (cfg.image_token_id, cfg.num_image_tokens),
+            VIDEO_TOKEN: (cfg.video_token_id, cfg.num_video_tokens)}
+
+  def encode_media(self, media: Sequence[Media], use_audio=False):
+    """Images [B, 256, E] when a row is an image, videos [B, T*257, E] when a row is a video
+    (each row uses the kind its prompt asks for)."""
+    model = VideoLlava(self.config)
+    pixels = np.stack([m.frames.frames for m in media])
+    images = apply(model, "encode_images", self.params, pixels[:, 0]) if any(m.is_image for m in media) else None
+    videos = apply(model, "encode_videos", self.params, pixels) if not all(m.is_image for m in media) else None
+    return images, videos
+
+  def embed(self, input_ids, tokens):
+    return apply(VideoLlava(self.config), "embed", self.params, np.asarray(input_ids), *tokens)
+
+  # --- training -----------------------------------------------------------------------------
+
+  @classmethod
+  def model(cls, config):
+    return VideoLlava(config)
+
+  @classmethod
+  def abstract_params(cls, config):
+    return abstract_params(config)
+
+  @classmethod
+  def init_inputs(cls, config):
+    return init_inputs(config)
+
+  @classmethod
+  def loss_fn(cls, config) -> trainer.LossFn:
+    model = VideoLlava(config)
+
+    def loss(params, batch, rng):
+      del rng  # no dropout
+      pixels = batch["pixels"]
+      logits, _ = model.apply({"params": params}, batch["input_ids"], images=pixels[:, 0], videos=pixels,
+                              attention_mask=batch["attention_mask"])
+      return trainer.cross_entropy(logits, batch["labels"])
+    return loss
+
+  @classmethod
+  def dataset(cls, cfg, config, tokenizer_dir):
+    data = cfg.data
+    if not data.instruct_json:
+      raise ValueError("no training data: set data.instruct_json (+ data.instruct_dir)")
+    decode = Decode(tokenizer_dir=tokenizer_dir, max_text_len=data.max_text_len, max_len=data.max_len,
+                    num_frames=config.num_frames, image_size=config.video_tower.image_size,
+                    image_token_id=config.image_token_id, video_token_id=config.video_token_id,
+                    num_image_tokens=config.num_image_tokens, num_video_tokens=config.num_video_tokens)
+    records = datasets.llava_records(data.instruct_json, data.instruct_dir)
+    return datasets.from_sources(data, [(records, decode, 1.0, cfg.seed)])
+
+  @classmethod
+  def prepare_init(cls, cfg, tokenizer):
+    config = VideoLlavaConfig.from_dict(cfg.model.to_dict())
+    image_id, video_id = add_media_tokens(tokenizer)
+    if len(tokenizer) - 2 > config.llama.vocab_size:
+      raise ValueError(f"the tokenizer has {len(tokenizer) - 2} text tokens, model.llama.vocab_size is "
+                       f"{config.llama.vocab_size}")
+    return config.replace(image_token_id=image_id, video_token_id=video_id)
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(path: str):
+  tokenizer = load_tokenizer(path)
+  add_media_tokens(tokenizer)
+  return tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class Decode:
+  """record -> example (see the module doc); picklable for grain worker processes."""
+  tokenizer_dir: str
+  max_text_len: int
+  max_len: int
+  num_frames: int
+  image_size: int
+  image_token_id: int
+  video_token_id: int
+  num_image_tokens: int
+  num_video_tokens: int
+
+  def __call__(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
+    media = load_media(record["media"], self.num_frames, self.image_size, **PREPROCESS)
+    tokenizer = _tokenizer(self.tokenizer_dir)
+    turns = conversation_turns(record["conversation"])
+    placeholder = IMAGE_TOKEN if media.is_image else VIDEO_TOKEN
+    turns[0] = (placeholder + "\n" + turns[0][0], turns[0][1])
+    pieces = conv_lib.training_pieces(conv_lib.LLAVA_V1, turns)
+    # Cut with each placeholder counted once, then expand it.
+    ids, labels = conv_lib.encode_text(tokenizer, pieces, {IMAGE_TOKEN: (-1, 1), VIDEO_TOKEN: (-1, 1)})
+    ids, labels = ids[:self.max_text_len], labels[:self.max_text_len]
+    if -1 not in ids:
+      raise ValueError(f"the media turn of {record['media']} lies past max_text_len {self.max_text_len}")
+    at = ids.index(-1)
+    token_id, count = ((self.image_token_id, self.num_image_tokens) if media.is_image
+                       else (self.video_token_id, self.num_video_tokens))
+    ids = ids[:at] + [token_id] * count + ids[at + 1:]
+    labels = labels[:at] + [conv_lib.IGNORE_INDEX] * count + labels[at + 1:]
+    if len(ids) > self.max_len:
+      ids, labels = ids[:self.max_len], labels[:self.max_len]
+    example = {k: v[0] for k, v in conv_lib.collate([(ids, labels)], multiple=self.max_len).items()}
+    example["pixels"] = media.frames.frames
+    return example

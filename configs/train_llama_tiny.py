@@ -24,6 +24,26 @@ def optim_config(**overrides) -> ml_collections.ConfigDict:
   return cfg
 
 
+def train_section(**overrides) -> ml_collections.ConfigDict:
+  """The `train` section: run length, batch, logging and checkpointing."""
+  cfg = ml_collections.ConfigDict(dict(
+      steps=100,
+      batch_size=8,              # global, per optimizer update (all micro-batches, all processes)
+      workdir="",                # checkpoints, TensorBoard events, metrics.jsonl; "" = none
+      log_every=10,
+      eval_every=0,              # 0 = no periodic eval
+      eval_steps=2,
+      checkpoint_every=50,
+      keep_checkpoints=3,
+      save_frozen=False,         # False: checkpoints hold only trainable params (frozen ones are reloaded)
+      async_checkpoints=True,
+      max_nan_skips=10,          # abort after this many non-finite steps were skipped
+      peak_tflops=0.0,           # per-device peak for the MFU estimate; 0 = look up the device kind
+  ))
+  cfg.update(overrides)
+  return cfg
+
+
 def get_config(arg: str = "connectors") -> ml_collections.ConfigDict:
   cfg = ml_collections.ConfigDict()
   cfg.seed = 0
@@ -40,20 +60,7 @@ def get_config(arg: str = "connectors") -> ml_collections.ConfigDict:
   elif arg != "connectors":
     raise ValueError(f"unknown config {arg!r}; use 'connectors' or 'full'")
 
-  cfg.train = ml_collections.ConfigDict(dict(
-      steps=100,
-      batch_size=8,              # global, per optimizer update (all micro-batches, all processes)
-      workdir="",                # checkpoints and TensorBoard events; "" = none
-      log_every=10,
-      eval_every=0,              # 0 = no periodic eval
-      eval_steps=2,
-      checkpoint_every=50,
-      keep_checkpoints=3,
-      save_frozen=False,         # False: checkpoints hold only trainable params (frozen ones are reloaded)
-      async_checkpoints=True,
-      max_nan_skips=10,          # abort after this many non-finite steps were skipped
-      peak_tflops=0.0,           # per-device peak for the MFU estimate; 0 = look up the device kind
-  ))
+  cfg.train = train_section()
 
   cfg.data = ml_collections.ConfigDict(dict(
       seq_len=16,

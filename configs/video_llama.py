@@ -26,7 +26,7 @@ clipping (the reference's runner has none). Frozen parameters are kept in bfloat
 
 import ml_collections
 
-from vllm_jax.configs.train_llama_tiny import optim_config
+from vllm_jax.configs.train_llama_tiny import optim_config, train_section
 
 from vllm_jax.models.audio_branch import AudioBranchConfig
 from vllm_jax.models.imagebind_audio import ImageBindAudioConfig
@@ -108,19 +108,8 @@ def train_config(cfg: ml_collections.ConfigDict, stage: str, tiny: bool = False)
   else:
     cfg.optim = optim_config(trainable=(VISION_CONNECTOR, r"^llm/"), lr=2e-5, min_lr=0.0, warmup_start_lr=0.0,
                              warmup_steps=90, total_steps=3000, weight_decay=0.0)
-  cfg.train = ml_collections.ConfigDict(dict(
-      steps=cfg.optim.total_steps,
-      batch_size=256 if stage1 else 32,  # global, per optimizer update
-      workdir="",                # checkpoints/, tensorboard/, metrics.jsonl; "" = none
-      log_every=50,
-      eval_every=0,
-      checkpoint_every=1000,
-      keep_checkpoints=3,
-      save_frozen=False,         # frozen parameters come back from init_from on resume
-      async_checkpoints=True,
-      max_nan_skips=10,
-      peak_tflops=0.0,
-  ))
+  cfg.train = train_section(steps=cfg.optim.total_steps, batch_size=256 if stage1 else 32, log_every=50,
+                            checkpoint_every=1000)
   cfg.data = ml_collections.ConfigDict(dict(
       webvid_csv="",             # WebVid-style CSV: captions (stage 1 examples)
       webvid_dir="",             # videos at {webvid_dir}/{page_dir}/{videoid}.mp4

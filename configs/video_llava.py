@@ -31,7 +31,7 @@ import math
 
 import ml_collections
 
-from vllm_jax.configs.train_llama_tiny import optim_config
+from vllm_jax.configs.train_llama_tiny import optim_config, train_section
 from vllm_jax.models.llama import LlamaConfig
 from vllm_jax.models.video_llava import VICUNA_7B_V15, VideoLlavaConfig
 from vllm_jax.models.vit import CLIP_VIT_L
@@ -86,19 +86,8 @@ def train_config(cfg: ml_collections.ConfigDict, stage: str, tiny: bool = False)
   cfg.optim = optim_config(trainable=tuple(cfg.trainable[stage]), lr=1e-3 if stage1 else 2e-5, min_lr=0.0,
                            warmup_start_lr=0.0, warmup_steps=math.ceil(0.03 * steps), total_steps=steps,
                            weight_decay=0.0, clip_norm=1.0)
-  cfg.train = ml_collections.ConfigDict(dict(
-      steps=cfg.optim.total_steps,
-      batch_size=BATCH[stage],   # global, per optimizer update
-      workdir="",                # checkpoints/, tensorboard/, metrics.jsonl; "" = none
-      log_every=50,
-      eval_every=0,
-      checkpoint_every=1000,
-      keep_checkpoints=3,
-      save_frozen=False,         # frozen parameters come back from init_from on resume
-      async_checkpoints=True,
-      max_nan_skips=10,
-      peak_tflops=0.0,
-  ))
+  cfg.train = train_section(steps=cfg.optim.total_steps, batch_size=BATCH[stage], log_every=50,
+                            checkpoint_every=1000)
   cfg.data = ml_collections.ConfigDict(dict(
       instruct_json="",          # conversations with an "image" or "video" path (LLaVA-style JSON)
       instruct_dir="",           # media paths in the JSON are relative to this folder

@@ -124,3 +124,16 @@ def test_missing_placeholders_and_unknown_template(tok, tmp_path):
     C.encode_prompt(plain, "hi <ImageHere>")
   with pytest.raises(ValueError, match="unknown conversation template"):
     C.get_template("chatml")
+
+
+def test_llava_v1_multi_turn_prompt():
+  conv = C.Conversation(C.LLAVA_V1).open_with("<video>\n")
+  conv.ask("What is moving?")
+  assert conv.prompt() == C.LLAVA_SYSTEM + " USER: <video>\nWhat is moving? ASSISTANT:"
+  conv.answer("A red circle.")
+  conv.ask("Where does it go?")
+  assert conv.prompt() == (C.LLAVA_SYSTEM + " USER: <video>\nWhat is moving? ASSISTANT: A red circle.</s>"
+                           "USER: Where does it go? ASSISTANT:")
+  pieces = C.training_pieces(C.LLAVA_V1, [("<video>\nWhat is moving?", "A red circle.")])
+  assert "".join(p for p, _ in pieces) == C.LLAVA_SYSTEM + " USER: <video>\nWhat is moving? ASSISTANT: A red circle.</s>"
+  assert [p for p, learned in pieces if learned] == [" A red circle.</s>"]

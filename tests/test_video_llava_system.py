@@ -17,6 +17,8 @@ from PIL import Image
 from test_video_loading import write_video
 from vllm_jax import cli, systems
 from vllm_jax.cli.flags import load_config
+from vllm_jax.converters import llama as llama_format
+from vllm_jax.converters import video_llava as video_llava_format
 from vllm_jax.data import datasets
 from vllm_jax.data.tokenizer import train_tokenizer
 from vllm_jax.systems.video_llava import VideoLlavaSystem, add_media_tokens
@@ -72,6 +74,20 @@ def test_convert_records_the_system(files):
   assert system.config.video_tower.temporal_frames == 0 and system.config.image_tower.depth == 2
 
 
+def test_convert_original_layout(files, tmp_path):
+  """The original layout (`save_original`) converted back by the CLI gives the same model."""
+  root, model, _ = files
+  system = systems.load(model)
+  original = tmp_path / "original"
+  video_llava_format.save_original(system.config, system.params, str(original))
+  llama_format.copy_tokenizer(str(root / "hf"), str(original))
+  out = str(tmp_path / "model")
+  assert cli.main(["convert", "video-llava", "--original", str(original), "--config", "tiny", "--out", out]) == 0
+  again = systems.load(out)
+  assert again.config.replace(llama=system.config.llama) == system.config
+  jax.tree.map(np.testing.assert_array_equal, again.params, system.params)
+
+
 def chat(model, *args):
   return cli.main(["chat", "--model", model, "--max-new-tokens", "5", *args])
 
@@ -121,6 +137,26 @@ def test_infer_mixes_images_and_videos_in_a_batch(files, tmp_path):
       assert cli.main(["infer", "--model", model, "--input", str(alone), "--output", str(out), "--batch-size", "3",
                        "--max-new-tokens", "4"]) == 0
       assert json.loads(out.read_text())["answer"] == record["answer"]
+
+
+def test_training_example_layout(files):
+  root, model, _ = files
+  cfg = stage1_config(root, model)
+  system = systems.load(model)
+  decode = VideoLlavaSystem.decoder(cfg, system.config, os.path.join(model, "tokenizer"))
+  record = {"media": str(root / "media" / "clip0.mp4"), "conversation": [
+      {"from": "human", "value": "<video>\nWhat is shown?"}, {"from": "gpt", "value": "A red circle."},
+      {"from": "human", "value": "And then?"}, {"from": "gpt", "value": "It stops."}]}
+  example = decode(record)
+  ids, labels = example["input_ids"], example["labels"]
+  assert ids.shape == labels.shape == (cfg.data.max_len,) and example["pixels"].shape == (FRAMES, 28, 28, 3)
+  assert (ids == system.config.video_token_id).sum() == FRAMES * 5
+  tokenizer = system.tokenizer
+  learned = tokenizer.decode(labels[labels >= 0], skip_special_tokens=False)
+  assert learned.replace(" ", "") == "Aredcircle.</s>Itstops.</s>"
+  text = tokenizer.decode(ids[(ids != system.config.video_token_id) & (example["attention_mask"] > 0)],
+                          skip_special_tokens=True)
+  assert text.strip().startswith(system.template.system) and "What is shown? ASSISTANT: A red circle." in text
 
 
 def stage1_config(root, model, **overrides):

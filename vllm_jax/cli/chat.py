@@ -70,7 +70,6 @@ def _chat_text(args) -> int:
 
 def _chat_media(args) -> int:
   from vllm_jax import generate
-  from vllm_jax.data.media import MediaError
   try:
     system = flags.load_system(args)
   except (FileNotFoundError, ValueError) as e:
@@ -83,7 +82,7 @@ def _chat_media(args) -> int:
     return flags.error(f"--audio: {args.model} has no audio branch")
   try:
     media = system.load_media(path, use_audio=use_audio, num_frames=args.num_frames)
-  except (FileNotFoundError, MediaError) as e:
+  except (FileNotFoundError, ValueError) as e:  # MediaError is a ValueError
     return flags.error(str(e))
   with_audio = use_audio and media.audio_valid
   if use_audio and not media.is_image and not media.audio_valid:

@@ -26,7 +26,7 @@ must not learn, as Video-LLaMA's instruction datasets mask them:
   llama_2 (stage 2): "[INST] <<SYS>>\\n \\n<</SYS>>\\n\\n{q} [/INST] {a} </s><s>[INST] {q} [/INST] {a} </s>".
     Masked: BOS, each "<s>[INST] ... [/INST]". Learned: " {a} </s>".
   llava_v1: "{system} USER: {q} ASSISTANT: {a}</s>USER: {q} ASSISTANT: {a}</s>".
-    Masked: BOS, the system and each "USER: {q} ASSISTANT: ". Learned: "{a}</s>".
+    Masked: BOS, the system and each "USER: {q} ASSISTANT:". Learned: " {a}</s>".
   caption (stage 1, `encode_caption`): BOS, the query placeholders, then the caption + "\\n"
     (at most 32 tokens); only the caption is learned.
 Each token is labelled by the piece its first character falls in.
@@ -54,6 +54,7 @@ LLAMA_2_SYSTEM = ("You are a helpful language and vision assistant. You are able
 AUDIO_VIDEO_TURN = (f"Close your eyes, open your ears and you imagine only based on the sound that: {AUDIO_TOKEN}."
                     f"{' ' * 17}Close your ears, open your eyes and you see that <Video>{IMAGE_TOKEN}</Video>."
                     f"{' ' * 18}Now answer my question based on what you have just seen and heard.")
+_MEDIA_MARKER = re.compile(r"\s*<(image|video)>\s*")  # LLaVA/Video-ChatGPT's media slot in a question
 LLAVA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
                 "The assistant gives helpful, detailed, and polite answers to the human's questions.")
 
@@ -109,6 +110,19 @@ def media_turn(timestamps: Sequence[float], is_image: bool = False, with_audio: 
   if is_image:
     return image_turn()
   return AUDIO_VIDEO_TURN if with_audio else video_turn(timestamps)
+
+
+def conversation_turns(messages: list[dict[str, str]]) -> list[tuple[str, str]]:
+  """LLaVA-style [{"from": "human" | "gpt", "value"}] -> [(question, answer)], media markers
+  (`<image>`, `<video>`) removed: each system puts its own media turn in front."""
+  if len(messages) < 2 or len(messages) % 2:
+    raise ValueError(f"expected alternating human/gpt messages, got {len(messages)}")
+  turns = []
+  for question, answer in zip(messages[::2], messages[1::2]):
+    if (question["from"], answer["from"]) != ("human", "gpt"):
+      raise ValueError(f"expected a human then a gpt message, got {question['from']}, {answer['from']}")
+    turns.append((_MEDIA_MARKER.sub(" ", question["value"]).strip(), answer["value"]))
+  return turns
 
 
 # ------------------------------------------------------------------------------------------
@@ -259,7 +273,8 @@ def training_pieces(template: Template, turns: Sequence[tuple[str, str]],
   if template.name == "llava_v1":
     pieces.append((system + " ", False))
     for question, answer in turns:
-      pieces += [(f"{human}: {question} {assistant}: ", False), (f"{answer}</s>", True)]
+      # The space before the answer starts its first token ("▁A"), which the reference learns.
+      pieces += [(f"{human}: {question} {assistant}:", False), (f" {answer}</s>", True)]
     return pieces
   if not template.is_llama_2:
     pieces.append((f"{system}\n\n", False))

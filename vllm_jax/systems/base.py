@@ -13,11 +13,11 @@ the LLM's inputs; generation then knows only the LLM (`vllm_jax.generate`):
 
 Training uses the class side, which needs no loaded model: `model`, `abstract_params`,
 `init_inputs`, `loss_fn`, `dataset` (examples of the configured sources) and `prepare_init`
-(the config and tokenizer of a random init).
+(the config of a random init).
 """
 
 import functools
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import flax.linen as nn
 import jax
@@ -40,6 +40,9 @@ class System:
   'per system'."""
   model_type: ClassVar[str]             # config.json's model_type
   config_class: ClassVar[type]          # the model config (a ConfigBase dataclass)
+  module: ClassVar[type[nn.Module]]     # the Flax model, built from the config
+  abstract_params: ClassVar[Callable]   # config -> the parameters as boxed ShapeDtypeStructs
+  init_inputs: ClassVar[Callable]       # config -> model inputs (ShapeDtypeStructs) that create them all
   placeholder_tokens: ClassVar[tuple[str, ...]]  # the tokenizer's media placeholders, config order
 
   def __init__(self, config, params, tokenizer):
@@ -115,17 +118,7 @@ class System:
 
   @classmethod
   def model(cls, config) -> nn.Module:
-    raise NotImplementedError
-
-  @classmethod
-  def abstract_params(cls, config):
-    """The parameters as ShapeDtypeStructs, boxed with their logical axis names."""
-    raise NotImplementedError
-
-  @classmethod
-  def init_inputs(cls, config) -> dict[str, jax.ShapeDtypeStruct]:
-    """Model inputs that create every parameter (for `init`)."""
-    raise NotImplementedError
+    return cls.module(config)
 
   @classmethod
   def loss_fn(cls, config) -> trainer.LossFn:

@@ -17,7 +17,6 @@ L is the longest layout the configured sources can produce (`seq_len`).
 import dataclasses
 import functools
 import hashlib
-import re
 from typing import Any, Sequence
 
 import jax
@@ -33,7 +32,6 @@ from vllm_jax.systems.base import System, apply
 from vllm_jax.train import trainer
 
 INSTRUCTION_READERS = {"llava": datasets.llava_records, "videochat": datasets.videochat_records}
-_MEDIA_MARKER = re.compile(r"\s*<(image|video)>\s*")  # LLaVA/Video-ChatGPT's media slot in a question
 
 
 def encode_media(config: VideoLlamaConfig, params, frames: jax.Array, frame_mask: jax.Array | None = None,
@@ -62,6 +60,9 @@ def clip_config(config: VideoLlamaConfig) -> AudioClipConfig:
 class VideoLlamaSystem(System):
   model_type = "video_llama"
   config_class = VideoLlamaConfig
+  module = VideoLlama
+  abstract_params = staticmethod(abstract_params)
+  init_inputs = staticmethod(init_inputs)
   placeholder_tokens = (conv_lib.IMAGE_TOKEN, conv_lib.AUDIO_TOKEN)
 
   @classmethod
@@ -100,18 +101,6 @@ class VideoLlamaSystem(System):
     return embed_with_media(self.config, self.params, np.asarray(input_ids), *tokens)
 
   # --- training -----------------------------------------------------------------------------
-
-  @classmethod
-  def model(cls, config):
-    return VideoLlama(config)
-
-  @classmethod
-  def abstract_params(cls, config):
-    return abstract_params(config)
-
-  @classmethod
-  def init_inputs(cls, config):
-    return init_inputs(config)
 
   @classmethod
   def loss_fn(cls, config) -> trainer.LossFn:
@@ -182,7 +171,7 @@ class Decode:
       text = conv_lib.encode_pieces(tokenizer, [(record["caption"] + self.end_sym, True)])[0][1:]
       ids, labels = ids + text[:self.max_text_len], labels + text[:self.max_text_len]
     else:
-      turns = conversation_turns(record["conversation"])
+      turns = conv_lib.conversation_turns(record["conversation"])
       first = conv_lib.media_turn(media.frames.timestamps, media.is_image, with_audio)
       turns[0] = (first + turns[0][0], turns[0][1])
       ids, labels = conv_lib.encode_training(tokenizer, conv_lib.get_template(self.template), turns,
@@ -195,18 +184,6 @@ class Decode:
       shape = (self.audio.num_clips, 1, self.audio.num_mel_bins, self.audio.num_frames)
       example["audio"] = media.audio if with_audio else np.zeros(shape, np.float32)
     return example
-
-
-def conversation_turns(messages: list[dict[str, str]]) -> list[tuple[str, str]]:
-  """[{"from": "human" | "gpt", "value"}] -> [(question, answer)], media markers removed."""
-  if len(messages) < 2 or len(messages) % 2:
-    raise ValueError(f"expected alternating human/gpt messages, got {len(messages)}")
-  turns = []
-  for question, answer in zip(messages[::2], messages[1::2]):
-    if (question["from"], answer["from"]) != ("human", "gpt"):
-      raise ValueError(f"expected a human then a gpt message, got {question['from']}, {answer['from']}")
-    turns.append((_MEDIA_MARKER.sub(" ", question["value"]).strip(), answer["value"]))
-  return turns
 
 
 def seq_len(cfg, config: VideoLlamaConfig) -> int:

@@ -24,7 +24,6 @@ from vllm_jax.data.media import Media, load_media
 from vllm_jax.data.tokenizer import load_tokenizer
 from vllm_jax.models.video_llava import VideoLlava, VideoLlavaConfig, abstract_params, init_inputs
 from vllm_jax.systems.base import System, apply
-from vllm_jax.systems.video_llama import conversation_turns
 from vllm_jax.train import trainer
 
 IMAGE_TOKEN = "<image>"
@@ -41,6 +40,9 @@ def add_media_tokens(tokenizer) -> tuple[int, int]:
 class VideoLlavaSystem(System):
   model_type = "video_llava"
   config_class = VideoLlavaConfig
+  module = VideoLlava
+  abstract_params = staticmethod(abstract_params)
+  init_inputs = staticmethod(init_inputs)
   placeholder_tokens = (IMAGE_TOKEN, VIDEO_TOKEN)
 
   @classmethod
@@ -77,18 +79,6 @@ class VideoLlavaSystem(System):
   # --- training -----------------------------------------------------------------------------
 
   @classmethod
-  def model(cls, config):
-    return VideoLlava(config)
-
-  @classmethod
-  def abstract_params(cls, config):
-    return abstract_params(config)
-
-  @classmethod
-  def init_inputs(cls, config):
-    return init_inputs(config)
-
-  @classmethod
   def loss_fn(cls, config) -> trainer.LossFn:
     model = VideoLlava(config)
 
@@ -101,16 +91,20 @@ class VideoLlavaSystem(System):
     return loss
 
   @classmethod
+  def decoder(cls, cfg, config, tokenizer_dir) -> "Decode":
+    """The training example builder: a record -> an example (see the module doc)."""
+    return Decode(tokenizer_dir=tokenizer_dir, max_text_len=cfg.data.max_text_len, max_len=cfg.data.max_len,
+                  num_frames=config.num_frames, image_size=config.video_tower.image_size,
+                  image_token_id=config.image_token_id, video_token_id=config.video_token_id,
+                  num_image_tokens=config.num_image_tokens, num_video_tokens=config.num_video_tokens)
+
+  @classmethod
   def dataset(cls, cfg, config, tokenizer_dir):
     data = cfg.data
     if not data.instruct_json:
       raise ValueError("no training data: set data.instruct_json (+ data.instruct_dir)")
-    decode = Decode(tokenizer_dir=tokenizer_dir, max_text_len=data.max_text_len, max_len=data.max_len,
-                    num_frames=config.num_frames, image_size=config.video_tower.image_size,
-                    image_token_id=config.image_token_id, video_token_id=config.video_token_id,
-                    num_image_tokens=config.num_image_tokens, num_video_tokens=config.num_video_tokens)
     records = datasets.llava_records(data.instruct_json, data.instruct_dir)
-    return datasets.from_sources(data, [(records, decode, 1.0, cfg.seed)])
+    return datasets.from_sources(data, [(records, cls.decoder(cfg, config, tokenizer_dir), 1.0, cfg.seed)])
 
   @classmethod
   def prepare_init(cls, cfg, tokenizer):
@@ -145,7 +139,7 @@ class Decode:
   def __call__(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
     media = load_media(record["media"], self.num_frames, self.image_size, **PREPROCESS)
     tokenizer = _tokenizer(self.tokenizer_dir)
-    turns = conversation_turns(record["conversation"])
+    turns = conv_lib.conversation_turns(record["conversation"])
     placeholder = IMAGE_TOKEN if media.is_image else VIDEO_TOKEN
     turns[0] = (placeholder + "\n" + turns[0][0], turns[0][1])
     pieces = conv_lib.training_pieces(conv_lib.LLAVA_V1, turns)

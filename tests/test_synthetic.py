@@ -1,4 +1,4 @@
-"""The synthetic shapes-and-sounds dataset: deterministic real mp4s (decord frames, an AAC track
+"""The synthetic shapes-and-sounds dataset: reproducible real mp4s (decord frames, an AAC track
 that gives valid fbank clips) whose captions name the attributes the pixels and sound show."""
 
 import filecmp
@@ -40,9 +40,12 @@ def test_layout_captions_and_determinism(dataset, tmp_path):
   again = synthetic.make_dataset(str(tmp_path), num_train=6, num_val=3, progress=False)
   for key in ("train_csv", "train_json", "val_csv"):
     assert filecmp.cmp(dataset[key], again[key], shallow=False)
+  # The same frames and sound each time. The bytes may differ: PyAV's libx264 makes slightly different
+  # choices when the CPU is loaded (seen: 1 file in 4 under load, a mean pixel change of 0.2 levels).
   for record in records:
-    assert filecmp.cmp(record["media"], record["media"].replace(os.path.dirname(dataset["videos"]), str(tmp_path)),
-                       shallow=False)
+    ours, theirs = (load_video(path, num_frames=8, size=64).frames for path in (
+        record["media"], record["media"].replace(os.path.dirname(dataset["videos"]), str(tmp_path))))
+    assert np.abs(ours - theirs).mean() < 0.05  # normalised units: about 3 of 255 levels
   # The held-out split draws other videos.
   val = synthetic.read_split(dataset["val_csv"])[0]
   assert not filecmp.cmp(os.path.join(dataset["videos"], "val", val["videoid"] + ".mp4"), records[0]["media"],

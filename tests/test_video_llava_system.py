@@ -6,6 +6,7 @@ one device."""
 import json
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -219,3 +220,25 @@ def test_sharded_forward_and_stage1_step_match_single_device(files):
   for k in p1:
     np.testing.assert_allclose(np.asarray(p8[k]), np.asarray(p1[k]), rtol=1e-4, atol=1e-6, err_msg=k)
     assert not np.allclose(np.asarray(p1[k]), np.asarray(optim.flatten(system.params)[k])), k
+
+
+def test_sharded_temporal_video_tower_matches_single_device():
+  """The original model's video tower (attention across frames in every layer) on a (2, 2, 2) mesh."""
+  from vllm_jax.configs.video_llava import model_config
+  base = model_config("tiny")
+  config = base.replace(video_tower=base.video_tower.replace(temporal_frames=base.num_frames))
+  model = VideoLlavaSystem.model(config)
+  videos = np.random.default_rng(0).normal(size=(4, config.num_frames, 28, 28, 3)).astype(np.float32)
+  params = model.init(jax.random.key(0), **{k: jnp.zeros(v.shape, v.dtype)
+                                            for k, v in VideoLlavaSystem.init_inputs(config).items()})["params"]
+  params = jax.tree.map(np.asarray, nn.meta.unbox(params))
+  assert params["video_tower"]["blocks"]["temporal_embedding"].shape == (2, config.num_frames, 32)
+  out = {}
+  for name, mesh in (("single", sharding.make_mesh((1, 1, 1), jax.devices()[:1])),
+                     ("sharded", sharding.make_mesh((2, 2, 2)))):
+    sharded = sharding.shard_params(params, sharding.param_shardings(VideoLlavaSystem.abstract_params(config), mesh))
+    with sharding.mesh_context(mesh):
+      out[name] = jax.jit(lambda p, v: model.apply({"params": p}, v, method="encode_videos"))(
+          sharded, sharding.make_global_batch(videos, mesh))
+  ours, ref = np.asarray(out["sharded"], np.float64), np.asarray(out["single"], np.float64)
+  assert np.abs(ours - ref).max() / np.abs(ref).max() <= 1e-5

@@ -165,3 +165,18 @@ def test_per_process_shards_are_disjoint_and_seeded():
   assert len(shards[0]) == len(shards[1]) == 8 and not set(shards[0]) & set(shards[1])
   assert set(shards[0]) | set(shards[1]) == set(everything)
   assert rows(datasets.examples(records, decode, seed=4), 0, 1) != everything
+
+
+def test_grouped_batches_take_the_same_group_on_every_process():
+  """Groups (e.g. images / videos): each batch from one group, groups in turn by weight, and
+  every process draws from the same group at the same step."""
+  decode = train_tiny.SyntheticTokens(4, VOCAB)
+  groups = [(datasets.examples([dict(seed=i) for i in range(30)], decode, seed=1), 3.0),
+            (datasets.examples([dict(seed=100 + i) for i in range(10)], decode, seed=2), 1.0)]
+  first = {tuple(decode(dict(seed=i))["input_ids"]): i < 100 for i in list(range(30)) + list(range(100, 110))}
+  kinds = []
+  for p in range(2):
+    it = iter(datasets.batches(groups, 4, process_index=p, process_count=2))
+    kinds.append([{first[tuple(row)] for row in next(it)["input_ids"]} for _ in range(16)])
+  assert kinds[0] == kinds[1] and all(len(k) == 1 for k in kinds[0])
+  assert sum(k == {True} for k in kinds[0]) == 12  # weights 3 : 1

@@ -23,7 +23,7 @@ from vllm_jax.converters import video_llava as video_llava_format
 from vllm_jax.data import datasets
 from vllm_jax.data.tokenizer import train_tokenizer
 from vllm_jax.systems.video_llava import VideoLlavaSystem, add_media_tokens
-from vllm_jax.train import optim, sharding
+from vllm_jax.train import optim, sharding, trainer
 from vllm_jax.train import run as run_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -182,40 +182,55 @@ def test_train_from_converted_folder_through_the_cli(files, tmp_path, capsys):
 
 
 def test_sharded_forward_and_stage1_step_match_single_device(files):
+  """Batches hold images or videos, never both; on each, a (2, 2, 2) mesh gives the logits and the
+  training step of one device."""
   root, model, _ = files
   cfg = stage1_config(root, model, **{"train.batch_size": 4})
   single, full = sharding.make_mesh((1, 1, 1), jax.devices()[:1]), sharding.make_mesh((2, 2, 2))
   system = systems.load(model)
   config = system.config
-  ds = VideoLlavaSystem.dataset(cfg, config, os.path.join(model, "tokenizer"))
-  batch = next(iter(datasets.batches(ds, 4, process_index=0, process_count=1)))
-  assert batch["pixels"].shape == (4, FRAMES, 28, 28, 3)
-  batch = {k: v for k, v in batch.items() if k != "skipped"}
+  groups = VideoLlavaSystem.dataset(cfg, config, os.path.join(model, "tokenizer"))
+  assert [weight for _, weight in groups] == [4, 4]  # images, videos
+  it = iter(datasets.batches(groups, 4, process_index=0, process_count=1))
+  batches = [{k: v for k, v in next(it).items() if k != "skipped"} for _ in range(2)]
+  kinds = [{int((ids == t).any()) for ids in b["input_ids"]}
+           for b in batches for t in (config.image_token_id, config.video_token_id)]
+  assert kinds == [{1}, {0}, {0}, {1}]  # an image batch, then a video batch
+  assert batches[1]["pixels"].shape == (4, FRAMES, 28, 28, 3)
+  # The training loss runs only the tower a batch asks for, and equals the model's with both.
+  loss_fn, forward = jax.jit(VideoLlavaSystem.loss_fn(config)), jax.jit(VideoLlavaSystem.model(config).apply)
+  for batch in batches:
+    logits = forward({"params": system.params}, batch["input_ids"], images=batch["pixels"][:, 0],
+                     videos=batch["pixels"], attention_mask=batch["attention_mask"])[0]
+    want, count = trainer.cross_entropy(logits, batch["labels"])
+    got, got_count = loss_fn(system.params, batch, None)
+    assert int(got_count) == int(count) > 0 and abs(float(got) - float(want)) <= 1e-6 * abs(float(want))
 
-  # Forward (logits compared where the attention mask is 1).
-  logits = {}
-  for name, mesh in (("single", single), ("sharded", full)):
-    params = sharding.shard_params(system.params, sharding.param_shardings(
-        VideoLlavaSystem.abstract_params(config), mesh))
-    with sharding.mesh_context(mesh):
-      inputs = sharding.make_global_batch(batch, mesh)
-      logits[name] = jax.jit(VideoLlavaSystem.model(config).apply)(
-          {"params": params}, inputs["input_ids"], images=inputs["pixels"][:, 0], videos=inputs["pixels"],
-          attention_mask=inputs["attention_mask"])[0]
-  mask = batch["attention_mask"].astype(bool)
-  np.testing.assert_allclose(np.asarray(logits["sharded"])[mask], np.asarray(logits["single"])[mask],
-                             rtol=1e-4, atol=1e-5)
+  for batch in batches:  # logits, compared where the attention mask is 1
+    logits = {}
+    for name, mesh in (("single", single), ("sharded", full)):
+      params = sharding.shard_params(system.params, sharding.param_shardings(
+          VideoLlavaSystem.abstract_params(config), mesh))
+      with sharding.mesh_context(mesh):
+        inputs = sharding.make_global_batch(batch, mesh)
+        logits[name] = jax.jit(VideoLlavaSystem.model(config).apply)(
+            {"params": params}, inputs["input_ids"], images=inputs["pixels"][:, 0], videos=inputs["pixels"],
+            attention_mask=inputs["attention_mask"])[0]
+    mask = batch["attention_mask"].astype(bool)
+    np.testing.assert_allclose(np.asarray(logits["sharded"])[mask], np.asarray(logits["single"])[mask],
+                               rtol=1e-4, atol=1e-5)
 
   # Two stage-1 steps (the first at the warm-up's lr 0): the same losses and projector update.
   results = {}
   for name, mesh in (("single", single), ("sharded", full)):
     t = run_lib.make_trainer(cfg, mesh, VideoLlavaSystem, config, jax.device_put(system.params))
-    state = t.init()
-    for _ in range(2):
+    state, losses = t.init(), []
+    for batch in batches:
       state, metrics = t.train_step(state, sharding.make_global_batch(batch, mesh))
-    results[name] = (float(metrics["loss"]), optim.flatten(state.params))
+      losses.append(float(metrics["loss"]))
+    results[name] = (np.array(losses), optim.flatten(state.params))
   (loss1, p1), (loss8, p8) = results["single"], results["sharded"]
-  assert np.isfinite(loss1) and abs(loss8 - loss1) <= 1e-5 * abs(loss1)
+  assert np.isfinite(loss1).all() and np.abs(loss8 - loss1).max() <= 1e-5 * np.abs(loss1).max()
   assert sorted(p1) == ["projector/fc1/bias", "projector/fc1/kernel", "projector/fc2/bias", "projector/fc2/kernel"]
   for k in p1:
     np.testing.assert_allclose(np.asarray(p8[k]), np.asarray(p1[k]), rtol=1e-4, atol=1e-6, err_msg=k)

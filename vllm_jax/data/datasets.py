@@ -111,16 +111,23 @@ def mixture(datasets: Sequence[grain.MapDataset], weights: Sequence[float]) -> g
   return grain.MapDataset.mix(list(datasets), weights=list(weights))
 
 
-def batches(ds: grain.MapDataset, global_batch_size: int, *, worker_count: int = 0,
-            process_index: int | None = None, process_count: int | None = None) -> grain.IterDataset:
+def batches(ds: grain.MapDataset | Sequence[tuple[grain.MapDataset, float]], global_batch_size: int, *,
+            worker_count: int = 0, process_index: int | None = None,
+            process_count: int | None = None) -> grain.IterDataset:
   """This process's batches: every `process_count`-th example from `process_index` on, stacked
   [global_batch_size / process_count, ...], decoded in `worker_count` processes (0: in this one).
+  `ds` may also be groups [(examples, weight)]: each batch is then drawn from one group (say, all
+  images or all videos, so that a model runs only the encoder the batch needs), the groups taking
+  turns in proportion to their weights, in the same order on every process.
   Iterators of the result support `get_state`/`set_state` (checkpointed with the train state)."""
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   if global_batch_size % process_count:
     raise ValueError(f"global batch {global_batch_size} does not split over {process_count} processes")
-  ds = ds[process_index::process_count].batch(global_batch_size // process_count, drop_remainder=True)
+  groups = [(ds, 1.0)] if isinstance(ds, grain.MapDataset) else list(ds)
+  local = [(group[process_index::process_count].batch(global_batch_size // process_count, drop_remainder=True),
+            weight) for group, weight in groups]
+  ds = local[0][0] if len(local) == 1 else grain.MapDataset.mix([g for g, _ in local], [w for _, w in local])
   it = ds.to_iter_dataset()
   if worker_count:
     # Worker processes re-import absl-flagged modules; they must see parsed flags.

@@ -127,7 +127,8 @@ class System:
 
   @classmethod
   def dataset(cls, cfg, config, tokenizer_dir: str):
-    """The grain dataset of training examples (fixed shapes) of the sources in `cfg.data`."""
+    """The training examples (fixed shapes) of the sources in `cfg.data`: a grain MapDataset, or
+    groups [(MapDataset, weight)] whose batches are each drawn from one group (`datasets.batches`)."""
     raise NotImplementedError
 
   @classmethod

@@ -9,13 +9,16 @@ A training example (fixed shapes, so that batches stack and the step compiles on
 The text is the llava_v1 training format with the media turn ("<image>\\n" or "<video>\\n") opening
 the first question, cut at `data.max_text_len` tokens with each placeholder counted once (the
 reference's model_max_length), then expanded; L = `data.max_len` (its tokenizer_model_max_length)
-bounds the expanded sequence. Every row runs both towers and uses the one its placeholders ask for.
+bounds the expanded sequence. Batches hold only images or only videos (as the reference's
+group_by_modality_length), so each training step runs one tower.
 """
 
 import dataclasses
 import functools
 from typing import Any, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from vllm_jax.data import conversation as conv_lib
@@ -80,13 +83,23 @@ class VideoLlavaSystem(System):
 
   @classmethod
   def loss_fn(cls, config) -> trainer.LossFn:
+    """Each tower runs only when some row of the batch asks for its tokens (a batch drawn from
+    one media group, see `dataset`, runs one tower)."""
     model = VideoLlava(config)
 
     def loss(params, batch, rng):
       del rng  # no dropout
-      pixels = batch["pixels"]
-      logits, _ = model.apply({"params": params}, batch["input_ids"], images=pixels[:, 0], videos=pixels,
-                              attention_mask=batch["attention_mask"])
+      ids, pixels = batch["input_ids"], batch["pixels"]
+
+      def tokens_if_asked(method, token_id, inputs):
+        encode = lambda: model.apply({"params": params}, inputs, method=method)
+        nothing = lambda: jnp.zeros_like(jax.eval_shape(encode))
+        return jax.lax.cond(jnp.any(ids == token_id), encode, nothing)
+
+      embeds = model.apply({"params": params}, ids,
+                           tokens_if_asked("encode_images", config.image_token_id, pixels[:, 0]),
+                           tokens_if_asked("encode_videos", config.video_token_id, pixels), method="embed")
+      logits, _ = model.apply({"params": params}, embeds, batch["attention_mask"], method="decode")
       return trainer.cross_entropy(logits, batch["labels"])
     return loss
 
@@ -100,11 +113,18 @@ class VideoLlavaSystem(System):
 
   @classmethod
   def dataset(cls, cfg, config, tokenizer_dir):
+    """Two groups, images and videos, as the reference groups its batches by modality."""
     data = cfg.data
     if not data.instruct_json:
       raise ValueError("no training data: set data.instruct_json (+ data.instruct_dir)")
     records = datasets.llava_records(data.instruct_json, data.instruct_dir)
-    return datasets.from_sources(data, [(records, cls.decoder(cfg, config, tokenizer_dir), 1.0, cfg.seed)])
+    decode = cls.decoder(cfg, config, tokenizer_dir)
+    groups = []
+    for i, kind in enumerate(("image", "video")):
+      chosen = [r for r in records if r["kind"] == kind]
+      if chosen:
+        groups.append((datasets.from_sources(data, [(chosen, decode, 1.0, cfg.seed + i)]), len(chosen)))
+    return groups
 
   @classmethod
   def prepare_init(cls, cfg, tokenizer):

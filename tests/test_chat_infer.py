@@ -4,6 +4,7 @@ checkpoint files in the released layouts, with real media (and bad media) on dis
 import fractions
 import functools
 import json
+import os
 
 import flax.linen as nn
 import jax
@@ -150,7 +151,8 @@ def test_infer_batches_records_errors_and_resumes(files, tmp_path, capsys):
   src.write_text("\n".join(i if isinstance(i, str) else json.dumps(i) for i in items) + "\n")
   args = ["infer", "--model", model, "--input", str(src), "--output", str(dst), "--batch-size", "3",
           "--max-new-tokens", "5"]
-  assert cli.main(args) == 0
+  assert cli.main(args) == 1  # some items failed
+  assert "5 answered, 3 failed" in capsys.readouterr().err
   records = {r["line"]: r for r in map(json.loads, dst.read_text().splitlines())}
   assert sorted(records) == list(range(8))
   errors = {i for i, r in records.items() if "error" in r}
@@ -163,8 +165,38 @@ def test_infer_batches_records_errors_and_resumes(files, tmp_path, capsys):
   with open(dst, "a") as f:
     f.write('{"line": 5, "ans')
   capsys.readouterr()
-  assert cli.main(args) == 0
+  assert cli.main(args) == 1
   assert "5 of 8 lines already answered; 3 to go" in capsys.readouterr().err
   again = [json.loads(line) for line in dst.read_text().splitlines()]
   assert sorted(r["line"] for r in again) == list(range(8))
   assert {r["line"]: r for r in again}[0] == records[0]
+
+
+def test_infer_resumes_by_key_and_reads_media_beside_the_input(files, tmp_path, monkeypatch, capsys):
+  """A line inserted at the top is answered and nothing else is redone (resume by id, or by a hash of
+  the line); relative media paths start from the input file's folder, wherever infer runs."""
+  model, paths, _ = files
+  folder = tmp_path / "questions"
+  (folder / "media").mkdir(parents=True)
+  for name in ("av", "one", "mute"):
+    os.link(paths[name], folder / "media" / f"{name}.mp4")
+  src, dst = folder / "q.jsonl", tmp_path / "a.jsonl"
+  items = [{"video": "media/av.mp4", "question": "What is moving?", "id": "a"},
+           {"video": "media/one.mp4", "question": "What?"}]
+  src.write_text("".join(json.dumps(i) + "\n" for i in items))
+  monkeypatch.chdir(tmp_path)  # not the input's folder
+  args = ["infer", "--model", model, "--input", str(src), "--output", str(dst), "--batch-size", "2",
+          "--max-new-tokens", "4"]
+  assert cli.main(args) == 0
+  first = [json.loads(line) for line in dst.read_text().splitlines()]
+  assert all("answer" in r for r in first) and len({r["key"] for r in first}) == 2
+
+  new = {"video": "media/mute.mp4", "question": "What do you hear?", "id": "b"}
+  src.write_text("".join(json.dumps(i) + "\n" for i in [new] + items + [items[0]]))  # and a repeated id
+  capsys.readouterr()
+  assert cli.main(args) == 0
+  err = capsys.readouterr().err
+  assert "2 of 4 lines already answered; 2 to go" in err and "ids on more than one line" in err and "a" in err
+  records = [json.loads(line) for line in dst.read_text().splitlines()]
+  assert records[:2] == first and sorted(r["key"] for r in records) == sorted(["a", "a#2", "b", first[1]["key"]])
+  assert cli.main(args + ["--media-root", str(tmp_path)]) == 0  # nothing left to do

@@ -124,7 +124,7 @@ def test_infer_mixes_images_and_videos_in_a_batch(files, tmp_path):
   src, dst = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
   src.write_text("\n".join(map(json.dumps, items)) + "\n")
   assert cli.main(["infer", "--model", model, "--input", str(src), "--output", str(dst), "--batch-size", "3",
-                   "--max-new-tokens", "4"]) == 0
+                   "--max-new-tokens", "4"]) == 1  # the missing file
   records = {r["line"]: r for r in map(json.loads, dst.read_text().splitlines())}
   assert isinstance(records[0]["answer"], str) and isinstance(records[1]["answer"], str)
   assert "FileNotFoundError" in records[2]["error"]

@@ -46,6 +46,7 @@ def evaluate(model_dir: str, dataset: dict[str, str], out_dir: str, batch_size: 
   with open(questions, "w") as f:
     for row in rows:
       video = os.path.join(dataset["videos"], row["page_dir"], row["videoid"] + ".mp4")
+      video = os.path.relpath(video, out_dir)  # infer reads media paths from the questions' folder
       f.write(json.dumps(dict(id=row["videoid"], video=video, question=EVAL_QUESTION)) + "\n")
   if os.path.exists(answers):
     os.remove(answers)

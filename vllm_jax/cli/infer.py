@@ -1,16 +1,20 @@
 """`vllm-jax infer`: answer a JSONL file of questions about videos and images, batched and resumable."""
 
+import collections
+import hashlib
 import json
 import os
 import sys
 
 from vllm_jax.cli import flags
 
-DESCRIPTION = ('Each input line is {"video": path (or "image": path), "question": text, "id": optional}. '
-               'Each output line repeats "line" (the input line number), "id", the media path and '
-               'the question, with "answer" or, for a bad line or a missing or undecodable file, '
-               '"error"; the other items go on. Rerunning skips the lines already answered and '
-               'retries the errors.')
+DESCRIPTION = ('Each input line is {"video": path (or "image": path), "question": text, "id": optional}; '
+               'relative media paths are read from the input file\'s folder (or --media-root). Each output '
+               'line repeats "key" (the id, or a hash of the line without one), "line" (the input line '
+               'number), "id", the media path and the question, with "answer" or, for a bad line or a missing '
+               'or undecodable file, "error"; the other items go on. Rerunning skips the items already '
+               'answered (by key, so lines may be added or moved) and retries the errors. Exits with 1 when '
+               'an item failed.')
 
 
 def add_parser(commands) -> None:
@@ -20,6 +24,8 @@ def add_parser(commands) -> None:
   infer.add_argument("--model", required=True, help="a video model folder")
   infer.add_argument("--input", required=True, help="questions, one JSON object per line")
   infer.add_argument("--output", required=True, help="answers, appended one JSON object per line")
+  infer.add_argument("--media-root", default=None,
+                     help="folder that relative media paths start from (default: the input file's folder)")
   infer.add_argument("--batch-size", type=int, default=4)
   flags.media_flags(infer)
   flags.sampling_flags(infer)
@@ -43,9 +49,13 @@ def run(args) -> int:
 
   with open(args.input) as f:
     lines = f.read().splitlines()
+  keys = item_keys(lines)
+  media_root = args.media_root or os.path.dirname(os.path.abspath(args.input))
   done = _answered(args.output)
-  pending = [i for i, line in enumerate(lines) if line.strip() and i not in done]
-  print(f"{len(done)} of {len(lines)} lines already answered; {len(pending)} to go", file=sys.stderr)
+  items = [i for i, line in enumerate(lines) if line.strip()]
+  pending = [i for i in items if keys[i] not in done]
+  print(f"{len(items) - len(pending)} of {len(items)} lines already answered; {len(pending)} to go", file=sys.stderr)
+  errors = 0
 
   with open(args.output, "a") as out, tqdm(total=len(pending), unit="item", file=sys.stderr) as bar:
     def write(record):
@@ -55,16 +65,17 @@ def run(args) -> int:
     for start in range(0, len(pending), args.batch_size):
       batch = []
       for i in pending[start:start + args.batch_size]:
-        record = {"line": i}
+        record = {"key": keys[i], "line": i}
         try:
           item = json.loads(lines[i])
           record.update({k: item[k] for k in ("id", "video", "image") if k in item})
           path, question = item.get("video") or item.get("image"), item.get("question")
           if not path or not isinstance(question, str):
             raise ValueError('each line needs "video" (or "image") and "question"')
-          media = system.load_media(path, use_audio=use_audio, num_frames=args.num_frames)
+          media = system.load_media(os.path.join(media_root, path), use_audio=use_audio, num_frames=args.num_frames)
         except (ValueError, FileNotFoundError, MediaError) as e:  # JSONDecodeError is a ValueError
           write({**record, "error": f"{type(e).__name__}: {e}"})
+          errors += 1
           bar.update()
           continue
         batch.append((record, question, media))
@@ -90,12 +101,33 @@ def run(args) -> int:
       for (record, question, _), text in zip(batch, result.texts):
         write({**record, "question": question, "answer": system.clean_answer(text)})
         bar.update()
-  return 0
+  print(f"{len(pending) - errors} answered, {errors} failed (their \"error\" lines are in {args.output})",
+        file=sys.stderr)
+  return 1 if errors else 0
 
 
-def _answered(path: str) -> set[int]:
-  """Input lines with an answer in `path`; other records (errors, a torn last line) are
-  dropped from the file, so those lines are tried again."""
+def item_keys(lines: list[str]) -> list[str]:
+  """Each line's key: its "id", or a hash of the line without one; a repeat gets "#2", "#3", ...
+  (and a warning), so that every line is answered once."""
+  keys, seen = [], collections.Counter()
+  for line in lines:
+    try:
+      item = json.loads(line)
+      item_id = item.get("id") if isinstance(item, dict) else None
+    except ValueError:
+      item_id = None
+    key = str(item_id) if item_id is not None else "sha1:" + hashlib.sha1(line.strip().encode()).hexdigest()[:16]
+    seen[key] += 1
+    keys.append(key if seen[key] == 1 else f"{key}#{seen[key]}")
+  repeated = sorted(k for k, n in seen.items() if n > 1 and not k.startswith("sha1:"))
+  if repeated:
+    print(f"warning: ids on more than one line (each line is answered): {', '.join(repeated)}", file=sys.stderr)
+  return keys
+
+
+def _answered(path: str) -> set[str]:
+  """Keys of the items with an answer in `path`; other records (errors, a torn last line) are
+  dropped from the file, so those items are tried again."""
   if not os.path.exists(path):
     return set()
   keep, done = [], set()
@@ -105,8 +137,8 @@ def _answered(path: str) -> set[int]:
         record = json.loads(line)
       except ValueError:
         continue
-      if "answer" in record and record.get("line") not in done:
-        done.add(record["line"])
+      if "answer" in record and "key" in record and record["key"] not in done:
+        done.add(record["key"])
         keep.append(json.dumps(record) + "\n")
   with open(path + ".tmp", "w") as f:
     f.writelines(keep)

@@ -103,7 +103,7 @@ def test_decode_caption_and_conversation_examples(setup):
   ids, labels = chat["input_ids"], chat["labels"]
   assert chat["audio"].shape == (8, 1, 128, 204) and np.abs(chat["audio"]).sum() > 0
   assert (ids == config.audio_token_id).sum() == 8 and (ids == config.video_token_id).sum() == 4
-  tokenizer = train_lib._tokenizer(common["tokenizer_dir"])
+  tokenizer = train_lib.VideoLlamaSystem.training_tokenizer(common["tokenizer_dir"])
   learned = tokenizer.decode(labels[labels >= 0])
   assert "Assistant: Fireworks." in learned and "What happens" not in learned and "<video>" not in \
       tokenizer.decode(ids[ids < config.video_token_id])

@@ -22,7 +22,7 @@ from vllm_jax.converters import llama as llama_format
 from vllm_jax.converters import video_llava as video_llava_format
 from vllm_jax.data import datasets
 from vllm_jax.data.tokenizer import train_tokenizer
-from vllm_jax.systems.video_llava import VideoLlavaSystem, add_media_tokens
+from vllm_jax.systems.video_llava import VideoLlavaSystem
 from vllm_jax.train import optim, sharding, trainer
 from vllm_jax.train import run as run_lib
 
@@ -39,7 +39,7 @@ def files(tmp_path_factory):
   root = tmp_path_factory.mktemp("video_llava_system")
   hf_dir = root / "hf"
   tokenizer = train_tokenizer(CORPUS, str(hf_dir), vocab_size=300)
-  image_id, video_id = add_media_tokens(tokenizer)
+  image_id, video_id = VideoLlavaSystem.add_media_tokens(tokenizer)
   tokenizer.save_pretrained(str(hf_dir))
   torch.manual_seed(0)
   vision = T.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,

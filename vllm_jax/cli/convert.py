@@ -111,12 +111,12 @@ def convert_video_llava(args) -> int:
   from vllm_jax.converters import video_llava as video_llava_format
   from vllm_jax.data.tokenizer import load_tokenizer
   from vllm_jax.models.video_llava import VideoLlavaConfig
-  from vllm_jax.systems.video_llava import VideoLlavaSystem, add_media_tokens
+  from vllm_jax.systems.video_llava import VideoLlavaSystem
   start = time.perf_counter()
   folder = args.hf_dir or args.original
   try:
     tokenizer = load_tokenizer(folder)
-    ids = add_media_tokens(tokenizer)
+    ids = VideoLlavaSystem.add_media_tokens(tokenizer)
     if args.hf_dir:
       config, params = video_llava_format.load_hf(args.hf_dir, param_dtype=args.dtype)
     else:

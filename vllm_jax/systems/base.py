@@ -26,6 +26,7 @@ import numpy as np
 from vllm_jax import pretrained
 from vllm_jax.data import conversation as conv_lib
 from vllm_jax.data.media import Media
+from vllm_jax.data.tokenizer import load_tokenizer
 from vllm_jax.train import trainer
 
 
@@ -43,7 +44,8 @@ class System:
   module: ClassVar[type[nn.Module]]     # the Flax model, built from the config
   abstract_params: ClassVar[Callable]   # config -> the parameters as boxed ShapeDtypeStructs
   init_inputs: ClassVar[Callable]       # config -> model inputs (ShapeDtypeStructs) that create them all
-  placeholder_tokens: ClassVar[tuple[str, ...]]  # the tokenizer's media placeholders, config order
+  placeholder_tokens: ClassVar[tuple[str, ...]]  # the tokenizer's media placeholders...
+  placeholder_fields: ClassVar[tuple[str, ...]]  # ...and the config fields holding their ids
 
   def __init__(self, config, params, tokenizer):
     self.config, self.params, self.tokenizer = config, params, tokenizer
@@ -64,8 +66,14 @@ class System:
     pretrained.save(out_dir, self.model_type, self.config, self.params, self.tokenizer)
 
   @classmethod
-  def placeholder_ids(cls, config) -> tuple[int, ...]:  # per system
-    raise NotImplementedError
+  def placeholder_ids(cls, config) -> tuple[int, ...]:
+    return tuple(getattr(config, field) for field in cls.placeholder_fields)
+
+  @classmethod
+  def add_media_tokens(cls, tokenizer) -> tuple[int, ...]:
+    """Add the placeholders as special tokens (no-op if present) -> their ids."""
+    tokenizer.add_tokens(list(cls.placeholder_tokens), special_tokens=True)
+    return tuple(tokenizer.convert_tokens_to_ids(list(cls.placeholder_tokens)))
 
   @classmethod
   def check_tokenizer(cls, config, tokenizer, where: str) -> None:
@@ -135,4 +143,18 @@ class System:
   def prepare_init(cls, cfg, tokenizer) -> Any:
     """The model config of a random init from `cfg.model`, its placeholder ids taken from the
     tokenizer (whose placeholders this adds)."""
-    raise NotImplementedError
+    config = cls.config_class.from_dict(cfg.model.to_dict())
+    ids = cls.add_media_tokens(tokenizer)
+    if len(tokenizer) - len(ids) > config.llama.vocab_size:
+      raise ValueError(f"the tokenizer has {len(tokenizer) - len(ids)} text tokens, model.llama.vocab_size is "
+                       f"{config.llama.vocab_size}")
+    return config.replace(**dict(zip(cls.placeholder_fields, ids)))
+
+  @classmethod
+  @functools.lru_cache(maxsize=4)
+  def training_tokenizer(cls, path: str):
+    """The tokenizer in `path` with the placeholders, loaded once per process (example builders
+    run in grain worker processes)."""
+    tokenizer = load_tokenizer(path)
+    cls.add_media_tokens(tokenizer)
+    return tokenizer

@@ -15,7 +15,6 @@ L is the longest layout the configured sources can produce (`seq_len`).
 """
 
 import dataclasses
-import functools
 import hashlib
 from typing import Any, Sequence
 
@@ -26,7 +25,6 @@ from vllm_jax.data import conversation as conv_lib
 from vllm_jax.data import datasets
 from vllm_jax.data.audio import AudioClipConfig
 from vllm_jax.data.media import Media, load_media
-from vllm_jax.data.tokenizer import load_tokenizer
 from vllm_jax.models.video_llama import VideoLlama, VideoLlamaConfig, abstract_params, init_inputs
 from vllm_jax.systems.base import System, apply
 from vllm_jax.train import trainer
@@ -64,10 +62,7 @@ class VideoLlamaSystem(System):
   abstract_params = staticmethod(abstract_params)
   init_inputs = staticmethod(init_inputs)
   placeholder_tokens = (conv_lib.IMAGE_TOKEN, conv_lib.AUDIO_TOKEN)
-
-  @classmethod
-  def placeholder_ids(cls, config):
-    return config.video_token_id, config.audio_token_id
+  placeholder_fields = ("video_token_id", "audio_token_id")
 
   @property
   def has_audio(self) -> bool:
@@ -118,23 +113,6 @@ class VideoLlamaSystem(System):
   def dataset(cls, cfg, config, tokenizer_dir):
     return make_dataset(cfg, config, tokenizer_dir)
 
-  @classmethod
-  def prepare_init(cls, cfg, tokenizer):
-    config = VideoLlamaConfig.from_dict(cfg.model.to_dict())
-    video_id, audio_id = conv_lib.add_media_tokens(tokenizer)
-    if len(tokenizer) - 2 > config.llama.vocab_size:
-      raise ValueError(f"the tokenizer has {len(tokenizer) - 2} text tokens, model.llama.vocab_size is "
-                       f"{config.llama.vocab_size}")
-    return config.replace(video_token_id=video_id, audio_token_id=audio_id)
-
-
-@functools.lru_cache(maxsize=4)
-def _tokenizer(path: str):
-  tokenizer = load_tokenizer(path)
-  conv_lib.add_media_tokens(tokenizer)
-  return tokenizer
-
-
 @dataclasses.dataclass(frozen=True)
 class Decode:
   """record -> example (see the module doc). Picklable: grain worker processes run it, each
@@ -162,7 +140,7 @@ class Decode:
                        audio_config=self.audio or AudioClipConfig(), sampling=self.sampling, rng=rng,
                        train_crop=self.train_crop)
     with_audio = self.audio is not None and media.audio_valid
-    tokenizer = _tokenizer(self.tokenizer_dir)
+    tokenizer = VideoLlamaSystem.training_tokenizer(self.tokenizer_dir)
     if self.stage == 1:
       media_text = (conv_lib.AUDIO_TOKEN if with_audio else "") + conv_lib.IMAGE_TOKEN
       ids, labels = conv_lib.encode_pieces(tokenizer, [(media_text, False)], self.num_video_tokens,

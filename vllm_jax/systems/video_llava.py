@@ -14,7 +14,6 @@ group_by_modality_length), so each training step runs one tower.
 """
 
 import dataclasses
-import functools
 from typing import Any, Sequence
 
 import jax
@@ -24,7 +23,6 @@ import numpy as np
 from vllm_jax.data import conversation as conv_lib
 from vllm_jax.data import datasets
 from vllm_jax.data.media import Media, load_media
-from vllm_jax.data.tokenizer import load_tokenizer
 from vllm_jax.models.video_llava import VideoLlava, VideoLlavaConfig, abstract_params, init_inputs
 from vllm_jax.systems.base import System, apply
 from vllm_jax.train import trainer
@@ -34,12 +32,6 @@ VIDEO_TOKEN = "<video>"
 PREPROCESS = dict(sampling="linspace", resize="short_side_crop")
 
 
-def add_media_tokens(tokenizer) -> tuple[int, int]:
-  """Add `<image>`, `<video>` as special tokens (no-op if present) -> their ids."""
-  tokenizer.add_tokens([IMAGE_TOKEN, VIDEO_TOKEN], special_tokens=True)
-  return tuple(tokenizer.convert_tokens_to_ids([IMAGE_TOKEN, VIDEO_TOKEN]))
-
-
 class VideoLlavaSystem(System):
   model_type = "video_llava"
   config_class = VideoLlavaConfig
@@ -47,10 +39,7 @@ class VideoLlavaSystem(System):
   abstract_params = staticmethod(abstract_params)
   init_inputs = staticmethod(init_inputs)
   placeholder_tokens = (IMAGE_TOKEN, VIDEO_TOKEN)
-
-  @classmethod
-  def placeholder_ids(cls, config):
-    return config.image_token_id, config.video_token_id
+  placeholder_fields = ("image_token_id", "video_token_id")
 
   def load_media(self, path, use_audio=False, num_frames=None):
     del use_audio  # no audio branch
@@ -126,23 +115,6 @@ class VideoLlavaSystem(System):
         groups.append((datasets.from_sources(data, [(chosen, decode, 1.0, cfg.seed + i)]), len(chosen)))
     return groups
 
-  @classmethod
-  def prepare_init(cls, cfg, tokenizer):
-    config = VideoLlavaConfig.from_dict(cfg.model.to_dict())
-    image_id, video_id = add_media_tokens(tokenizer)
-    if len(tokenizer) - 2 > config.llama.vocab_size:
-      raise ValueError(f"the tokenizer has {len(tokenizer) - 2} text tokens, model.llama.vocab_size is "
-                       f"{config.llama.vocab_size}")
-    return config.replace(image_token_id=image_id, video_token_id=video_id)
-
-
-@functools.lru_cache(maxsize=4)
-def _tokenizer(path: str):
-  tokenizer = load_tokenizer(path)
-  add_media_tokens(tokenizer)
-  return tokenizer
-
-
 @dataclasses.dataclass(frozen=True)
 class Decode:
   """record -> example (see the module doc); picklable for grain worker processes."""
@@ -158,7 +130,7 @@ class Decode:
 
   def __call__(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
     media = load_media(record["media"], self.num_frames, self.image_size, **PREPROCESS)
-    tokenizer = _tokenizer(self.tokenizer_dir)
+    tokenizer = VideoLlavaSystem.training_tokenizer(self.tokenizer_dir)
     turns = conv_lib.conversation_turns(record["conversation"])
     placeholder = IMAGE_TOKEN if media.is_image else VIDEO_TOKEN
     turns[0] = (placeholder + "\n" + turns[0][0], turns[0][1])

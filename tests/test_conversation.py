@@ -137,3 +137,22 @@ def test_llava_v1_multi_turn_prompt():
   pieces = C.training_pieces(C.LLAVA_V1, [("<video>\nWhat is moving?", "A red circle.")])
   assert "".join(p for p, _ in pieces) == C.LLAVA_SYSTEM + " USER: <video>\nWhat is moving? ASSISTANT: A red circle.</s>"
   assert [p for p, learned in pieces if learned] == [" A red circle.</s>"]
+
+
+def test_dropping_the_oldest_turn_keeps_the_media():
+  conv = C.Conversation.for_media(C.VICUNA_V0, [0.0, 1.5])
+  assert not conv.drop_oldest_turn()
+  conv.ask("What is moving?")
+  assert not conv.drop_oldest_turn()  # nothing answered yet
+  conv.answer("A red circle.")
+  conv.ask("Where does it go?")
+  assert conv.drop_oldest_turn()
+  assert conv.prompt() == ("###Human: <Video><ImageHere></Video> The video contains 2 frames sampled at 0.0, 1.5 "
+                           "seconds.  Where does it go?###Assistant:")
+  llava = C.Conversation(C.LLAVA_V1).open_with("<image>\n")
+  for question, answer in (("What is it?", "A cat."), ("Its colour?", "Grey.")):
+    llava.ask(question)
+    llava.answer(answer)
+  llava.ask("Is it asleep?")
+  assert llava.drop_oldest_turn() and llava.drop_oldest_turn() and not llava.drop_oldest_turn()
+  assert llava.prompt() == C.LLAVA_SYSTEM + " USER: <image>\nIs it asleep? ASSISTANT:"

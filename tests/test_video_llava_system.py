@@ -106,6 +106,25 @@ def test_chat_about_video_and_image_and_bad_media(files, capsys):
   assert "has no audio branch" in capsys.readouterr().err
 
 
+def test_chat_drops_oldest_turns_to_fit_the_context_and_resets(files, capsys, monkeypatch):
+  """The model's context is 512 tokens; a video prompt takes ~200 of them. With room for 200 new
+  tokens, the third question only fits once the first turn is dropped (the media stay); /reset starts
+  over; a question that cannot fit even alone is refused with one line and the chat goes on."""
+  _, model, media = files
+  questions = iter(["What is moving in the video?", "And then what happens?", "What colour is it?",
+                    "/reset", "What is moving? " * 40, "Why?", ""])
+  monkeypatch.setattr("builtins.input", lambda prompt="": next(questions))
+  assert chat(model, "--video", str(media / "clip0.mp4"), "--max-new-tokens", "200") == 0
+  out, err = capsys.readouterr()
+  assert "oldest turn(s) were dropped" in err and "a new conversation about the same media" in err
+  assert "error: the media and this question take" in err and "Traceback" not in err
+  assert out.count("\n") == 4  # four answers: the too-long question got none
+  assert chat(model, "--video", str(media / "clip0.mp4"), "--max-new-tokens", "600", "--question", "What?") == 2
+  assert "--max-new-tokens 600: the model's context is 512 tokens" in capsys.readouterr().err
+  assert chat(model, "--video", str(media / "clip0.mp4"), "--max-new-tokens", "400", "--question", "What?") == 2
+  assert "do not fit the model's context of 512" in capsys.readouterr().err
+
+
 def test_prompt_expands_placeholders(files):
   _, model, media = files
   system = systems.load(model)

@@ -22,6 +22,10 @@ import numpy as np
 from vllm_jax.models.llama import KVCache, Llama, LlamaConfig
 
 
+class ContextFullError(ValueError):
+  """The cache cannot hold the prompt and the tokens to generate."""
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
   """temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off."""
@@ -133,7 +137,7 @@ def generate(config: LlamaConfig, params, *, input_ids: jax.Array | np.ndarray |
   if cache is None:
     cache = KVCache.init(config, batch, length + max_new_tokens)
   elif int(cache.index) + length + max_new_tokens > cache.max_len:
-    raise ValueError(f"the cache holds {cache.max_len} tokens: {int(cache.index)} cached + {length} prompt + "
+    raise ContextFullError(f"the cache holds {cache.max_len} tokens: {int(cache.index)} cached + {length} prompt + "
                      f"{max_new_tokens} new do not fit")
   state = prefill(config, sampling, max_new_tokens, params, cache, inputs_embeds,
                   jnp.asarray(attention_mask), stop_ids, jax.random.key(seed), pad_id)

@@ -1,9 +1,12 @@
 """`vllm-jax chat`: answer one question, or a multi-turn conversation, about a video or an image
 (any system), or a text prompt (a plain LLaMA)."""
 
+import copy
 import sys
 
 from vllm_jax.cli import flags
+
+BUCKET = 16  # prompt tails are padded to a multiple of this, so that few shapes compile
 
 DESCRIPTION = ("Answer one --question, or read prompts interactively from the terminal (a multi-turn "
                "conversation for video models: the media are encoded once and the KV cache is kept "
@@ -94,23 +97,60 @@ def _chat_media(args) -> int:
   conv = system.conversation(media, with_audio)
   tokens = system.encode_media([media], use_audio=with_audio)
   llama = system.config.llama
-  session = generate.Session(llama, system.params["llm"], max_len=llama.max_position_embeddings)
+  context = llama.max_position_embeddings
+  if args.max_new_tokens >= context:
+    return flags.error(f"--max-new-tokens {args.max_new_tokens}: the model's context is {context} tokens")
+  # Slots to spare for the Session's left padding of each turn (positions stay within the context).
+  session = generate.Session(llama, system.params["llm"], max_len=context + 2 * BUCKET, bucket=BUCKET)
   stop_strings = system.template.stop_strings
 
   def answer(question: str, seed: int) -> None:
+    nonlocal conv
+    if question == "/reset":
+      conv = system.conversation(media, with_audio)
+      print("(a new conversation about the same media)", file=sys.stderr)
+      return
+    before = copy.deepcopy(conv)
     conv.ask(question)
-    ids = system.prompt_ids(conv.prompt())
-    stream, shown = _streamer(system.tokenizer, system.stop_ids, stop_strings)
-    out = session.generate(ids, system.embed([ids], tokens), max_new_tokens=args.max_new_tokens,
-                           sampling=flags.sampling(args), stop_token_ids=system.stop_ids, stop_strings=stop_strings,
-                           tokenizer=system.tokenizer, seed=seed, on_tokens=stream)
+    dropped = 0
+    while True:
+      ids = system.prompt_ids(conv.prompt())
+      if len(ids) + args.max_new_tokens <= context:
+        stream, shown = _streamer(system.tokenizer, system.stop_ids, stop_strings)
+        try:
+          out = session.generate(ids, system.embed([ids], tokens), max_new_tokens=args.max_new_tokens,
+                                 sampling=flags.sampling(args), stop_token_ids=system.stop_ids,
+                                 stop_strings=stop_strings, tokenizer=system.tokenizer, seed=seed, on_tokens=stream)
+          break
+        except generate.ContextFullError:  # padding of earlier turns: start again after the media
+          pass
+      if not conv.drop_oldest_turn():
+        conv = before
+        raise TooLong(f"the media and this question take {len(ids)} tokens; with --max-new-tokens "
+                      f"{args.max_new_tokens} they do not fit the model's context of {context}")
+      dropped += 1
+    if dropped:
+      print(f"(the {dropped} oldest turn(s) were dropped to fit the model's context)", file=sys.stderr)
     if out.texts[0].startswith(shown["shown"]):  # a held-back tail that turned out not to start a stop string
       print(out.texts[0][len(shown["shown"]):], end="")
     print()
     conv.answer(system.clean_answer(out.texts[0]))
 
-  try:
-    return flags.answer_or_loop(answer, args.question, args.seed, "Ask about the media and press enter")
-  except ValueError as e:  # the conversation outgrew the context
-    print(f"\nerror: {e}; start a new chat", file=sys.stderr)
-    return 1
+  if args.question is not None:
+    try:
+      return flags.answer_or_loop(answer, args.question, args.seed, "")
+    except TooLong as e:
+      return flags.error(str(e))
+
+  def answer_or_report(question: str, seed: int) -> None:
+    try:
+      answer(question, seed)
+    except TooLong as e:
+      print(f"error: {e}; ask something shorter, or /reset", file=sys.stderr)
+
+  return flags.answer_or_loop(answer_or_report, None, args.seed,
+                              "Ask about the media and press enter (/reset starts over)")
+
+
+class TooLong(ValueError):
+  """A question that cannot fit the model's context even with every earlier turn dropped."""

@@ -136,6 +136,7 @@ class Conversation:
   system: str | None = None         # None: the template's default
   messages: list[list[str]] = dataclasses.field(default_factory=list)  # [role, text]
   awaits_question: bool = False     # the last message is a media turn the next question joins
+  media: str = ""                   # the media turn opening the first question, if any
 
   @classmethod
   def for_media(cls, template: Template, timestamps: Sequence[float] = (), is_image: bool = False,
@@ -147,8 +148,19 @@ class Conversation:
   def open_with(self, turn: str) -> "Conversation":
     """Start with the media `turn`, which the first question joins."""
     self.messages.append([self.template.roles[0], turn])
-    self.awaits_question = True
+    self.awaits_question, self.media = True, turn
     return self
+
+  def drop_oldest_turn(self) -> bool:
+    """Forget the oldest question and its answer; the media turn stays, opening the next
+    question. False when no answered turn is left to drop."""
+    if len(self.messages) < 3 or self.awaits_question:
+      return False
+    question = self.messages[2][1]
+    if self.media:
+      question = self.media + self.template.media_join + question
+    self.messages = [[self.template.roles[0], question]] + self.messages[3:]
+    return True
 
   def ask(self, text: str) -> None:
     """A human message; right after the media turn it joins that turn (`Template.media_join`)."""

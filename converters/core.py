@@ -123,10 +123,19 @@ class SafetensorsReader:
   def __init__(self, files: Sequence[str]):
     self._entries: dict[str, tuple[np.memmap, dict]] = {}
     for path in files:
-      with open(path, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_len))
-      data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
+      size = os.path.getsize(path)
+      try:
+        with open(path, "rb") as f:
+          header_len = int.from_bytes(f.read(8), "little")
+          header = json.loads(f.read(header_len)) if 8 + header_len <= size else None
+      except (UnicodeDecodeError, json.JSONDecodeError):
+        header = None
+      if header is None:
+        raise ValueError(f"{path} is not a safetensors file (its header cannot be read)")
+      end = max((info["data_offsets"][1] for name, info in header.items() if name != "__metadata__"), default=0)
+      if 8 + header_len + end > size:
+        raise ValueError(f"{path} is truncated: its tensors need {8 + header_len + end} bytes, the file has {size}")
+      data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len) if end else None
       for name, info in header.items():
         if name != "__metadata__":
           self._entries[name] = (data, info)

@@ -75,8 +75,14 @@ def model_type(model_dir: str) -> str:
 
 def _read_meta(model_dir: str) -> dict:
   config_path = os.path.join(model_dir, "config.json")
+  if not os.path.isdir(model_dir):
+    raise FileNotFoundError(f"model folder not found: {model_dir}")
   if not os.path.exists(config_path):
     raise FileNotFoundError(f"{model_dir} is not a vllm_jax model folder (no config.json); "
                             "create one with `vllm-jax convert`")
   with open(config_path) as f:
-    return json.load(f)
+    meta = json.load(f)
+  if meta.get("model_type") not in meta or not os.path.isdir(os.path.join(model_dir, "params")):
+    raise ValueError(f"{model_dir} is not a vllm_jax model folder (a Hugging Face one?); convert it first, e.g. "
+                     f"`vllm-jax convert llama --hf-dir {model_dir} --out DIR`")
+  return meta

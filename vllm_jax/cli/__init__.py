@@ -1,9 +1,12 @@
 """The `vllm-jax` command: one module per command, shared flags in `flags`."""
 
 import argparse
+import os
+import sys
+from importlib.metadata import version
 
 from vllm_jax.cli import chat, convert, demo, infer, train
-from vllm_jax.cli.flags import load_config
+from vllm_jax.cli.flags import error, load_config
 
 __all__ = ["build_parser", "load_config", "main"]
 
@@ -27,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="vllm-jax", description="Video LLMs in JAX/Flax: convert weights, chat, train.",
       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--version", action="version", version=f"%(prog)s {version('vllm_jax')}")
   commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
   for module in (convert, chat, infer, train, demo):
     module.add_parser(commands)
@@ -34,10 +38,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+  """Bad input ends in one `error:` line and status 2, Ctrl-C in status 130; VLLM_JAX_TRACEBACK=1
+  shows the traceback instead."""
   parser = build_parser()
   args, extra = parser.parse_known_args(argv)
-  if getattr(args, "takes_overrides", False):
-    return args.run(args, extra)
-  if extra:
+  if extra and not getattr(args, "takes_overrides", False):
     parser.error(f"unrecognized arguments: {' '.join(extra)}")
-  return args.run(args)
+  try:
+    return args.run(args, extra) if getattr(args, "takes_overrides", False) else args.run(args)
+  except KeyboardInterrupt:
+    print("\ninterrupted", file=sys.stderr)
+    return 130
+  except (FileNotFoundError, NotADirectoryError, PermissionError, ValueError) as e:
+    if os.environ.get("VLLM_JAX_TRACEBACK"):
+      raise
+    return error(str(e))

@@ -21,14 +21,19 @@ def add_parser(commands) -> None:
   chat.add_argument("--model", required=True, help="a model folder written by `vllm-jax convert` or training")
   chat.add_argument("--question", default=None, help="answer this prompt and exit")
   chat.add_argument("--video", default=None, help="a video file to talk about (video models)")
-  chat.add_argument("--image", default=None, help="an image file (jpg/png/webp) to talk about")
+  chat.add_argument("--image", default=None, help="an image file (jpg/png/webp/gif) to talk about")
   flags.media_flags(chat)
   flags.sampling_flags(chat)
   chat.set_defaults(run=run)
 
 
 def run(args) -> int:
+  import os
+
   from vllm_jax import pretrained
+  media = args.video or args.image
+  if media and not os.path.isfile(media):  # before the model loads (minutes at 7B)
+    return flags.error(f"media file not found: {media}")
   try:
     kind = pretrained.model_type(args.model)
   except FileNotFoundError as e:

@@ -1,5 +1,6 @@
 """`vllm-jax convert SOURCE`: PyTorch/HF weights -> a vllm_jax model folder."""
 
+import os
 import time
 
 from vllm_jax.cli import flags
@@ -16,7 +17,7 @@ def add_parser(commands) -> None:
       description="Convert an HF LLaMA folder (config.json, weights, tokenizer) into a vllm_jax "
                   "model folder: config.json, orbax params/ and the tokenizer files. Tensors are "
                   "streamed one at a time; any missing, unexpected or mis-shaped key is named.")
-  llama.add_argument("--hf-dir", required=True, help="folder with config.json and the weight files")
+  llama.add_argument("--hf-dir", required=True, type=hf_folder, help="folder with config.json and the weight files")
   llama.add_argument("--out", required=True, help="output model folder (created)")
   llama.add_argument("--dtype", default=None, choices=DTYPES, help="store parameters in this dtype (default: float32)")
   llama.set_defaults(run=convert_llama)
@@ -52,12 +53,23 @@ def add_parser(commands) -> None:
                   "configs/video_llava.py --config. Tensors are streamed; any missing, unexpected or "
                   "mis-shaped key is named.")
   source = lv.add_mutually_exclusive_group(required=True)
-  source.add_argument("--hf-dir", help="transformers Video-LLaVA folder (config.json, safetensors, tokenizer)")
-  source.add_argument("--original", help="original Video-LLaVA folder (config.json, weight shards, tokenizer)")
+  source.add_argument("--hf-dir", type=hf_folder,
+                      help="transformers Video-LLaVA folder (config.json, safetensors, tokenizer)")
+  source.add_argument("--original", type=hf_folder,
+                      help="original Video-LLaVA folder (config.json, weight shards, tokenizer)")
   lv.add_argument("--config", default="7b-original", help="configs/video_llava.py size for --original")
   lv.add_argument("--dtype", default=None, choices=DTYPES, help="store parameters in this dtype (default: float32)")
   lv.add_argument("--out", required=True, help="output model folder (created)")
   lv.set_defaults(run=convert_video_llava)
+
+
+def hf_folder(path: str) -> str:
+  """An argparse type: a checkpoint folder with its config.json."""
+  if not os.path.isdir(path):
+    raise flags.argparse.ArgumentTypeError(f"no such folder: {path}")
+  if not os.path.isfile(os.path.join(path, "config.json")):
+    raise flags.argparse.ArgumentTypeError(f"{path} has no config.json")
+  return path
 
 
 def _report(start: float, params, out: str, detail: str = "") -> None:
@@ -104,7 +116,6 @@ def convert_video_llama(args) -> int:
 
 def convert_video_llava(args) -> int:
   import json
-  import os
 
   from vllm_jax.configs import video_llava as video_llava_configs
   from vllm_jax.converters import llama as llama_format
@@ -114,21 +125,18 @@ def convert_video_llava(args) -> int:
   from vllm_jax.systems.video_llava import VideoLlavaSystem
   start = time.perf_counter()
   folder = args.hf_dir or args.original
-  try:
-    tokenizer = load_tokenizer(folder)
-    ids = VideoLlavaSystem.add_media_tokens(tokenizer)
-    if args.hf_dir:
-      config, params = video_llava_format.load_hf(args.hf_dir, param_dtype=args.dtype)
-    else:
-      with open(os.path.join(folder, "config.json")) as f:
-        llama = llama_format.config_from_hf(json.load(f))
-      base = VideoLlavaConfig.from_dict(video_llava_configs.get_config(args.config).model.to_dict())
-      config = base.replace(llama=llama, image_token_id=ids[0], video_token_id=ids[1])
-      if args.dtype:
-        config = video_llava_format.with_param_dtype(config, args.dtype)
-      params = video_llava_format.load_original(folder, config)
-  except (FileNotFoundError, ValueError) as e:
-    return flags.error(str(e))
+  tokenizer = load_tokenizer(folder)
+  ids = VideoLlavaSystem.add_media_tokens(tokenizer)
+  if args.hf_dir:
+    config, params = video_llava_format.load_hf(args.hf_dir, param_dtype=args.dtype)
+  else:
+    with open(os.path.join(folder, "config.json")) as f:
+      llama = llama_format.config_from_hf(json.load(f))
+    base = VideoLlavaConfig.from_dict(video_llava_configs.get_config(args.config).model.to_dict())
+    config = base.replace(llama=llama, image_token_id=ids[0], video_token_id=ids[1])
+    if args.dtype:
+      config = video_llava_format.with_param_dtype(config, args.dtype)
+    params = video_llava_format.load_original(folder, config)
   if ids != (config.image_token_id, config.video_token_id):
     return flags.error(f"the tokenizer in {folder} maps <image>/<video> to {list(ids)}, its config.json says "
                        f"{[config.image_token_id, config.video_token_id]}")

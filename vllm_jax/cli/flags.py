@@ -4,7 +4,23 @@ loading, error lines and the question loop."""
 import argparse
 import ast
 import importlib.util
+import os
 import sys
+
+
+def existing_file(path: str) -> str:
+  """An argparse type: a file that exists (checked before any model loads)."""
+  if not os.path.isfile(path):
+    raise argparse.ArgumentTypeError(f"no such file: {path}")
+  return path
+
+
+def new_file(path: str) -> str:
+  """An argparse type: a file that can be written in an existing folder."""
+  folder = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(folder):
+    raise argparse.ArgumentTypeError(f"the folder of {path} does not exist")
+  return path
 
 
 def error(message: str) -> int:
@@ -38,11 +54,27 @@ def sampling(args):
   return SamplingConfig(args.temperature, args.top_k, args.top_p)
 
 
+def number(kind, low=None, high=None, low_open=False):
+  """An argparse type: `kind` within [low, high] (or (low, high] with `low_open`)."""
+  def parse(text: str):
+    try:
+      value = kind(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+    if (low is not None and (value <= low if low_open else value < low)) or (high is not None and value > high):
+      if high is None:
+        raise argparse.ArgumentTypeError(f"{text}: must be {'above' if low_open else 'at least'} {low}")
+      raise argparse.ArgumentTypeError(f"{text}: must be in {'(' if low_open else '['}{low}, {high}]")
+    return value
+  return parse
+
+
 def sampling_flags(parser) -> None:
-  parser.add_argument("--max-new-tokens", type=int, default=128)
-  parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-  parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-  parser.add_argument("--top-k", type=int, default=0, help="sample among the k best tokens (0 = off)")
+  parser.add_argument("--max-new-tokens", type=number(int, 1), default=128)
+  parser.add_argument("--temperature", type=number(float, 0), default=0.0, help="0 = greedy (default)")
+  parser.add_argument("--top-p", type=number(float, 0, 1, low_open=True), default=1.0,
+                      help="nucleus sampling mass in (0, 1] (1 = off)")
+  parser.add_argument("--top-k", type=number(int, 0), default=0, help="sample among the k best tokens (0 = off)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
   parser.add_argument("--mesh", default=None,
@@ -52,7 +84,8 @@ def sampling_flags(parser) -> None:
 def media_flags(parser) -> None:
   parser.add_argument("--audio", action=argparse.BooleanOptionalAction, default=None,
                       help="use the video's audio track (default: when the model has an audio branch)")
-  parser.add_argument("--num-frames", type=int, default=None, help="frames sampled per video (default: the model's)")
+  parser.add_argument("--num-frames", type=number(int, 1), default=None,
+                      help="frames sampled per video (default: the model's)")
 
 
 def answer_or_loop(answer, question: str | None, seed: int, hint: str) -> int:

@@ -22,11 +22,12 @@ def add_parser(commands) -> None:
       "infer", help="answer a JSONL file of questions about videos/images, batched and resumable",
       description=DESCRIPTION)
   infer.add_argument("--model", required=True, help="a video model folder")
-  infer.add_argument("--input", required=True, help="questions, one JSON object per line")
-  infer.add_argument("--output", required=True, help="answers, appended one JSON object per line")
+  infer.add_argument("--input", required=True, type=flags.existing_file, help="questions, one JSON object per line")
+  infer.add_argument("--output", required=True, type=flags.new_file,
+                     help="answers, appended one JSON object per line")
   infer.add_argument("--media-root", default=None,
                      help="folder that relative media paths start from (default: the input file's folder)")
-  infer.add_argument("--batch-size", type=int, default=4)
+  infer.add_argument("--batch-size", type=flags.number(int, 1), default=4)
   flags.media_flags(infer)
   flags.sampling_flags(infer)
   infer.set_defaults(run=run)

@@ -147,7 +147,8 @@ class System:
     ids = cls.add_media_tokens(tokenizer)
     if len(tokenizer) - len(ids) > config.llama.vocab_size:
       raise ValueError(f"the tokenizer has {len(tokenizer) - len(ids)} text tokens, model.llama.vocab_size is "
-                       f"{config.llama.vocab_size}")
+                       f"{config.llama.vocab_size}: set --config.model.llama.vocab_size={len(tokenizer) - len(ids)} "
+                       "(or more)")
     return config.replace(**dict(zip(cls.placeholder_fields, ids)))
 
   @classmethod

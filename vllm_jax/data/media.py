@@ -5,7 +5,7 @@ Behaviour on bad inputs (what `chat` prints and `infer` records):
   corrupt / not decodable   -> MediaError naming it
   video without audio track -> frames only, `audio_valid=False` (answered from the frames)
   fewer frames than asked   -> every frame, padded and masked (see `vllm_jax.data.video`)
-  images                    -> one frame, never audio
+  images                    -> one frame (an animated one: its first), never audio
 """
 
 import dataclasses

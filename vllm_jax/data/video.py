@@ -19,7 +19,10 @@ A video with fewer frames than requested is sampled at every frame, like Video-L
 the padding out (which equals running it on the real frames only). `timestamps` lists the
 real frames only; they go into the prompt.
 
-An image is a one-frame video: bicubic resize to 224x224 (PIL), same normalisation.
+An image is a one-frame video: bicubic resize to 224x224 (PIL), same normalisation. Every PIL
+mode is first made 8-bit RGB: 16-bit values keep their range (0..65535 -> 0..255, >> 8, as
+PIL reads 16-bit RGB), transparency is composited over white (as CLIPImageProcessor does),
+and an animated image (gif, webp, apng) is read as its first frame.
 
 `resize="short_side_crop"` is Video-LLaVA's preprocessing instead (`resize="squash"`, the
 default, is the above). Videos are decoded at their native size and each frame is resized so
@@ -39,7 +42,7 @@ import numpy as np
 
 CLIP_MEAN = np.array((0.48145466, 0.4578275, 0.40821073), np.float32)
 CLIP_STD = np.array((0.26862954, 0.26130258, 0.27577711), np.float32)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 RESIZE_MODES = ("squash", "short_side_crop")
 
 
@@ -165,6 +168,22 @@ def _clip_image_resize(image, size: int) -> np.ndarray:
   return pixels[top:top + size, left:left + size]
 
 
+def _to_rgb(image):
+  """A PIL image of any mode -> 8-bit RGB. PIL's own convert clips 16-bit and float values to
+  0..255 (a 16-bit picture turns white) and drops alpha instead of compositing it."""
+  from PIL import Image
+  if image.mode.startswith("I"):  # "I;16", "I;16B", ... and "I", which older PIL gives 16-bit pngs
+    image = Image.fromarray((np.clip(np.asarray(image), 0, 65535) >> 8).astype(np.uint8))
+  elif image.mode == "F":  # no stated range: 0..1 when no value exceeds 1, else 0..255
+    values = np.asarray(image)
+    values = values * 255 if values.max() <= 1 else values
+    image = Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8))
+  if "A" in image.getbands() or image.info.get("transparency") is not None:
+    white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+  return image.convert("RGB")
+
+
 def _check_resize(resize: str) -> None:
   if resize not in RESIZE_MODES:
     raise ValueError(f"unknown resize {resize!r}; expected one of {RESIZE_MODES}")
@@ -214,7 +233,7 @@ def load_image(path: str, num_frames: int = 1, size: int = 224, resize: str = "s
   _check_exists(path)
   try:
     with Image.open(path) as image:
-      image = image.convert("RGB")
+      image = _to_rgb(image)
       if resize == "squash":
         pixels = np.asarray(image.resize((size, size), Image.BICUBIC))
       else:

@@ -61,7 +61,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # At 2e-3 the random LLM settles on colour, shape and sound and never learns to read the
   # direction out of the video tokens (chance after 1000 steps); at 5e-4 it does by step ~400.
   cfg.optim.update(trainable=TRAINABLE, lr=5e-4, min_lr=5e-5, warmup_start_lr=1e-5, warmup_steps=30,
-                   total_steps=700, weight_decay=0.0, clip_norm=1.0,
+                   total_steps=0, weight_decay=0.0, clip_norm=1.0,  # 0: the cosine ends with train.steps
                    frozen_dtype="float32")  # bfloat16 matmuls are slow on CPUs
   cfg.train.update(steps=700, batch_size=16, log_every=25, checkpoint_every=700, keep_checkpoints=1,
                    async_checkpoints=False, save_frozen=True)  # no init_from to bring the frozen parts back

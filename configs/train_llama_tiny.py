@@ -13,7 +13,10 @@ def optim_config(**overrides) -> ml_collections.ConfigDict:
   cfg = ml_collections.ConfigDict(dict(
       trainable=("^norm/", "^lm_head/"),  # regexes over '/'-joined parameter paths
       frozen_dtype="bfloat16",            # frozen parameters are stored (and read) in this dtype
-      lr=1e-4, min_lr=8e-5, warmup_start_lr=1e-6, warmup_steps=2500, total_steps=12500,
+      lr=1e-4, min_lr=8e-5, warmup_start_lr=1e-6,
+      warmup_steps=2500,
+      warmup_ratio=0.0,                   # or the warm-up as a fraction of total_steps (not both)
+      total_steps=0,                      # where the cosine ends; 0 = train.steps
       b1=0.9, b2=0.999, eps=1e-8,
       weight_decay=0.05,
       no_decay=(r"(^|/)bias$", r"(^|/)scale$", r"norm", r"(^|/)ln_"),
@@ -54,6 +57,7 @@ def get_config(arg: str = "connectors") -> ml_collections.ConfigDict:
       head_dim=8, max_position_embeddings=64, dtype="float32", param_dtype="float32",
       remat_policy="none"))
 
+  # A schedule of its own: the resume tests compare runs of different lengths.
   cfg.optim = optim_config(lr=1e-2, min_lr=1e-3, warmup_start_lr=1e-4, warmup_steps=5, total_steps=100)
   if arg == "full":
     cfg.optim.trainable = (".*",)

@@ -21,7 +21,9 @@ Training configs (`vllm-jax train --config configs/video_llama.py:stage1`) add t
   stage2_full: stage 2 with the LLM trained too (Video-LLaVA's stage 2: lr 2e-5 -> 0, 3% warmup,
                no weight decay).
 AdamW b=(0.9, 0.999), weight decay 0.05 except on biases, norms and 1-D tensors; no gradient
-clipping (the reference's runner has none). Frozen parameters are kept in bfloat16.
+clipping (the reference's runner has none). Frozen parameters are kept in bfloat16. The cosine
+ends at the last step, `train.steps` (12500 in stage 1, 3000 in stage 2); the warm-up is a number
+of steps, except stage2_full's 3%.
 """
 
 import ml_collections
@@ -104,11 +106,11 @@ def train_config(cfg: ml_collections.ConfigDict, stage: str, tiny: bool = False)
     cfg.optim = optim_config(trainable=(VISION_CONNECTOR,), clip_norm=0.0)
   elif stage == "stage2":
     cfg.optim = optim_config(trainable=(VISION_CONNECTOR,), clip_norm=0.0, lr=3e-5, min_lr=1e-5,
-                             warmup_steps=1000, total_steps=3000)
+                             warmup_steps=1000)
   else:
     cfg.optim = optim_config(trainable=(VISION_CONNECTOR, r"^llm/"), lr=2e-5, min_lr=0.0, warmup_start_lr=0.0,
-                             warmup_steps=90, total_steps=3000, weight_decay=0.0)
-  cfg.train = train_section(steps=cfg.optim.total_steps, batch_size=256 if stage1 else 32, log_every=50,
+                             warmup_steps=0, warmup_ratio=0.03, weight_decay=0.0)
+  cfg.train = train_section(steps=12500 if stage1 else 3000, batch_size=256 if stage1 else 32, log_every=50,
                             checkpoint_every=1000)
   cfg.data = ml_collections.ConfigDict(dict(
       webvid_csv="",             # WebVid-style CSV: captions (stage 1 examples)
@@ -130,6 +132,7 @@ def train_config(cfg: ml_collections.ConfigDict, stage: str, tiny: bool = False)
                                  # dumps miss some videos); -1 = no limit
   ))
   if tiny:
-    cfg.optim.update(warmup_steps=5, total_steps=100, lr=1e-3, min_lr=1e-4, warmup_start_lr=1e-5)
+    # A schedule of its own, so that runs of any length (a test resumes a shorter one) share it.
+    cfg.optim.update(warmup_steps=5, warmup_ratio=0.0, total_steps=100, lr=1e-3, min_lr=1e-4, warmup_start_lr=1e-5)
     cfg.train.update(steps=20, batch_size=8, log_every=10, checkpoint_every=10)
     cfg.data.update(max_text_len=16 if stage1 else 96)

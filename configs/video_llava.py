@@ -23,8 +23,9 @@ config replaces `model`; "" = random init of `model`):
   stage2: the projector and the LLM, on instructions (LLaVA-665K + Video-ChatGPT-100K: ~765 K
           examples, one epoch at 128), lr 2e-5.
 Both: AdamW b=(0.9, 0.999), no weight decay, linear warm-up from 0 over 3% of the steps, then
-cosine decay to 0, gradient clipping at norm 1 (the transformers Trainer's default), text up to
-2048 tokens (3072 once the media placeholders are expanded). The towers stay frozen (kept in bfloat16).
+cosine decay to 0 at the last step (both follow `train.steps`), gradient clipping at norm 1 (the
+transformers Trainer's default), text up to 2048 tokens (3072 once the media placeholders are
+expanded). The towers stay frozen (kept in bfloat16).
 """
 
 import math
@@ -84,10 +85,8 @@ def train_config(cfg: ml_collections.ConfigDict, stage: str, tiny: bool = False)
   cfg.init_from = ""  # a `vllm-jax convert video-llava` folder; "" = random init of `model`
   cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: the remaining devices
   cfg.optim = optim_config(trainable=tuple(cfg.trainable[stage]), lr=1e-3 if stage1 else 2e-5, min_lr=0.0,
-                           warmup_start_lr=0.0, warmup_steps=math.ceil(0.03 * steps), total_steps=steps,
-                           weight_decay=0.0, clip_norm=1.0)
-  cfg.train = train_section(steps=cfg.optim.total_steps, batch_size=BATCH[stage], log_every=50,
-                            checkpoint_every=1000)
+                           warmup_start_lr=0.0, warmup_steps=0, warmup_ratio=0.03, weight_decay=0.0, clip_norm=1.0)
+  cfg.train = train_section(steps=steps, batch_size=BATCH[stage], log_every=50, checkpoint_every=1000)
   cfg.data = ml_collections.ConfigDict(dict(
       instruct_json="",          # conversations with an "image" or "video" path (LLaVA-style JSON)
       instruct_dir="",           # media paths in the JSON are relative to this folder
@@ -102,6 +101,7 @@ def train_config(cfg: ml_collections.ConfigDict, stage: str, tiny: bool = False)
       cache_examples=False,      # keep every decoded example in memory (small datasets only)
   ))
   if tiny:
-    cfg.optim.update(warmup_steps=5, total_steps=100, lr=1e-3 if stage1 else 1e-4)
+    # A schedule of its own, so that runs of any length share it.
+    cfg.optim.update(warmup_steps=5, warmup_ratio=0.0, total_steps=100, lr=1e-3 if stage1 else 1e-4)
     cfg.train.update(steps=20, batch_size=8, log_every=10, checkpoint_every=10)
     cfg.data.update(max_text_len=256, max_len=320)

@@ -56,7 +56,7 @@ def test_adamw_matches_torch(clip_norm):
             "norm": {"scale": rng.randn(2, 3).astype(np.float32)}}
   grads = [{"w": {"kernel": rng.randn(4, 3), "bias": rng.randn(3)}, "norm": {"scale": rng.randn(2, 3)}}
            for _ in range(6)]
-  tx, schedule = optim.make_optimizer(cfg, params)
+  tx, schedule = optim.make_optimizer(cfg, params, len(grads))
 
   @jax.jit
   def update(params, state, grads, step):

@@ -17,6 +17,7 @@ from vllm_jax.configs import video_llava as recipes
 from vllm_jax.converters import video_llava as conv
 from vllm_jax.converters.core import CheckpointMismatchError, DictReader, expected_source_shapes, export
 from vllm_jax.models.video_llava import VideoLlava, VideoLlavaConfig, abstract_params
+from vllm_jax.train import optim
 
 VOCAB, IMAGE_ID, VIDEO_ID = 128, 126, 127
 FRAMES, GRID = 4, 2                 # 28 px images, patch 14
@@ -301,7 +302,8 @@ def test_training_recipes_select_the_stage_parameters():
   for stage, lr, batch, prefixes in (("stage1", 1e-3, 256, {"projector"}), ("stage2", 2e-5, 128, {"projector", "llm"})):
     cfg = recipes.get_config(stage)
     assert (cfg.optim.lr, cfg.train.batch_size, cfg.optim.weight_decay, cfg.optim.min_lr) == (lr, batch, 0.0, 0.0)
-    assert cfg.optim.warmup_steps == int(np.ceil(0.03 * cfg.optim.total_steps))
+    warmup, total = optim.schedule_steps(cfg.optim, cfg.train.steps)
+    assert cfg.optim.warmup_ratio == 0.03 and total == cfg.train.steps and warmup == int(np.ceil(0.03 * total))
     assert (cfg.data.max_text_len, cfg.data.max_len, cfg.data.instruct_format) == (2048, 3072, "llava")
     trained = {p.split("/")[0] for p in paths if any(re.search(r, p) for r in cfg.optim.trainable)}
     assert trained == prefixes

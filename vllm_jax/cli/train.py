@@ -16,7 +16,9 @@ section (captions, instruction JSON); unreadable media are skipped and counted. 
 train.log_every steps; with train.workdir, writes orbax checkpoints (workdir/checkpoints),
 TensorBoard events and metrics.jsonl there, and a rerun resumes from the latest checkpoint (data
 position included). SIGTERM checkpoints and stops.
-Mesh: mesh.data, mesh.fsdp, mesh.tensor (-1 = the remaining devices).
+Mesh: mesh.data, mesh.fsdp, mesh.tensor (-1 = the remaining devices). The learning-rate schedule
+spans train.steps unless optim.total_steps is set; its warm-up is optim.warmup_steps, or
+optim.warmup_ratio of the total (the schedule is logged at start).
 """
 
 

@@ -6,6 +6,7 @@ Parameter paths are '/'-joined, e.g. `layers/attn/q/kernel`. A parameter trains 
 their (fp32) master dtype; the model computes in its own `dtype`.
 """
 
+import logging
 import math
 import re
 from typing import Any, Sequence
@@ -14,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import traverse_util
+
+log = logging.getLogger(__name__)
 
 Params = dict[str, Any]
 
@@ -68,17 +71,36 @@ def warmup_cosine(lr: float, min_lr: float, warmup_start_lr: float, warmup_steps
   return schedule
 
 
-def make_schedule(cfg) -> optax.Schedule:
-  """From an `optim` config section (lr, min_lr, warmup_start_lr, warmup_steps, total_steps)."""
-  return warmup_cosine(cfg.lr, cfg.min_lr, cfg.warmup_start_lr, cfg.warmup_steps, cfg.total_steps)
+def schedule_steps(cfg, steps: int) -> tuple[int, int]:
+  """(warm-up steps, total steps) of an `optim` section for a run of `steps` steps: total_steps 0
+  means the run's length, and warmup_ratio > 0 gives the warm-up as that fraction of the total
+  (rounded up, as the transformers Trainer does) in place of warmup_steps."""
+  if cfg.warmup_steps and cfg.warmup_ratio:
+    raise ValueError(f"set optim.warmup_steps ({cfg.warmup_steps}) or optim.warmup_ratio ({cfg.warmup_ratio}), "
+                     "not both")
+  total = cfg.total_steps or steps
+  return (math.ceil(cfg.warmup_ratio * total) if cfg.warmup_ratio else cfg.warmup_steps), total
 
 
-def make_optimizer(cfg, trainable_params: Params) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_schedule(cfg, steps: int) -> optax.Schedule:
+  """From an `optim` config section (lr, min_lr, warmup_start_lr, warmup_steps or warmup_ratio,
+  total_steps) for a run of `steps` steps; logs the schedule it resolved to."""
+  warmup, total = schedule_steps(cfg, steps)
+  log.info("schedule: warm-up %d steps from %g to %g, cosine to %g at step %d", warmup, cfg.warmup_start_lr,
+           cfg.lr, cfg.min_lr, total)
+  if warmup >= total:
+    log.warning("the warm-up (%d steps) does not end before step %d: lr never reaches %g", warmup, total, cfg.lr)
+  return warmup_cosine(cfg.lr, cfg.min_lr, cfg.warmup_start_lr, warmup, total)
+
+
+def make_optimizer(cfg, trainable_params: Params,
+                   steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """AdamW direction without the learning rate: clip -> Adam -> decoupled weight decay.
 
   The train step scales the result by `-schedule(step)`, so the rate follows the step counter
   (skipped non-finite steps included) while Adam's bias correction counts only applied updates.
-  `trainable_params` (arrays or ShapeDtypeStructs) fixes the decay mask.
+  `trainable_params` (arrays or ShapeDtypeStructs) fixes the decay mask; `steps`, the run's length,
+  the schedule's unless `cfg.total_steps` sets it.
   """
   parts = []
   if cfg.clip_norm:
@@ -86,4 +108,4 @@ def make_optimizer(cfg, trainable_params: Params) -> tuple[optax.GradientTransfo
   parts.append(optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps))
   if cfg.weight_decay:
     parts.append(optax.add_decayed_weights(cfg.weight_decay, decay_mask(trainable_params, cfg.no_decay)))
-  return optax.chain(*parts), make_schedule(cfg)
+  return optax.chain(*parts), make_schedule(cfg, steps)

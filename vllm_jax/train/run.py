@@ -2,12 +2,10 @@
 (`init_from`) or a random init, the system's examples, the sharded train loop, checkpoints and
 metrics. The system (`vllm_jax.systems`) supplies the model, its loss and its examples."""
 
-import json
 import logging
 import os
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 
 from vllm_jax.data.tokenizer import load_tokenizer
@@ -44,7 +42,8 @@ def load_model(cfg, mesh, system) -> tuple[Any, Any, str]:
 
 def train(cfg, system, progress: bool = False) -> trainer.LoopResult:
   """Train to `train.steps`, resuming from the latest checkpoint in `train.workdir`; per-step
-  metrics are appended to `train.workdir`/metrics.jsonl. `progress`: a progress bar of the steps."""
+  metrics go to `train.workdir`/metrics.jsonl as the run goes (`trainer.MetricsFile`). `progress`:
+  a progress bar of the steps."""
   mesh = sharding.mesh_from_config(cfg.mesh)
   config, params, tokenizer_dir = load_model(cfg, mesh, system)
   t = make_trainer(cfg, mesh, system, config, params)
@@ -59,21 +58,15 @@ def train(cfg, system, progress: bool = False) -> trainer.LoopResult:
     if ckpt.latest_step() is not None:
       state = ckpt.restore(state, it)
       log.info("resumed from step %d", int(state.step))
-  start = int(state.step)
   batches = it
   if progress:
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-    batches = iter(tqdm(it, desc="training", unit="step", total=cfg.train.steps, initial=start))
+    batches = iter(tqdm(it, desc="training", unit="step", total=cfg.train.steps, initial=int(state.step)))
   preemption = checkpoint.Preemption()
   try:
-    result = trainer.train_loop(t, state, batches, steps=cfg.train.steps, checkpointer=ckpt, data_iterator=it,
-                                preemption=preemption)
+    return trainer.train_loop(t, state, batches, steps=cfg.train.steps, checkpointer=ckpt, data_iterator=it,
+                              preemption=preemption)
   finally:
     preemption.close()
     if ckpt is not None:
       ckpt.close()
-  if cfg.train.workdir and jax.process_index() == 0:
-    with open(os.path.join(cfg.train.workdir, "metrics.jsonl"), "a") as f:
-      for i, m in enumerate(result.history):
-        f.write(json.dumps(dict(step=start + i + 1, **m)) + "\n")
-  return result

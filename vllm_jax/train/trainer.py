@@ -7,6 +7,7 @@ a token mean over all micro-batches and devices.
 """
 
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -95,7 +96,8 @@ class Trainer:
     key = jax.random.key(cfg.seed)
     self._init_key, self._step_key = jax.random.split(key)
     params = jax.eval_shape(lambda k: nn.meta.unbox(params_fn(k)), self._init_key)
-    self.tx, self.schedule = optim.make_optimizer(cfg.optim, optim.partition(params, cfg.optim.trainable)[0])
+    self.tx, self.schedule = optim.make_optimizer(cfg.optim, optim.partition(params, cfg.optim.trainable)[0],
+                                                  cfg.train.steps)
     abstract = jax.eval_shape(self._build, self._init_key)
     self.shardings = self._state_shardings(abstract, param_shardings)
     self.abstract_state = jax.tree.map(
@@ -203,6 +205,35 @@ class LoopResult:
   skipped_examples: int = 0
 
 
+class MetricsFile:
+  """Per-step metrics as JSON lines ({"step", "loss", ...}), kept in step with the checkpoints: a run
+  starting at `step` first drops the lines of later steps (written before a crash, by steps whose
+  state no checkpoint kept, so they are about to be redone), and each write reaches the disk before
+  it returns."""
+
+  def __init__(self, path: str, step: int):
+    if os.path.exists(path):
+      with open(path) as f:
+        lines = f.readlines()
+      # A line without its newline was cut short by the crash.
+      kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]
+      if kept != lines:
+        with open(path + ".tmp", "w") as f:
+          f.writelines(kept)
+          f.flush()
+          os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+    self._file = open(path, "a")
+
+  def write(self, first_step: int, metrics: list[dict[str, float]]) -> None:
+    self._file.writelines(json.dumps(dict(step=first_step + i, **m)) + "\n" for i, m in enumerate(metrics))
+    self._file.flush()
+    os.fsync(self._file.fileno())
+
+  def close(self) -> None:
+    self._file.close()
+
+
 def train_loop(trainer: Trainer, state: TrainState, batches: Iterator[dict[str, np.ndarray]], *,
                steps: int, checkpointer=None, data_iterator=None,
                eval_batches: Callable[[], Iterable[dict[str, np.ndarray]]] | None = None,
@@ -213,18 +244,29 @@ def train_loop(trainer: Trainer, state: TrainState, batches: Iterator[dict[str, 
   `skipped` [b] entry counts the unreadable examples the data pipeline stepped over. Every
   `train.log_every` steps a line is logged and TensorBoard scalars are written (process 0, when
   `train.workdir` is set); every `train.checkpoint_every` steps, on the last step and on
-  preemption, `checkpointer.save` stores the state and `data_iterator`'s position.
+  preemption, `checkpointer.save` stores the state and `data_iterator`'s position. With
+  `train.workdir`, process 0 also appends each step's metrics to `train.workdir`/metrics.jsonl
+  (a `MetricsFile`, so a crash keeps them up to the last log line or checkpoint).
   """
   cfg = trainer.cfg.train
-  writer = None
+  step = int(state.step)
+  writer = metrics_file = None
   if cfg.workdir and jax.process_index() == 0:
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     writer = SummaryWriter(os.path.join(cfg.workdir, "tensorboard"))
+    metrics_file = MetricsFile(os.path.join(cfg.workdir, "metrics.jsonl"), step)
   peak = peak_flops(jax.devices()[0], cfg.peak_tflops)
   history, pending, skipped = [], [], 0
-  step = int(state.step)
   tick, tick_step = time.perf_counter(), step
   preempted = False
+
+  def fetch():  # the pending steps' metrics to the host, the history and the metrics file
+    fetched = [{k: float(v) for k, v in m.items()} for m in jax.device_get(pending)]
+    pending.clear()
+    history.extend(fetched)
+    if metrics_file and fetched:
+      metrics_file.write(step - len(fetched) + 1, fetched)
+
   try:
     while step < steps:
       local = dict(next(batches))
@@ -237,18 +279,16 @@ def train_loop(trainer: Trainer, state: TrainState, batches: Iterator[dict[str, 
       pending.append(metrics)
       last = step == steps
       if step % cfg.log_every == 0 or last:
-        pending = jax.device_get(pending)
+        fetch()
         elapsed = time.perf_counter() - tick
         step_time = elapsed / (step - tick_step)
-        for m in pending:
-          history.append({k: float(v) for k, v in m.items()})
         entry = dict(history[-1], step_time=step_time,
-                     tokens_per_s=sum(m["tokens"] for m in pending) / elapsed, skipped=skipped,
-                     nan_skips=int(state.nan_skips))
+                     tokens_per_s=sum(m["tokens"] for m in history[-(step - tick_step):]) / elapsed,
+                     skipped=skipped, nan_skips=int(state.nan_skips))
         if peak and trainer.flops_per_step:
           entry["mfu"] = trainer.flops_per_step / step_time / peak
         _log(step, entry, writer)
-        pending, tick, tick_step = [], time.perf_counter(), step
+        tick, tick_step = time.perf_counter(), step
         if entry["nan_skips"] > cfg.max_nan_skips:
           raise FloatingPointError(f"{entry['nan_skips']} steps had a non-finite loss or gradient "
                                    f"(train.max_nan_skips={cfg.max_nan_skips})")
@@ -260,6 +300,7 @@ def train_loop(trainer: Trainer, state: TrainState, batches: Iterator[dict[str, 
           writer.add_scalar("eval/loss", eval_loss, step)
       preempted = preemption is not None and preemption.reached(step)
       if checkpointer is not None and (preempted or last or step % cfg.checkpoint_every == 0):
+        fetch()  # every step the checkpoint covers is on disk before it
         checkpointer.save(step, state, data_iterator, force=preempted or last)
       if preempted:
         log.info("step %d | preempted: checkpoint written, stopping", step)
@@ -269,6 +310,8 @@ def train_loop(trainer: Trainer, state: TrainState, batches: Iterator[dict[str, 
       checkpointer.wait()
     if writer:
       writer.close()
+    if metrics_file:
+      metrics_file.close()
   return LoopResult(state=state, history=history, preempted=preempted, skipped_examples=skipped)
 
 

@@ -37,6 +37,8 @@ setup(
     extras_require={
         # PyTorch side: reading .bin/.pth checkpoints and the parity references.
         "torch": ["torch>=2.4", "safetensors>=0.4"],
+        # Viewing the training logs: `tensorboard --logdir <workdir>/tensorboard`.
+        "tensorboard": ["tensorboard>=2.15"],
         "dev": ["torch>=2.4", "safetensors>=0.4", "pytest>=8", "pytest-xdist>=3.6",
                 "kaldi-native-fbank>=1.20"],
     },

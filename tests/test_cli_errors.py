@@ -59,6 +59,7 @@ def run(*args):
     ("convert_no_weights", "no *.safetensors or *.bin weight files in"),
     ("convert_truncated", "model.safetensors is truncated: its tensors need"),
     ("convert_misshaped", "shape mismatch for model.embed_tokens.weight: checkpoint has [65, 16]"),
+    ("convert_al_without_imagebind", "--al needs --imagebind imagebind_huge.pth"),
 ])
 def test_bad_invocation_is_one_error_line(folders, tmp_path, case, message):
   root = folders
@@ -78,6 +79,8 @@ def test_bad_invocation_is_one_error_line(folders, tmp_path, case, message):
       "convert_no_weights": ["convert", "llama", "--hf-dir", root / "no_weights", "--out", tmp_path / "out"],
       "convert_truncated": ["convert", "llama", "--hf-dir", root / "truncated", "--out", tmp_path / "out"],
       "convert_misshaped": ["convert", "llama", "--hf-dir", root / "misshaped", "--out", tmp_path / "out"],
+      "convert_al_without_imagebind": ["convert", "video-llama", "--llama-dir", root / "hf", "--al", "al.pth",
+                                       "--out", tmp_path / "out"],
   }[case]
   status, err = run(*args)
   assert status == 2, err

@@ -134,3 +134,18 @@ def test_load_media_with_and_without_audio(tmp_path, clip):
   silent = load_media(write_video(tmp_path / "mute.mp4"), num_frames=4, with_audio=True)
   assert not silent.audio_valid and not silent.audio.any()
   assert load_media(clip, num_frames=4).audio is None
+
+
+def test_audio_only_file_given_as_video_says_so(tmp_path):
+  path = str(tmp_path / "speech.m4a")
+  with av.open(path, "w", format="mp4") as out:
+    sound = out.add_stream("aac", rate=16000)
+    sound.layout = "mono"
+    tone = np.sin(np.arange(16000) * 2 * np.pi * 440 / 16000).astype(np.float32)[None]
+    for start in range(0, 16000, 1024):
+      frame = av.AudioFrame.from_ndarray(tone[:, start:start + 1024], format="fltp", layout="mono")
+      frame.sample_rate, frame.pts, frame.time_base = 16000, start, fractions.Fraction(1, 16000)
+      out.mux(sound.encode(frame))
+    out.mux(sound.encode())
+  with pytest.raises(MediaError, match="has no video stream"):
+    load_media(path, 4, 32)

@@ -64,34 +64,39 @@ def _chat_text(args) -> int:
   from vllm_jax.data.tokenizer import left_pad
   config, params, tokenizer = pretrained.load_llama(args.model, mesh=flags.mesh(args.mesh), dtype=args.dtype)
   stop_ids = sorted({i for i in (tokenizer.eos_token_id, config.eos_token_id) if isinstance(i, int)})
+  context = config.max_position_embeddings
+  if args.max_new_tokens >= context:
+    return flags.error(f"--max-new-tokens {args.max_new_tokens}: the model's context is {context} tokens")
 
   def answer(question: str, seed: int) -> None:
-    ids, mask = left_pad([tokenizer(question).input_ids], multiple=32)
+    prompt = tokenizer(question).input_ids
+    if len(prompt) + args.max_new_tokens > context:
+      raise TooLong(f"the prompt takes {len(prompt)} tokens; with --max-new-tokens {args.max_new_tokens} it does "
+                    f"not fit the model's context of {context}")
+    ids, mask = left_pad([prompt], multiple=32)
     stream, _ = _streamer(tokenizer, stop_ids)
     generate.generate(config, params, input_ids=ids, attention_mask=mask, max_new_tokens=args.max_new_tokens,
                       sampling=flags.sampling(args), stop_token_ids=stop_ids, tokenizer=tokenizer, seed=seed,
                       on_tokens=stream)
     print()
 
-  return flags.answer_or_loop(answer, args.question, args.seed, "Type a prompt and press enter")
+  return _ask(answer, args, "Type a prompt and press enter")
 
 
 def _chat_media(args) -> int:
   from vllm_jax import generate
-  try:
-    system = flags.load_system(args)
-  except (FileNotFoundError, ValueError) as e:
-    return flags.error(str(e))
+  system = flags.load_system(args)
+  llama = system.config.llama
+  context = llama.max_position_embeddings
+  if args.max_new_tokens >= context:
+    return flags.error(f"--max-new-tokens {args.max_new_tokens}: the model's context is {context} tokens")
   path = args.video or args.image
   if path is None:
     return flags.error(f"{args.model} is a video model; give --video or --image")
   use_audio = flags.use_audio(args, system)
   if use_audio is None:
     return flags.error(f"--audio: {args.model} has no audio branch")
-  try:
-    media = system.load_media(path, use_audio=use_audio, num_frames=args.num_frames)
-  except (FileNotFoundError, ValueError) as e:  # MediaError is a ValueError
-    return flags.error(str(e))
+  media = system.load_media(path, use_audio=use_audio, num_frames=args.num_frames)  # bad media: main's error line
   with_audio = use_audio and media.audio_valid
   if use_audio and not media.is_image and not media.audio_valid:
     print(f"note: {path} has no usable audio track; answering from the frames only", file=sys.stderr)
@@ -101,10 +106,6 @@ def _chat_media(args) -> int:
 
   conv = system.conversation(media, with_audio)
   tokens = system.encode_media([media], use_audio=with_audio)
-  llama = system.config.llama
-  context = llama.max_position_embeddings
-  if args.max_new_tokens >= context:
-    return flags.error(f"--max-new-tokens {args.max_new_tokens}: the model's context is {context} tokens")
   # Slots to spare for the Session's left padding of each turn (positions stay within the context).
   session = generate.Session(llama, system.params["llm"], max_len=context + 2 * BUCKET, bucket=BUCKET)
   stop_strings = system.template.stop_strings
@@ -141,9 +142,15 @@ def _chat_media(args) -> int:
     print()
     conv.answer(system.clean_answer(out.texts[0]))
 
+  return _ask(answer, args, "Ask about the media and press enter (/reset starts over)")
+
+
+def _ask(answer, args, hint: str) -> int:
+  """One --question (a question that cannot fit: status 2), or the interactive loop (it is
+  reported and the loop goes on)."""
   if args.question is not None:
     try:
-      return flags.answer_or_loop(answer, args.question, args.seed, "")
+      return flags.answer_or_loop(answer, args.question, args.seed, hint)
     except TooLong as e:
       return flags.error(str(e))
 
@@ -151,10 +158,9 @@ def _chat_media(args) -> int:
     try:
       answer(question, seed)
     except TooLong as e:
-      print(f"error: {e}; ask something shorter, or /reset", file=sys.stderr)
+      print(f"error: {e}; ask something shorter" + (", or /reset" if "/reset" in hint else ""), file=sys.stderr)
 
-  return flags.answer_or_loop(answer_or_report, None, args.seed,
-                              "Ask about the media and press enter (/reset starts over)")
+  return flags.answer_or_loop(answer_or_report, None, args.seed, hint)
 
 
 class TooLong(ValueError):

@@ -35,7 +35,7 @@ def add_parser(commands) -> None:
   vl.add_argument("--hf-blip2", help="or a transformers Blip2 folder/file (ViT, ln_vision, image Q-Former)")
   vl.add_argument("--vl", help="Video-LLaMA vision-language finetuned .pth")
   vl.add_argument("--al", help="Video-LLaMA audio-language finetuned .pth")
-  vl.add_argument("--imagebind", help="imagebind_huge.pth (default: the AL file's audio_encoder.* keys)")
+  vl.add_argument("--imagebind", help="imagebind_huge.pth (required with --al: the AL file holds no encoder weights)")
   vl.add_argument("--template", choices=["vicuna_v0", "llama_2"], default=None,
                   help="conversation template (default vicuna_v0; llama_2 for LLaMA-2-chat models)")
   vl.add_argument("--dtype", default=None, choices=DTYPES,
@@ -105,6 +105,8 @@ def convert_video_llama(args) -> int:
   files = {k: getattr(args, k) or cfg.checkpoints[k] or None for k in cfg.checkpoints}
   if not files["llama_dir"]:
     return flags.error("--llama-dir (or checkpoints.llama_dir in the config) is required")
+  if files["al"] and not files["imagebind"]:  # the released AL file dropped its frozen encoder on save
+    return flags.error("--al needs --imagebind imagebind_huge.pth: the AL checkpoint holds no ImageBind weights")
   base = VideoLlamaConfig.from_dict(cfg.model.to_dict())
   if args.template:
     base = base.replace(template=args.template)

@@ -39,10 +39,7 @@ def run(args) -> int:
   from vllm_jax import generate
   from vllm_jax.data.media import MediaError
   from vllm_jax.data.tokenizer import left_pad
-  try:
-    system = flags.load_system(args)
-  except (FileNotFoundError, ValueError) as e:
-    return flags.error(str(e))
+  system = flags.load_system(args)
   use_audio = flags.use_audio(args, system)
   if use_audio is None:
     return flags.error(f"--audio: {args.model} has no audio branch")

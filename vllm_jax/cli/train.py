@@ -45,7 +45,8 @@ def run(args, overrides: list[str]) -> int:
   sharding.initialize_distributed()
   logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
-  result = run_lib.train(cfg, system)
+  import jax
+  result = run_lib.train(cfg, system, progress=jax.process_index() == 0)
   state = "preempted at" if result.preempted else "done at"
   print(f"{state} step {int(result.state.step)}; {result.skipped_examples} unreadable examples skipped",
         file=sys.stderr)

@@ -216,6 +216,8 @@ def load_video(path: str, num_frames: int = 8, size: int = 224, sampling: str = 
     indices = sample_indices(vlen, num_frames, sampling, rng)
     pixels = reader.get_batch(indices.tolist()).asnumpy()  # [n, H, W, 3] uint8
   except (decord.DECORDError, RuntimeError) as e:  # decord raises RuntimeError on open
+    if _has_audio_only(path):
+      raise MediaError(f"{path} has no video stream (an audio-only file?)") from e
     raise MediaError(f"cannot decode video {path}: {str(e).splitlines()[0]}") from e
   if train_crop:
     pixels = random_resized_crop(pixels, size, rng or np.random.default_rng())
@@ -224,6 +226,16 @@ def load_video(path: str, num_frames: int = 8, size: int = 224, sampling: str = 
   frames, mask = pad_frames(normalize(pixels), num_frames)
   fps = fps if fps > 0 else 1.0
   return Frames(frames, mask, [round(float(i) / fps, 1) for i in indices])
+
+
+def _has_audio_only(path: str) -> bool:
+  """Whether a file decord could not open is a readable container with audio but no video."""
+  import av
+  try:
+    with av.open(path) as container:
+      return bool(container.streams.audio) and not container.streams.video
+  except (av.FFmpegError, OSError, ValueError):
+    return False
 
 
 def load_image(path: str, num_frames: int = 1, size: int = 224, resize: str = "squash") -> Frames:

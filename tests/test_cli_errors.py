@@ -60,6 +60,8 @@ def run(*args):
     ("convert_truncated", "model.safetensors is truncated: its tensors need"),
     ("convert_misshaped", "shape mismatch for model.embed_tokens.weight: checkpoint has [65, 16]"),
     ("convert_al_without_imagebind", "--al needs --imagebind imagebind_huge.pth"),
+    ("infer_media_root", "argument --media-root: no such folder"),
+    ("convert_llava_config", "argument --config: invalid choice: '13b'"),
 ])
 def test_bad_invocation_is_one_error_line(folders, tmp_path, case, message):
   root = folders
@@ -81,6 +83,10 @@ def test_bad_invocation_is_one_error_line(folders, tmp_path, case, message):
       "convert_misshaped": ["convert", "llama", "--hf-dir", root / "misshaped", "--out", tmp_path / "out"],
       "convert_al_without_imagebind": ["convert", "video-llama", "--llama-dir", root / "hf", "--al", "al.pth",
                                        "--out", tmp_path / "out"],
+      "infer_media_root": ["infer", "--model", root / "hf", "--input", questions, "--output", tmp_path / "a.jsonl",
+                           "--media-root", root / "nope"],
+      "convert_llava_config": ["convert", "video-llava", "--original", root / "hf", "--config", "13b",
+                               "--out", tmp_path / "out"],
   }[case]
   status, err = run(*args)
   assert status == 2, err

@@ -61,9 +61,9 @@ def languagebind_video():
   root = spec.submodule_search_locations[0]
   for name, path in (("languagebind", root), ("languagebind.video", os.path.join(root, "video"))):
     if name not in sys.modules:
-      stub = importlib.util.module_from_spec(importlib.machinery.ModuleSpec(name, None, is_package=True))
-      stub.__path__ = stub.__spec__.submodule_search_locations = [path]
-      sys.modules[name] = stub
+      package = importlib.util.module_from_spec(importlib.machinery.ModuleSpec(name, None, is_package=True))
+      package.__path__ = package.__spec__.submodule_search_locations = [path]
+      sys.modules[name] = package
   return (importlib.import_module("languagebind.video.configuration_video"),
           importlib.import_module("languagebind.video.modeling_video"))
 

@@ -57,7 +57,8 @@ def add_parser(commands) -> None:
                       help="transformers Video-LLaVA folder (config.json, safetensors, tokenizer)")
   source.add_argument("--original", type=hf_folder,
                       help="original Video-LLaVA folder (config.json, weight shards, tokenizer)")
-  lv.add_argument("--config", default="7b-original", help="configs/video_llava.py size for --original")
+  lv.add_argument("--config", default="7b-original", choices=["7b", "7b-original", "tiny"],
+                  help="configs/video_llava.py size for --original")
   lv.add_argument("--dtype", default=None, choices=DTYPES, help="store parameters in this dtype (default: float32)")
   lv.add_argument("--out", required=True, help="output model folder (created)")
   lv.set_defaults(run=convert_video_llava)

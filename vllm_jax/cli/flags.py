@@ -15,6 +15,13 @@ def existing_file(path: str) -> str:
   return path
 
 
+def existing_folder(path: str) -> str:
+  """An argparse type: a folder that exists."""
+  if not os.path.isdir(path):
+    raise argparse.ArgumentTypeError(f"no such folder: {path}")
+  return path
+
+
 def new_file(path: str) -> str:
   """An argparse type: a file that can be written in an existing folder."""
   folder = os.path.dirname(os.path.abspath(path))

@@ -25,7 +25,7 @@ def add_parser(commands) -> None:
   infer.add_argument("--input", required=True, type=flags.existing_file, help="questions, one JSON object per line")
   infer.add_argument("--output", required=True, type=flags.new_file,
                      help="answers, appended one JSON object per line")
-  infer.add_argument("--media-root", default=None,
+  infer.add_argument("--media-root", default=None, type=flags.existing_folder,
                      help="folder that relative media paths start from (default: the input file's folder)")
   infer.add_argument("--batch-size", type=flags.number(int, 1), default=4)
   flags.media_flags(infer)

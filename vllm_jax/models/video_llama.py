@@ -67,6 +67,18 @@ def splice(embeds: jax.Array, input_ids: jax.Array, token_id: int, media: jax.Ar
   return jnp.where(is_media[..., None], gathered, embeds)
 
 
+def embed_with_media(llm: Llama, input_ids: jax.Array, media: dict[int, jax.Array | None]) -> jax.Array:
+  """Token embeddings [B, L, E] of `input_ids` [B, L], each placeholder id's run replaced by its
+  media tokens (`splice`; None: that kind is absent). Placeholder ids may lie outside the LLM
+  vocabulary: they are embedded as id 0 first."""
+  placeholder = jnp.isin(input_ids, jnp.asarray(list(media)))
+  x = llm.embed(jnp.where(placeholder, 0, input_ids))
+  for token_id, tokens in media.items():
+    if tokens is not None:
+      x = splice(x, input_ids, token_id, tokens)
+  return x
+
+
 class VideoLlama(nn.Module):
   """`__call__` -> (logits [B, L, V], updated cache or None)."""
   config: VideoLlamaConfig
@@ -91,13 +103,7 @@ class VideoLlama(nn.Module):
             audio_tokens: jax.Array | None = None) -> jax.Array:
     """Token embeddings [B, L, E] with the media tokens spliced in at their placeholders."""
     cfg = self.config
-    placeholder = (input_ids == cfg.video_token_id) | (input_ids == cfg.audio_token_id)
-    x = self.llm.embed(jnp.where(placeholder, 0, input_ids))
-    if video_tokens is not None:
-      x = splice(x, input_ids, cfg.video_token_id, video_tokens)
-    if audio_tokens is not None:
-      x = splice(x, input_ids, cfg.audio_token_id, audio_tokens)
-    return x
+    return embed_with_media(self.llm, input_ids, {cfg.video_token_id: video_tokens, cfg.audio_token_id: audio_tokens})
 
   def decode(self, inputs_embeds: jax.Array, attention_mask: jax.Array | None = None,
              positions: jax.Array | None = None, cache: KVCache | None = None):

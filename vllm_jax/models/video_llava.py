@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from vllm_jax.models.llama import KVCache, Llama, LlamaConfig
-from vllm_jax.models.video_llama import splice
+from vllm_jax.models.video_llama import embed_with_media
 from vllm_jax.models.vit import CLIP_VIT_L, ViT, ViTConfig
 from vllm_jax.nn.config import ConfigBase
 from vllm_jax.nn.layers import Dense, constrain
@@ -116,13 +116,7 @@ class VideoLlava(nn.Module):
     prompt order); the k-th placeholder of a kind in row b takes tokens[b, k].
     """
     cfg = self.config
-    placeholder = (input_ids == cfg.image_token_id) | (input_ids == cfg.video_token_id)
-    x = self.llm.embed(jnp.where(placeholder, 0, input_ids))
-    if image_tokens is not None:
-      x = splice(x, input_ids, cfg.image_token_id, image_tokens)
-    if video_tokens is not None:
-      x = splice(x, input_ids, cfg.video_token_id, video_tokens)
-    return x
+    return embed_with_media(self.llm, input_ids, {cfg.image_token_id: image_tokens, cfg.video_token_id: video_tokens})
 
   def decode(self, inputs_embeds: jax.Array, attention_mask: jax.Array | None = None,
              positions: jax.Array | None = None, cache: KVCache | None = None):

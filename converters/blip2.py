@@ -5,6 +5,9 @@ Layouts:
     `ln_vision.*` (and `visual_encoder.*` when the file carries the ViT).
   transformers `Blip2*` folders / state dicts: `qformer.*`, `query_tokens`, `vision_model.*`
     (whose `post_layernorm` is LAVIS's `ln_vision`).
+  transformers `InstructBlip*QFormerModel`: as transformers, the norm under `embeddings.`.
+A Q-Former with a text path (`vocab_size` > 0) also maps the word and position embeddings and
+each layer's text FFN (`intermediate`, `output`).
 """
 
 from vllm_jax.converters.core import IDENTITY, Rule, bias_as, dense
@@ -12,6 +15,13 @@ from vllm_jax.models.qformer import QFormerConfig
 
 LAVIS = "lavis"
 TRANSFORMERS = "transformers"
+INSTRUCTBLIP = "instructblip"
+# layout -> (text embeddings prefix, embeddings norm, layer prefix, self/cross-attention child)
+LAYOUTS = {
+    LAVIS: ("bert.embeddings.", "bert.embeddings.LayerNorm", "bert.encoder.layer.{}.", "self"),
+    TRANSFORMERS: ("embeddings.", "layernorm", "encoder.layer.{}.", "attention"),
+    INSTRUCTBLIP: ("embeddings.", "embeddings.layernorm", "encoder.layer.{}.", "attention"),
+}
 
 # Parts of a BLIP-2 Q-Former that the query-only model does not use: the text path (word and
 # position embeddings, the text FFN of every layer, the MLM head) and the heads of the
@@ -39,14 +49,15 @@ def qformer_rules(config: QFormerConfig, source_prefix: str, target_prefix: str 
   'video_Qformer.', 'qformer.'); Flax paths start with `target_prefix` (e.g. 'qformer/').
   `query_tokens`: the source key of the learned queries [1, Q, E] (they live outside the
   Q-Former module in every layout), or None when the queries are given at call time."""
-  if layout == LAVIS:
-    embeddings_norm, layer, attention = "bert.embeddings.LayerNorm", "bert.encoder.layer.{}.", "self"
-  elif layout == TRANSFORMERS:
-    embeddings_norm, layer, attention = "layernorm", "encoder.layer.{}.", "attention"
-  else:
-    raise ValueError(f"unknown Q-Former layout {layout!r}; expected {LAVIS!r} or {TRANSFORMERS!r}")
+  if layout not in LAYOUTS:
+    raise ValueError(f"unknown Q-Former layout {layout!r}; expected one of {sorted(LAYOUTS)}")
+  embeddings, embeddings_norm, layer, attention = LAYOUTS[layout]
   src, dst = source_prefix, target_prefix
   table = norm_rules(src + embeddings_norm, dst + "embeddings_norm")
+  text = config.vocab_size > 0
+  if text:
+    table += [Rule(f"{src}{embeddings}{name}.weight", f"{dst}{name}/embedding")
+              for name in ("word_embeddings", "position_embeddings")]
   if query_tokens is not None:
     table.append(Rule(query_tokens, dst + "query_tokens",
                       bias_as((1, config.num_queries, config.hidden_size))))
@@ -67,6 +78,12 @@ def qformer_rules(config: QFormerConfig, source_prefix: str, target_prefix: str 
               Rule(f"{s}output_query.dense.weight", f"{d}query_ffn/fc2/kernel", dense()),
               Rule(f"{s}output_query.dense.bias", f"{d}query_ffn/fc2/bias", IDENTITY)]
     table += norm_rules(f"{s}output_query.LayerNorm", f"{d}query_ffn_norm")
+    if text:
+      table += [Rule(f"{s}intermediate.dense.weight", f"{d}text_ffn/fc1/kernel", dense()),
+                Rule(f"{s}intermediate.dense.bias", f"{d}text_ffn/fc1/bias", IDENTITY),
+                Rule(f"{s}output.dense.weight", f"{d}text_ffn/fc2/kernel", dense()),
+                Rule(f"{s}output.dense.bias", f"{d}text_ffn/fc2/bias", IDENTITY)]
+      table += norm_rules(f"{s}output.LayerNorm", f"{d}text_ffn_norm")
   return table
 
 

@@ -102,3 +102,21 @@ def test_convert_and_chat_commands(tiny, capsys):
   with pytest.raises(SystemExit):
     cli.main(["chat", "--help"])
   assert "interactively" in capsys.readouterr().out
+
+
+def test_long_prompts_prefill_in_pieces_as_one(tiny, monkeypatch):
+  """A prompt run PREFILL_CHUNK tokens at a time (left padding inside the first piece) leaves
+  the cache and the sampled tokens of one whole prefill."""
+  _, config, params, _ = tiny
+  ids = np.random.default_rng(0).integers(3, config.vocab_size, (2, 150))
+  mask = np.ones_like(ids)
+  mask[1, :11] = 0
+  sampling = gen.SamplingConfig(temperature=1.0)
+  whole = gen.generate(config, params, input_ids=ids, attention_mask=mask, max_new_tokens=6, sampling=sampling)
+  monkeypatch.setattr(gen, "PREFILL_CHUNK", 32)
+  pieces = gen.generate(config, params, input_ids=ids, attention_mask=mask, max_new_tokens=6, sampling=sampling)
+  np.testing.assert_array_equal(pieces.tokens, whole.tokens)
+  valid = np.asarray(whole.cache.valid)  # [B, S]; padding slots hold whatever, never read
+  np.testing.assert_array_equal(pieces.cache.valid, valid)
+  for got, want in ((pieces.cache.k, whole.cache.k), (pieces.cache.v, whole.cache.v)):
+    np.testing.assert_allclose(np.asarray(got)[:, valid], np.asarray(want)[:, valid], rtol=1e-5, atol=1e-5)

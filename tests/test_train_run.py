@@ -77,7 +77,8 @@ def test_metrics_survive_a_crash_and_follow_the_checkpoint(tmp_path, monkeypatch
     ("video_llama.py:stage1", 2500, 12500), ("video_llama.py:stage2", 1000, 3000),
     ("video_llama.py:stage2_full", 90, 3000), ("video_llama.py:tiny_stage1", 5, 100),
     ("video_llava.py:stage1", 148, 4922), ("video_llava.py:stage2", 180, 5977),
-    ("video_llava.py:tiny_stage2", 5, 100), ("demo.py", 30, 700)])
+    ("video_llava.py:tiny_stage2", 5, 100), ("llama_vid.py:stage1", 93, 3086),
+    ("llama_vid.py:stage2", 179, 5961), ("llama_vid.py:stage3", 34, 1125), ("demo.py", 30, 700)])
 def test_recipe_schedules(recipe, warmup, total):
   cfg = load_config(os.path.join(ROOT, "configs", recipe), [])
   assert optim.schedule_steps(cfg.optim, cfg.train.steps) == (warmup, total)

@@ -128,10 +128,11 @@ def test_chat_drops_oldest_turns_to_fit_the_context_and_resets(files, capsys, mo
 def test_prompt_expands_placeholders(files):
   _, model, media = files
   system = systems.load(model)
-  conv = system.conversation(system.load_media(str(media / "clip1.mp4")))
+  clip = system.load_media(str(media / "clip1.mp4"))
+  conv = system.conversation(clip)
   conv.ask("What is moving?")
   assert conv.prompt().endswith(" USER: <video>\nWhat is moving? ASSISTANT:")
-  ids = system.prompt_ids(conv.prompt())
+  ids = system.prompt_ids(conv.prompt(), clip)
   assert ids.count(system.config.video_token_id) == FRAMES * 5 and ids[0] == system.tokenizer.bos_token_id
 
 

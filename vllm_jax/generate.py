@@ -69,6 +69,16 @@ def sample_logits(logits: jax.Array, rng: jax.Array, sampling: SamplingConfig) -
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
+PREFILL_CHUNK = 512  # prompt tokens run at once: attention holds [heads, chunk, cache] scores, not [L, L]
+
+
+@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))
+def extend(config: LlamaConfig, params, cache: KVCache, inputs_embeds: jax.Array, attention_mask: jax.Array) -> KVCache:
+  """Append a piece of the prompt to the cache (its logits are never computed)."""
+  return Llama(config).apply({"params": params}, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                             cache=cache)[1]
+
+
 @functools.partial(jax.jit, static_argnames=("config", "sampling", "max_new_tokens"), donate_argnames=("cache",))
 def prefill(config: LlamaConfig, sampling: SamplingConfig, max_new_tokens: int, params, cache: KVCache,
             inputs_embeds: jax.Array, attention_mask: jax.Array, stop_ids: jax.Array,
@@ -123,6 +133,8 @@ def generate(config: LlamaConfig, params, *, input_ids: jax.Array | np.ndarray |
   with a `tokenizer`, when its text contains one of `stop_strings`. `on_tokens` receives each
   new chunk of tokens [B, n] as soon as it is decoded (`chunk` tokens at a time). A given
   `cache` is continued (the prompt is appended to it) and consumed; the result holds the new one.
+  A long prompt (an hour of video: 7,200 tokens) runs PREFILL_CHUNK tokens at a time, so that
+  its attention scores grow with its length, not with its square.
   """
   if inputs_embeds is None:
     inputs_embeds = embed_tokens(config, params, jnp.asarray(input_ids))
@@ -139,8 +151,13 @@ def generate(config: LlamaConfig, params, *, input_ids: jax.Array | np.ndarray |
   elif int(cache.index) + length + max_new_tokens > cache.max_len:
     raise ContextFullError(f"the cache holds {cache.max_len} tokens: {int(cache.index)} cached + {length} prompt + "
                      f"{max_new_tokens} new do not fit")
-  state = prefill(config, sampling, max_new_tokens, params, cache, inputs_embeds,
-                  jnp.asarray(attention_mask), stop_ids, jax.random.key(seed), pad_id)
+  attention_mask = jnp.asarray(attention_mask)
+  last = length - 1 - (length - 1) % PREFILL_CHUNK  # the final piece (1..PREFILL_CHUNK tokens) samples
+  for start in range(0, last, PREFILL_CHUNK):
+    piece = slice(start, start + PREFILL_CHUNK)
+    cache = extend(config, params, cache, inputs_embeds[:, piece], attention_mask[:, piece])
+  state = prefill(config, sampling, max_new_tokens, params, cache, inputs_embeds[:, last:],
+                  attention_mask[:, last:], stop_ids, jax.random.key(seed), pad_id)
   interactive = on_tokens is not None or bool(stop_strings)
   step_size = chunk if interactive else max_new_tokens
   emitted, cut = 0, [None] * batch
@@ -194,9 +211,10 @@ class Session:
   """One conversation (batch 1) whose KV cache is kept between turns.
 
   Each turn passes the ids of the whole conversation so far and their embeddings [1, L, E]
-  (e.g. with spliced media tokens). The longest prefix of those ids already in the cache is
-  reused: the cache is rolled back to it and only the rest is prefilled (left-padded to a
-  multiple of `bucket` so that few shapes compile). The answer is the one a fresh cache gives.
+  (e.g. with spliced media tokens). The longest prefix already in the cache, same ids and same
+  embeddings (media tokens may change with the question), is reused: the cache is rolled back
+  to it and only the rest is prefilled (left-padded to a multiple of `bucket` so that few
+  shapes compile). The answer is the one a fresh cache gives.
   """
 
   def __init__(self, config: LlamaConfig, params, max_len: int = 2048, bucket: int = 16):
@@ -205,6 +223,7 @@ class Session:
     self.tokens: list[int] = []   # ids whose keys/values are in the cache, in order
     self.slots: list[int] = []    # the cache slot of each
     self.reused = 0               # prompt tokens the last turn found in the cache
+    self.prompt_embeds = None     # [1, L, E] of the last turn's prompt (generated tokens are plain ids)
 
   def generate(self, input_ids: Sequence[int], inputs_embeds: jax.Array, **kwargs) -> Generation:
     """`generate` for the conversation `input_ids` [L] (embedded as inputs_embeds [1, L, E])."""
@@ -214,6 +233,10 @@ class Session:
       if cached != new:
         break
       common += 1
+    same = min(common, 0 if self.prompt_embeds is None else self.prompt_embeds.shape[1])
+    if same:
+      equal = np.asarray(jnp.all(inputs_embeds[0, :same] == self.prompt_embeds[0, :same], axis=-1))
+      common = common if equal.all() else int(np.argmin(equal))
     index = self.slots[common - 1] + 1 if common else 0
     self.reused = common
     cache = self.cache.replace(index=jnp.asarray(index, jnp.int32),
@@ -227,6 +250,7 @@ class Session:
     self.cache, out.cache = out.cache, None
     fed = int(self.cache.index) - index - length  # generated tokens fed back (all but the last)
     self.tokens = ids + [int(t) for t in out.tokens[0, :fed]]
+    self.prompt_embeds = inputs_embeds
     self.slots = (self.slots[:common] + list(range(index + pad, index + length))
                   + list(range(index + length, index + length + fed)))
     return out

@@ -18,6 +18,8 @@ EPILOG = """examples:
       --blip2 blip2_pretrained_flant5xxl.pth --vl finetune-vicuna7b-v2.pth \\
       --al finetune_vicuna7b_audiobranch.pth --imagebind imagebind_huge.pth --out ./models/video-llama-7b
   vllm-jax convert video-llava --hf-dir ./Video-LLaVA-7B-hf --out ./models/video-llava-7b
+  vllm-jax convert llama-vid --model-dir ./llama-vid-7b-full-224-video-fps-1 --eva-vit eva_vit_g.pth \\
+      --bert-tokenizer ./bert-base-uncased --out ./models/llama-vid-7b
   vllm-jax chat --model ./models/video-llama-7b --video clip.mp4 --question "What happens?"
   vllm-jax infer --model ./models/video-llava-7b --input questions.jsonl --output answers.jsonl
   vllm-jax train --config configs/video_llama.py:stage1 --config.init_from=./models/video-llama-7b \\

@@ -7,6 +7,7 @@ import sys
 from vllm_jax.cli import flags
 
 BUCKET = 16  # prompt tails are padded to a multiple of this, so that few shapes compile
+TEXT_ROOM = 4096  # the chat's cache holds the media tokens and this much text (within the context)
 
 DESCRIPTION = ("Answer one --question, or read prompts interactively from the terminal (a multi-turn "
                "conversation for video models: the media are encoded once and the KV cache is kept "
@@ -43,6 +44,16 @@ def run(args) -> int:
       return flags.error(f"{args.model} is a text-only LLaMA; --video/--image need a video model")
     return _chat_text(args)
   return _chat_media(args)
+
+
+def _describe(media) -> str:
+  """'image', or the video's frame times (their range when there are many)."""
+  times = media.frames.timestamps
+  if media.is_image:
+    return "image"
+  if len(times) > 16:
+    return f"video, {len(times)} frames from {times[0]} to {times[-1]} s"
+  return f"video, frames at {', '.join(str(t) for t in times)} s"
 
 
 def _streamer(tokenizer, stop_ids, stop_strings=()):
@@ -100,12 +111,17 @@ def _chat_media(args) -> int:
   with_audio = use_audio and media.audio_valid
   if use_audio and not media.is_image and not media.audio_valid:
     print(f"note: {path} has no usable audio track; answering from the frames only", file=sys.stderr)
-  times = ", ".join(str(t) for t in media.frames.timestamps)
-  print(f"[{'image' if media.is_image else f'video, frames at {times} s'}{', with audio' if with_audio else ''}]",
-        file=sys.stderr)
+  print(f"[{_describe(media)}{', with audio' if with_audio else ''}]", file=sys.stderr)
 
   conv = system.conversation(media, with_audio)
   tokens = system.encode_media([media], use_audio=with_audio)
+  # A long video's tokens set the cache size (an hour at 2 tokens per frame: 7,200), not the
+  # context (65,536 for long-video models), which may not fit in memory.
+  media_tokens = sum(n for _, n in system.placeholders(media).values())
+  room = f"the model's context of {context}"
+  if media_tokens + TEXT_ROOM < context:
+    context = media_tokens + TEXT_ROOM
+    room = f"the chat's {context} tokens (the media's {media_tokens} and {TEXT_ROOM} for text)"
   # Slots to spare for the Session's left padding of each turn (positions stay within the context).
   session = generate.Session(llama, system.params["llm"], max_len=context + 2 * BUCKET, bucket=BUCKET)
   stop_strings = system.template.stop_strings
@@ -120,11 +136,11 @@ def _chat_media(args) -> int:
     conv.ask(question)
     dropped = 0
     while True:
-      ids = system.prompt_ids(conv.prompt())
+      ids = system.prompt_ids(conv.prompt(), media)
       if len(ids) + args.max_new_tokens <= context:
         stream, shown = _streamer(system.tokenizer, system.stop_ids, stop_strings)
         try:
-          out = session.generate(ids, system.embed([ids], tokens), max_new_tokens=args.max_new_tokens,
+          out = session.generate(ids, system.embed([ids], tokens, [conv]), max_new_tokens=args.max_new_tokens,
                                  sampling=flags.sampling(args), stop_token_ids=system.stop_ids,
                                  stop_strings=stop_strings, tokenizer=system.tokenizer, seed=seed, on_tokens=stream)
           break
@@ -133,10 +149,10 @@ def _chat_media(args) -> int:
       if not conv.drop_oldest_turn():
         conv = before
         raise TooLong(f"the media and this question take {len(ids)} tokens; with --max-new-tokens "
-                      f"{args.max_new_tokens} they do not fit the model's context of {context}")
+                      f"{args.max_new_tokens} they do not fit {room}")
       dropped += 1
     if dropped:
-      print(f"(the {dropped} oldest turn(s) were dropped to fit the model's context)", file=sys.stderr)
+      print(f"(the {dropped} oldest turn(s) were dropped to fit {room})", file=sys.stderr)
     if out.texts[0].startswith(shown["shown"]):  # a held-back tail that turned out not to start a stop string
       print(out.texts[0][len(shown["shown"]):], end="")
     print()

@@ -63,6 +63,27 @@ def add_parser(commands) -> None:
   lv.add_argument("--out", required=True, help="output model folder (created)")
   lv.set_defaults(run=convert_video_llava)
 
+  vid = sources.add_parser(
+      "llama-vid", help="LLaMA-VID: the reference's model folder (+ eva_vit_g.pth, a BERT tokenizer)",
+      description="Convert a LLaMA-VID folder (config.json, pytorch_model-*.bin or safetensors shards, the LLaMA "
+                  "tokenizer) into a model folder: one orbax checkpoint, config.json, the LLaMA tokenizer with the "
+                  "<image> placeholder and the Q-Former's BERT tokenizer (instruction_tokenizer/). Released "
+                  "folders may lack the EVA ViT-g tower, which the reference reads from LAVIS' eva_vit_g.pth: "
+                  "give it with --eva-vit (given, it replaces any tower in the folder). A stage-1 folder "
+                  "(config.json + mm_projector.bin) needs its base LLaMA/Vicuna folder (--base-llm). Tensors are "
+                  "streamed; any missing, unexpected or mis-shaped key is named.")
+  vid.add_argument("--model-dir", required=True, type=hf_folder,
+                   help="LLaMA-VID folder (config.json, weights, tokenizer)")
+  vid.add_argument("--bert-tokenizer", required=True, type=flags.existing_folder,
+                   help="bert-base-uncased tokenizer folder (vocab.txt); [DEC] is added if missing, as the "
+                        "reference does")
+  vid.add_argument("--eva-vit", type=flags.existing_file, help="LAVIS eva_vit_g.pth (the vision tower)")
+  vid.add_argument("--base-llm", type=hf_folder,
+                   help="base LLaMA/Vicuna folder, for a stage-1 folder holding only mm_projector.bin")
+  vid.add_argument("--dtype", default=None, choices=DTYPES, help="store parameters in this dtype (default: float32)")
+  vid.add_argument("--out", required=True, help="output model folder (created)")
+  vid.set_defaults(run=convert_llama_vid)
+
 
 def hf_folder(path: str) -> str:
   """An argparse type: a checkpoint folder with its config.json."""
@@ -146,4 +167,26 @@ def convert_video_llava(args) -> int:
   VideoLlavaSystem(config, params, tokenizer).save(args.out)
   temporal = config.video_tower.temporal_frames
   _report(start, params, args.out, f"; video tower {'with' if temporal else 'without'} temporal attention")
+  return 0
+
+
+def convert_llama_vid(args) -> int:
+  from vllm_jax.converters import llama_vid as llama_vid_format
+  from vllm_jax.data.tokenizer import load_instruction_tokenizer, load_tokenizer
+  from vllm_jax.systems.llama_vid import LlamaVidSystem
+  start = time.perf_counter()
+  folder = args.model_dir
+  if args.base_llm and not any(os.path.exists(os.path.join(folder, n)) for n in ("tokenizer.json", "tokenizer.model")):
+    folder = args.base_llm  # a stage-1 folder has no tokenizer
+  tokenizer = load_tokenizer(folder)
+  (image_id,) = LlamaVidSystem.add_media_tokens(tokenizer)
+  instruction_tokenizer = load_instruction_tokenizer(args.bert_tokenizer)
+  if "[DEC]" not in instruction_tokenizer.get_vocab():
+    instruction_tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+  config = llama_vid_format.read_config(args.model_dir, param_dtype=args.dtype, image_token_id=image_id)
+  LlamaVidSystem.check_instruction_tokenizer(config, instruction_tokenizer, args.bert_tokenizer)
+  reader = llama_vid_format.open_sources(args.model_dir, eva_vit=args.eva_vit, base_llm=args.base_llm)
+  params = llama_vid_format.convert_checkpoint(reader, config)
+  LlamaVidSystem(config, params, tokenizer, instruction_tokenizer).save(args.out)
+  _report(start, params, args.out, f"; {config.vit.image_size} px, {config.tokens_per_frame} tokens per frame")
   return 0

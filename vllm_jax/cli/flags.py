@@ -92,7 +92,8 @@ def media_flags(parser) -> None:
   parser.add_argument("--audio", action=argparse.BooleanOptionalAction, default=None,
                       help="use the video's audio track (default: when the model has an audio branch)")
   parser.add_argument("--num-frames", type=number(int, 1), default=None,
-                      help="frames sampled per video (default: the model's)")
+                      help="frames sampled per video (default: the model's; LLaMA-VID: at most this many "
+                           "of its frames at 1 fps, evenly spread)")
 
 
 def answer_or_loop(answer, question: str | None, seed: int, hint: str) -> int:

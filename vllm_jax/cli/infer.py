@@ -79,19 +79,19 @@ def run(args) -> int:
         batch.append((record, question, media))
       if not batch:
         continue
-      rows = []
+      rows, convs = [], []
       for record, question, media in batch:
         record["audio"] = use_audio and media.audio_valid
-        conv = system.conversation(media, record["audio"])
-        conv.ask(question)
-        rows.append(system.prompt_ids(conv.prompt()))
+        convs.append(system.conversation(media, record["audio"]))
+        convs[-1].ask(question)
+        rows.append(system.prompt_ids(convs[-1].prompt(), media))
       # Every batch has the same number of rows (copies of the first fill it): one compiled
       # encoder serves all batches.
       media = [m for _, _, m in batch]
       fill = args.batch_size - len(batch)
-      rows, media = rows + rows[:1] * fill, media + media[:1] * fill
+      rows, media, convs = rows + rows[:1] * fill, media + media[:1] * fill, convs + convs[:1] * fill
       ids, mask = left_pad(rows, multiple=32)
-      embeds = system.embed(ids, system.encode_media(media, use_audio=use_audio))
+      embeds = system.embed(ids, system.encode_media(media, use_audio=use_audio), convs)
       result = generate.generate(system.config.llama, system.params["llm"], inputs_embeds=embeds,
                                  attention_mask=mask, max_new_tokens=args.max_new_tokens, sampling=sampling,
                                  stop_token_ids=system.stop_ids, stop_strings=system.template.stop_strings,

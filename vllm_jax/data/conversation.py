@@ -12,7 +12,8 @@ segment tokenized on its own, BOS only before the first segment.
 Inference prompts (the demo's `Chat`), `Conversation.prompt()`:
   vicuna_v0: system + "###" + "Human: {msg}###" + ... + "Assistant:"
   llama_2:   "[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{msg} [/INST] {answer} </s><s>[INST] {msg} [/INST]"
-  llava_v1:  system + " USER: {msg} ASSISTANT: {answer}</s>USER: {msg} ASSISTANT:"
+  llava_v1:  system + " USER: {msg} ASSISTANT: {answer}</s>USER: {msg} ASSISTANT:" (vicuna_v1 alike,
+             with its own system prompt: LLaMA-VID)
 The media turn opens the first human message and the first question is appended to it
 (`Template.media_join`: after a space for Video-LLaMA, whose media turns end with a space, so
 two spaces separate them; directly after Video-LLaVA's "<video>\n").
@@ -57,6 +58,8 @@ AUDIO_VIDEO_TURN = (f"Close your eyes, open your ears and you imagine only based
 _MEDIA_MARKER = re.compile(r"\s*<(image|video)>\s*")  # LLaVA/Video-ChatGPT's media slot in a question
 LLAVA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
                 "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+VICUNA_V1_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                    "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,13 +75,19 @@ class Template:
   def is_llama_2(self) -> bool:
     return self.name == "llama_2"
 
+  @property
+  def is_v1(self) -> bool:
+    """llava_v1 and vicuna_v1: "USER: ... ASSISTANT: ...</s>" (they differ in the system prompt)."""
+    return self.name in ("llava_v1", "vicuna_v1")
+
 
 VICUNA_V0 = Template("vicuna_v0", ("Human", "Assistant"), system="", train_system="", stop_strings=("###",))
 # LLaMA-2 and llava_v1 answers end with EOS (</s>), a stop token rather than a stop string.
 LLAMA_2 = Template("llama_2", ("USER", "ASSISTANT"), system=LLAMA_2_SYSTEM, train_system=" ", stop_strings=())
 LLAVA_V1 = Template("llava_v1", ("USER", "ASSISTANT"), system=LLAVA_SYSTEM, train_system=LLAVA_SYSTEM,
                     stop_strings=(), media_join="")
-TEMPLATES = {t.name: t for t in (VICUNA_V0, LLAMA_2, LLAVA_V1)}
+VICUNA_V1 = dataclasses.replace(LLAVA_V1, name="vicuna_v1", system=VICUNA_V1_SYSTEM, train_system=VICUNA_V1_SYSTEM)
+TEMPLATES = {t.name: t for t in (VICUNA_V0, LLAMA_2, LLAVA_V1, VICUNA_V1)}
 
 
 def get_template(name: str) -> Template:
@@ -137,6 +146,7 @@ class Conversation:
   messages: list[list[str]] = dataclasses.field(default_factory=list)  # [role, text]
   awaits_question: bool = False     # the last message is a media turn the next question joins
   media: str = ""                   # the media turn opening the first question, if any
+  follow: bool = False              # the media turn moves to each new question (LLaMA-VID)
 
   @classmethod
   def for_media(cls, template: Template, timestamps: Sequence[float] = (), is_image: bool = False,
@@ -145,11 +155,18 @@ class Conversation:
     return cls(template, system=IMAGE_SYSTEM if is_image else "").open_with(
         media_turn(timestamps, is_image, with_audio))
 
-  def open_with(self, turn: str) -> "Conversation":
-    """Start with the media `turn`, which the first question joins."""
+  def open_with(self, turn: str, follow: bool = False) -> "Conversation":
+    """Start with the media `turn`, which the first question joins (with `follow`: every new
+    question, the earlier ones losing it)."""
     self.messages.append([self.template.roles[0], turn])
-    self.awaits_question, self.media = True, turn
+    self.awaits_question, self.media, self.follow = True, turn, follow
     return self
+
+  def media_questions(self) -> list[str]:
+    """The questions the media turn opens, in order (their text after it)."""
+    opening = self.media + self.template.media_join
+    return [text[len(opening):] for role, text in self.messages
+            if self.media and role == self.template.roles[0] and text.startswith(opening)]
 
   def drop_oldest_turn(self) -> bool:
     """Forget the oldest question and its answer; the media turn stays, opening the next
@@ -157,7 +174,7 @@ class Conversation:
     if len(self.messages) < 3 or self.awaits_question:
       return False
     question = self.messages[2][1]
-    if self.media:
+    if self.media and not self.follow:
       question = self.media + self.template.media_join + question
     self.messages = [[self.template.roles[0], question]] + self.messages[3:]
     return True
@@ -167,8 +184,14 @@ class Conversation:
     if self.awaits_question:
       self.messages[-1][1] += self.template.media_join + text
       self.awaits_question = False
-    else:
-      self.messages.append([self.template.roles[0], text])
+      return
+    if self.follow:
+      opening = self.media + self.template.media_join
+      for message in self.messages:
+        if message[0] == self.template.roles[0] and message[1].startswith(opening):
+          message[1] = message[1][len(opening):]
+      text = opening + text
+    self.messages.append([self.template.roles[0], text])
 
   def answer(self, text: str) -> None:
     self.messages.append([self.template.roles[1], text])
@@ -179,7 +202,7 @@ class Conversation:
     messages = list(self.messages)
     if not messages or messages[-1][0] != self.template.roles[1]:
       messages.append([self.template.roles[1], ""])
-    if self.template.name == "llava_v1":
+    if self.template.is_v1:
       out = system + " "
       for role, text in messages:
         out += (f"{role}: {text}" + (" " if role == self.template.roles[0] else "</s>")) if text else f"{role}:"
@@ -282,7 +305,7 @@ def training_pieces(template: Template, turns: Sequence[tuple[str, str]],
   system = template.train_system if system is None else system
   human, assistant = template.roles
   pieces = []
-  if template.name == "llava_v1":
+  if template.is_v1:
     pieces.append((system + " ", False))
     for question, answer in turns:
       # The space before the answer starts its first token ("▁A"), which the reference learns.

@@ -160,3 +160,14 @@ def from_sources(data_cfg, sources: Sequence[tuple[Sequence[Record], Decode, flo
   parts = [examples(records, wrap(decode), seed=seed, shuffle=data_cfg.shuffle, num_epochs=num_epochs)
            for records, decode, _, seed in sources]
   return parts[0] if len(parts) == 1 else mixture(parts, [weight for _, _, weight, _ in sources])
+
+
+def by_media_kind(data_cfg, records: Sequence[Record], decode: Decode, seed: int) -> list[tuple[grain.MapDataset, int]]:
+  """Images and videos as two groups [(examples, weight: their count)], each batch then drawn
+  from one (`batches`), as the references group their batches by modality."""
+  groups = []
+  for i, kind in enumerate(("image", "video")):
+    chosen = [r for r in records if r["kind"] == kind]
+    if chosen:
+      groups.append((from_sources(data_cfg, [(chosen, decode, 1.0, seed + i)]), len(chosen)))
+  return groups

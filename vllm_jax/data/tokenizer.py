@@ -1,4 +1,5 @@
-"""LLaMA tokenizers from local folders, small ones trained on the spot, and left-padded batches."""
+"""LLaMA tokenizers from local folders, small ones trained on the spot, and left-padded batches;
+the BERT WordPiece tokenizer that LLaMA-VID's Q-Former reads instructions with."""
 
 import io
 import os
@@ -33,6 +34,32 @@ def train_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 512):
     f.write(model.getvalue())
   tokenizer = LlamaTokenizer.from_pretrained(out_dir, local_files_only=True, add_bos_token=True)
   tokenizer.save_pretrained(out_dir)
+  return tokenizer
+
+
+def train_wordpiece_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 1000):
+  """Train an uncased BERT WordPiece tokenizer on `texts` (with `[DEC]` added, as LLaMA-VID adds it
+  to bert-base-uncased), save it in `out_dir` and return it (see `load_instruction_tokenizer`)."""
+  from tokenizers import BertWordPieceTokenizer
+  from transformers import BertTokenizerFast
+  trainer = BertWordPieceTokenizer(lowercase=True)
+  trainer.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=1, show_progress=False)
+  os.makedirs(out_dir, exist_ok=True)
+  trainer.save_model(out_dir)
+  tokenizer = BertTokenizerFast(os.path.join(out_dir, "vocab.txt"), do_lower_case=True)
+  tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+  tokenizer.save_pretrained(out_dir)
+  return load_instruction_tokenizer(out_dir)
+
+
+def load_instruction_tokenizer(path: str):
+  """A BERT tokenizer folder (e.g. bert-base-uncased's, with `[DEC]`), truncating from the left
+  as LLaMA-VID does, so that the end of a long instruction is kept."""
+  from transformers import BertTokenizerFast
+  if not any(os.path.exists(os.path.join(path, n)) for n in ("vocab.txt", "tokenizer.json")):
+    raise FileNotFoundError(f"no BERT tokenizer in {path} (expected vocab.txt or tokenizer.json)")
+  tokenizer = BertTokenizerFast.from_pretrained(path, local_files_only=True)
+  tokenizer.truncation_side = "left"
   return tokenizer
 
 

@@ -1,4 +1,4 @@
-"""Frames for Video-LLaMA's and Video-LLaVA's vision towers: decord decoding, frame sampling,
+"""Frames for the vision towers (Video-LLaMA, Video-LLaVA, LLaMA-VID): decord decoding, frame sampling,
 resizing, CLIP normalisation.
 
 A video becomes N frames [N, 224, 224, 3] float32 (channels-last, as `vllm_jax.models.vit`
@@ -23,6 +23,9 @@ An image is a one-frame video: bicubic resize to 224x224 (PIL), same normalisati
 mode is first made 8-bit RGB: 16-bit values keep their range (0..65535 -> 0..255, >> 8, as
 PIL reads 16-bit RGB), transparency is composited over white (as CLIPImageProcessor does),
 and an animated image (gif, webp, apng) is read as its first frame.
+
+LLaMA-VID samples a video at 1 fps and resizes each frame as an image (below); `FrameStream`
+decodes such a video a chunk of frames at a time.
 
 `resize="short_side_crop"` is Video-LLaVA's preprocessing instead (`resize="squash"`, the
 default, is the above). Videos are decoded at their native size and each frame is resized so
@@ -52,7 +55,7 @@ class MediaError(ValueError):
 
 @dataclasses.dataclass
 class Frames:
-  frames: np.ndarray       # [N, size, size, 3] float32, normalised
+  frames: np.ndarray | None  # [N, size, size, 3] float32, normalised (None: streamed, see FrameStream)
   frame_mask: np.ndarray   # [N] bool, False on padding frames
   timestamps: list[float]  # seconds of the real frames, rounded to 0.1 s
   is_image: bool = False
@@ -204,21 +207,12 @@ def load_video(path: str, num_frames: int = 8, size: int = 224, sampling: str = 
   reader (keep it small when several readers run in parallel). Raises FileNotFoundError or
   MediaError.
   """
-  import decord
   _check_resize(resize)
-  _check_exists(path)
   decode_size = dict(width=size, height=size) if resize == "squash" else {}
-  try:
-    reader = decord.VideoReader(path, num_threads=num_threads, **decode_size)
-    vlen, fps = len(reader), float(reader.get_avg_fps())
-    if vlen == 0:
-      raise MediaError(f"{path} has no video frames")
-    indices = sample_indices(vlen, num_frames, sampling, rng)
-    pixels = reader.get_batch(indices.tolist()).asnumpy()  # [n, H, W, 3] uint8
-  except (decord.DECORDError, RuntimeError) as e:  # decord raises RuntimeError on open
-    if _has_audio_only(path):
-      raise MediaError(f"{path} has no video stream (an audio-only file?)") from e
-    raise MediaError(f"cannot decode video {path}: {str(e).splitlines()[0]}") from e
+  reader = _open(path, num_threads=num_threads, **decode_size)
+  vlen, fps = len(reader), float(reader.get_avg_fps())
+  indices = sample_indices(vlen, num_frames, sampling, rng)
+  pixels = _decode(reader, path, indices)  # [n, H, W, 3] uint8
   if train_crop:
     pixels = random_resized_crop(pixels, size, rng or np.random.default_rng())
   elif resize == "short_side_crop":
@@ -226,6 +220,55 @@ def load_video(path: str, num_frames: int = 8, size: int = 224, sampling: str = 
   frames, mask = pad_frames(normalize(pixels), num_frames)
   fps = fps if fps > 0 else 1.0
   return Frames(frames, mask, [round(float(i) / fps, 1) for i in indices])
+
+
+def _open(path: str, **kwargs):
+  """A decord VideoReader on a video with frames; MediaError (naming the file) otherwise."""
+  import decord
+  _check_exists(path)
+  try:
+    reader = decord.VideoReader(path, **kwargs)
+  except (decord.DECORDError, RuntimeError) as e:  # decord raises RuntimeError on open
+    if _has_audio_only(path):
+      raise MediaError(f"{path} has no video stream (an audio-only file?)") from e
+    raise MediaError(f"cannot decode video {path}: {str(e).splitlines()[0]}") from e
+  if len(reader) == 0:
+    raise MediaError(f"{path} has no video frames")
+  return reader
+
+
+def _decode(reader, path: str, indices) -> np.ndarray:
+  """The frames at `indices` -> [n, H, W, 3] uint8; MediaError on a decoding failure."""
+  import decord
+  try:
+    return reader.get_batch(list(map(int, indices))).asnumpy()
+  except (decord.DECORDError, RuntimeError) as e:
+    raise MediaError(f"cannot decode video {path}: {str(e).splitlines()[0]}") from e
+
+
+class FrameStream:
+  """A video's frames at `fps` per second (at most `max_frames`, evenly spread), decoded a chunk
+  at a time, each frame resized and centre-cropped as CLIPImageProcessor does (LLaMA-VID): an
+  hour-long video never sits in memory whole."""
+
+  def __init__(self, path: str, fps: float = 1.0, max_frames: int | None = None):
+    self.path = path
+    self.reader = _open(path, num_threads=2)
+    video_fps = float(self.reader.get_avg_fps()) or 1.0
+    self.indices = np.arange(0, len(self.reader), max(1, round(video_fps / fps)))
+    if max_frames and len(self.indices) > max_frames:
+      self.indices = self.indices[np.linspace(0, len(self.indices) - 1, max_frames).astype(int)]
+    self.timestamps = [round(float(i) / video_fps, 1) for i in self.indices]
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def chunks(self, size: int, image_size: int = 224):
+    """Yields the frames [<= size, image_size, image_size, 3] float32, normalised, in order."""
+    from PIL import Image
+    for start in range(0, len(self.indices), size):
+      pixels = _decode(self.reader, self.path, self.indices[start:start + size])
+      yield normalize(np.stack([_clip_image_resize(Image.fromarray(p), image_size) for p in pixels]))
 
 
 def _has_audio_only(path: str) -> bool:

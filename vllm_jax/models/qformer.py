@@ -13,16 +13,21 @@ Usage (the image Q-Former of BLIP-2; the Audio Q-Former of Video-LLaMA is
   out = model.apply({"params": params}, memory, memory_mask)  # memory_mask: [B, S] bool or None
   # out: [B, 32, 768]
 
+With an instruction (InstructBLIP, LLaMA-VID: `vocab_size` > 0), its tokens follow the queries:
+
+  out = model.apply({"params": params}, memory, text_ids=ids, text_mask=mask)  # ids, mask: [B, L]
+
+one bidirectional self-attention spans [queries + text] (padded text keys masked); the text
+goes through a text FFN beside the query FFN and never reads the memory.
+
 Parameters (layers unrolled: they come in two kinds, with and without cross-attention):
   query_tokens [Q, E]; embeddings_norm/{scale, bias} [E]
+  word_embeddings/embedding [V, E], position_embeddings/embedding [P, E] (text path)
   layer_{i}/self_attention/{query, key, value}/{kernel [E,H,D], bias [H,D]}, out/{kernel [H,D,E], bias [E]}
   layer_{i}/self_attention_norm/{scale, bias}
   layer_{i}/cross_attention/... (key/value kernels [E_m,H,D]), layer_{i}/cross_attention_norm (cross layers)
   layer_{i}/query_ffn/{fc1 [E,M], fc2 [M,E]}/{kernel, bias}; layer_{i}/query_ffn_norm/{scale, bias}
-
-The sequence a layer runs on is kept separate from the queries it updates with cross-attention
-and the query FFN (`num_queries`), so instruction tokens appended after the queries (the text
-path of InstructBLIP / LLaMA-VID) add a text FFN beside `query_ffn` rather than a new layer.
+  layer_{i}/text_ffn/..., layer_{i}/text_ffn_norm/... (text path)
 """
 
 import dataclasses
@@ -33,7 +38,7 @@ import jax.numpy as jnp
 
 from vllm_jax.nn.attention import MultiHeadAttention, padding_mask
 from vllm_jax.nn.config import ConfigBase
-from vllm_jax.nn.layers import LayerNorm, Mlp, constrain
+from vllm_jax.nn.layers import Embed, LayerNorm, Mlp, constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +51,8 @@ class QFormerConfig(ConfigBase):
   cross_attention_frequency: int = 2   # cross-attention in layers 0, f, 2f, ...
   num_queries: int = 32
   layer_norm_eps: float = 1e-12
+  vocab_size: int = 0                  # > 0: the text path (instruction tokens after the queries)
+  max_position_embeddings: int = 512   # text positions (text path)
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat_policy: str = "none"           # a jax.checkpoint_policies name, or "none"
@@ -66,8 +73,8 @@ class QFormerConfig(ConfigBase):
 
 class QFormerLayer(nn.Module):
   """x: [B, T, E], queries first; memory: [B, S, E_m]; masks broadcastable to [B, H, T, S] and
-  [B, H, T, T] -> the updated queries [B, num_queries, E]. Self-attention spans all T tokens;
-  cross-attention and the query FFN update the queries only."""
+  [B, H, T, T] -> x updated [B, T, E]. Self-attention spans all T tokens; cross-attention and
+  the query FFN update the queries, the text FFN the tokens after them."""
   config: QFormerConfig
   cross_attention: bool
 
@@ -77,36 +84,54 @@ class QFormerLayer(nn.Module):
     norm = lambda name: LayerNorm(cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
     attention = lambda name: MultiHeadAttention(cfg.num_heads, cfg.head_dim, dtype=cfg.dtype,
                                                 param_dtype=cfg.param_dtype, name=name)
+    ffn = lambda name, h: norm(name + "_norm")(h + Mlp(cfg.intermediate_size, dtype=cfg.dtype,
+                                                       param_dtype=cfg.param_dtype, name=name)(h))
     x = norm("self_attention_norm")(x + attention("self_attention")(x, mask=self_mask))
     queries = x[:, :num_queries]
     if self.cross_attention:
       h = attention("cross_attention")(queries, memory, mask=memory_mask)
       queries = norm("cross_attention_norm")(queries + h)
-    h = Mlp(cfg.intermediate_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="query_ffn")(queries)
-    queries = norm("query_ffn_norm")(queries + h)
-    return constrain(queries, ("batch", "queries", "act_embed"))
+    queries = constrain(ffn("query_ffn", queries), ("batch", "queries", "act_embed"))
+    if x.shape[1] == num_queries:
+      return queries
+    text = constrain(ffn("text_ffn", x[:, num_queries:]), ("batch", "length", "act_embed"))
+    return jnp.concatenate([queries, text], axis=1)
 
 
 class QFormer(nn.Module):
-  """Learned queries (or given `query_embeds`) attending to `memory` -> [B, Q, E]."""
+  """Learned queries (or given `query_embeds`), and an instruction after them if given, attending
+  to `memory` -> the queries' outputs [B, Q, E]."""
   config: QFormerConfig
 
   @nn.compact
   def __call__(self, memory: jax.Array, memory_mask: jax.Array | None = None, *,
-               query_embeds: jax.Array | None = None) -> jax.Array:
+               query_embeds: jax.Array | None = None, text_ids: jax.Array | None = None,
+               text_mask: jax.Array | None = None) -> jax.Array:
     """memory: [B, S, encoder_width]; memory_mask: [B, S] bool (False = padding);
-    query_embeds: [B, Q, E] replaces the learned query tokens (e.g. with offsets added)."""
+    query_embeds: [B, Q, E] replaces the learned query tokens (e.g. with offsets added);
+    text_ids, text_mask: [B, L] the instruction's tokens (text path only) and their validity."""
     cfg = self.config
     if memory.shape[-1] != cfg.encoder_width:
       raise ValueError(f"memory width {memory.shape[-1]} != encoder_width {cfg.encoder_width}")
+    if (text_ids is not None) != (cfg.vocab_size > 0):
+      raise ValueError("text_ids are needed exactly when the config has a text path (vocab_size > 0)")
     if query_embeds is None:
       tokens = self.param("query_tokens", nn.with_logical_partitioning(
           nn.initializers.normal(0.02), ("queries", "embed")),
           (cfg.num_queries, cfg.hidden_size), cfg.param_dtype)
       query_embeds = jnp.broadcast_to(tokens, (memory.shape[0], *tokens.shape))
-    x = LayerNorm(cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                  name="embeddings_norm")(query_embeds)
-    x = constrain(x, ("batch", "queries", "act_embed"))
+    num_queries, x, self_mask = query_embeds.shape[1], query_embeds, None
+    if text_ids is not None:
+      # Not split over `vocab`: BERT's 30,523 words divide by no tensor-parallel size (and the table is small).
+      embed = lambda n, name: Embed(n, cfg.hidden_size, axes=(None, "embed"), dtype=cfg.dtype,
+                                    param_dtype=cfg.param_dtype, name=name)
+      text = embed(cfg.vocab_size, "word_embeddings")(text_ids)
+      text = text + embed(cfg.max_position_embeddings, "position_embeddings")(jnp.arange(text_ids.shape[1]))
+      x = jnp.concatenate([x.astype(text.dtype), text], axis=1)
+      text_mask = jnp.ones(text_ids.shape, bool) if text_mask is None else text_mask.astype(bool)
+      self_mask = padding_mask(jnp.concatenate([jnp.ones(query_embeds.shape[:2], bool), text_mask], axis=1))
+    x = LayerNorm(cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="embeddings_norm")(x)
+    x = constrain(x, ("batch", "length", "act_embed"))
     memory = memory.astype(cfg.dtype)
     mask = None if memory_mask is None else padding_mask(memory_mask)
     layer = QFormerLayer
@@ -114,5 +139,5 @@ class QFormer(nn.Module):
       layer = nn.remat(layer, policy=getattr(jax.checkpoint_policies, cfg.remat_policy),
                        prevent_cse=False, static_argnums=(5,))
     for i in range(cfg.num_layers):
-      x = layer(cfg, cfg.has_cross_attention(i), name=f"layer_{i}")(x, memory, mask, None, x.shape[1])
-    return x
+      x = layer(cfg, cfg.has_cross_attention(i), name=f"layer_{i}")(x, memory, mask, self_mask, num_queries)
+    return x[:, :num_queries]

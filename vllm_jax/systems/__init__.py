@@ -1,12 +1,13 @@
-"""The systems (Video-LLaMA, Video-LLaVA, ...) behind one interface, `base.System`, by the
+"""The systems (Video-LLaMA, Video-LLaVA, LLaMA-VID) behind one interface, `base.System`, by the
 `model_type` their model folders record."""
 
 from vllm_jax import pretrained
 from vllm_jax.systems.base import System
+from vllm_jax.systems.llama_vid import LlamaVidSystem
 from vllm_jax.systems.video_llama import VideoLlamaSystem
 from vllm_jax.systems.video_llava import VideoLlavaSystem
 
-SYSTEMS: dict[str, type[System]] = {s.model_type: s for s in (VideoLlamaSystem, VideoLlavaSystem)}
+SYSTEMS: dict[str, type[System]] = {s.model_type: s for s in (VideoLlamaSystem, VideoLlavaSystem, LlamaVidSystem)}
 
 
 def get(model_type: str) -> type[System]:

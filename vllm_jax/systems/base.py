@@ -6,9 +6,9 @@ the LLM's inputs; generation then knows only the LLM (`vllm_jax.generate`):
   media  = system.load_media(path)              the file, preprocessed as the system's reference does
   conv   = system.conversation(media)           a chat in the system's template, opened by the media turn
   conv.ask(question)
-  ids    = system.prompt_ids(conv.prompt())     text ids with each placeholder expanded to its run
-  tokens = system.encode_media([media, ...])    media tokens of a batch (one row per media item), once
-  embeds = system.embed(ids [B, L], tokens)     token embeddings with the media tokens spliced in
+  ids    = system.prompt_ids(conv.prompt(), media)  text ids with each placeholder expanded to its run
+  tokens = system.encode_media([media, ...])    what a batch's media give (one row per item), once
+  embeds = system.embed(ids [B, L], tokens, [conv, ...])  embeddings with the media tokens spliced in
   generate.generate(system.config.llama, system.params["llm"], inputs_embeds=embeds, ...)
 
 Training uses the class side, which needs no loaded model: `model`, `abstract_params`,
@@ -95,23 +95,25 @@ class System:
   def conversation(self, media: Media, use_audio: bool = False) -> conv_lib.Conversation:
     raise NotImplementedError
 
-  def placeholders(self) -> dict[str, tuple[int, int]]:
-    """Placeholder text -> (token id, number of media tokens it stands for)."""
+  def placeholders(self, media: Media) -> dict[str, tuple[int, int]]:
+    """Placeholder text -> (token id, number of media tokens it stands for, for `media`)."""
     raise NotImplementedError
 
   def encode_media(self, media: Sequence[Media], use_audio: bool = False) -> Any:
-    """The media of a batch (row b: media[b]) -> their tokens for `embed`, a pytree of arrays."""
+    """The media of a batch (row b: media[b]) -> what `embed` splices in (tokens, or features
+    that the question turns into tokens)."""
     raise NotImplementedError
 
-  def embed(self, input_ids: np.ndarray, tokens: Any) -> jax.Array:
-    """ids [B, L] with placeholder runs -> embeddings [B, L, E] with the media tokens spliced in."""
+  def embed(self, input_ids: np.ndarray, tokens: Any, conversations: Sequence[conv_lib.Conversation]) -> jax.Array:
+    """ids [B, L] with placeholder runs -> embeddings [B, L, E] with the media tokens spliced in;
+    `conversations` (one per row) give the questions, for a system whose tokens depend on them."""
     raise NotImplementedError
 
   # --- inference (shared) -------------------------------------------------------------------
 
-  def prompt_ids(self, prompt: str) -> list[int]:
-    """An inference prompt -> ids: BOS, each text segment tokenized alone, placeholder runs."""
-    return conv_lib.encode_text(self.tokenizer, [(prompt, False)], self.placeholders())[0]
+  def prompt_ids(self, prompt: str, media: Media) -> list[int]:
+    """An inference prompt about `media` -> ids: BOS, each text segment tokenized alone, placeholder runs."""
+    return conv_lib.encode_text(self.tokenizer, [(prompt, False)], self.placeholders(media))[0]
 
   @property
   def stop_ids(self) -> list[int]:

@@ -76,7 +76,8 @@ class VideoLlamaSystem(System):
     return conv_lib.Conversation.for_media(self.template, media.frames.timestamps, media.is_image,
                                            use_audio and media.audio_valid)
 
-  def placeholders(self):
+  def placeholders(self, media):
+    del media  # the same runs for every item
     cfg = self.config
     return {conv_lib.IMAGE_TOKEN: (cfg.video_token_id, cfg.num_video_tokens),
             conv_lib.AUDIO_TOKEN: (cfg.audio_token_id, cfg.num_audio_tokens)}
@@ -92,7 +93,8 @@ class VideoLlamaSystem(System):
     return encode_media(self.config, self.params, np.stack([m.frames.frames for m in media]),
                         np.stack([m.frames.frame_mask for m in media]), clips)
 
-  def embed(self, input_ids, tokens):
+  def embed(self, input_ids, tokens, conversations):
+    del conversations  # the tokens do not depend on the text
     return embed_with_media(self.config, self.params, np.asarray(input_ids), *tokens)
 
   # --- training -----------------------------------------------------------------------------

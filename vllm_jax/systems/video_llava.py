@@ -51,7 +51,8 @@ class VideoLlavaSystem(System):
   def conversation(self, media, use_audio=False):
     return conv_lib.Conversation(self.template).open_with((IMAGE_TOKEN if media.is_image else VIDEO_TOKEN) + "\n")
 
-  def placeholders(self):
+  def placeholders(self, media):
+    del media  # the same runs for every item
     cfg = self.config
     return {IMAGE_TOKEN: (cfg.image_token_id, cfg.num_image_tokens),
             VIDEO_TOKEN: (cfg.video_token_id, cfg.num_video_tokens)}
@@ -65,7 +66,8 @@ class VideoLlavaSystem(System):
     videos = apply(model, "encode_videos", self.params, pixels) if not all(m.is_image for m in media) else None
     return images, videos
 
-  def embed(self, input_ids, tokens):
+  def embed(self, input_ids, tokens, conversations):
+    del conversations  # the tokens do not depend on the text
     return apply(VideoLlava(self.config), "embed", self.params, np.asarray(input_ids), *tokens)
 
   # --- training -----------------------------------------------------------------------------
@@ -106,14 +108,8 @@ class VideoLlavaSystem(System):
     data = cfg.data
     if not data.instruct_json:
       raise ValueError("no training data: set data.instruct_json (+ data.instruct_dir)")
-    records = datasets.llava_records(data.instruct_json, data.instruct_dir)
-    decode = cls.decoder(cfg, config, tokenizer_dir)
-    groups = []
-    for i, kind in enumerate(("image", "video")):
-      chosen = [r for r in records if r["kind"] == kind]
-      if chosen:
-        groups.append((datasets.from_sources(data, [(chosen, decode, 1.0, cfg.seed + i)]), len(chosen)))
-    return groups
+    return datasets.by_media_kind(data, datasets.llava_records(data.instruct_json, data.instruct_dir),
+                                  cls.decoder(cfg, config, tokenizer_dir), cfg.seed)
 
 @dataclasses.dataclass(frozen=True)
 class Decode:

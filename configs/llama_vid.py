@@ -1,0 +1,137 @@
+"""LLaMA-VID, the whole model: `get_config("7b" | "7b-long" | "tiny")`, and its training recipes:
+`get_config("stage1" | "stage2" | "stage3")`, with a size prefix for other models ("tiny_stage1",
+"tiny_stage2", "7b-long_stage3"; no prefix: 7b, or 7b-long for stage3).
+
+  7b:      `llama-vid-7b-full-224-video-fps-1`: EVA ViT-g/14 at 224 px (`vit.EVA_VIT_G`, all 257
+           tokens), the InstructBLIP Q-Former with its text path (32 queries, bert-base-uncased
+           + [DEC]), one context and one mean-pooled content token per frame, Vicuna-7B v1.5
+           (32000 tokens, 4096 positions; <image> is id 32000, outside the vocabulary).
+  7b-long: `llama-vid-7b-full-224-long-video`: the same with a 65536-token context by linear RoPE
+           scaling (factor 16), as the reference sets it when model_max_length exceeds the context.
+  tiny:    a model of a few hundred kilobytes for tests (28 px frames, 2-block ViT, 2-layer
+           Q-Former with a 512-word instruction vocabulary, 2-layer LLaMA).
+
+`LlamaVidConfig.from_dict(cfg.model.to_dict())` gives the model config; `cfg.trainable` holds the
+regexes (over '/'-joined parameter paths) of each training stage.
+
+Training configs (`vllm-jax train --config configs/llama_vid.py:stage1`) add the sections of
+`vllm_jax.train.trainer` (mesh, optim, train, data) and `init_from`, a LLaMA-VID model folder (its
+config replaces `model`, its `instruction_tokenizer/` reads the instructions; "" = random init of
+`model` with `data.tokenizer` and `data.instruction_tokenizer`):
+  stage1: captions (LLaVA-558K + WebVid: about 790 K images and videos, one epoch at a global
+          batch of 256), lr 1e-3: text = BOS, the media run, the caption + "\\n" (learned); the
+          Q-Former reads the human message without `<image>` and newlines. Trains the projector
+          and the context path's att/key/val projectors; the Q-Former, its queries and att_norm stay
+          frozen.
+  stage2: conversations (LLaVA-665K + Video-ChatGPT: about 763 K, one epoch at 128), lr 2e-5, in
+          the reference's imgsp_v1 format (the vicuna_v1 template: llava_v1's separators, Vicuna
+          v1's system prompt), every question carrying the media, read with that question. Trains
+          everything but the ViT.
+  stage3: long videos (about 9 K movie conversations, one epoch at 8), lr 2e-5, up to 65536 tokens
+          (the 7b-long context). Trains the LLM and the projector; the context path stays frozen.
+All: frames at 1 per second (at most `data.max_frames`, evenly spread), AdamW b=(0.9, 0.999), no
+weight decay, linear warm-up from 0 over 3% of the steps, then cosine decay to 0 at the last step
+(both follow `train.steps`), gradient clipping at norm 1 (the transformers Trainer's default), text
+cut at the reference's model_max_length with each placeholder counted once (2048; 65536 in stage
+3). The ViT is always frozen (kept in bfloat16, like every frozen parameter).
+"""
+
+import math
+
+import ml_collections
+
+from vllm_jax.configs.train_llama_tiny import optim_config, train_section
+from vllm_jax.models.llama import LlamaConfig
+from vllm_jax.models.llama_vid import INSTRUCT_QFORMER, LlamaVidConfig
+from vllm_jax.models.qformer import QFormerConfig
+from vllm_jax.models.video_llava import VICUNA_7B_V15
+from vllm_jax.models.vit import EVA_VIT_G
+from vllm_jax.nn.rope import RopeConfig
+
+SIZES = ("7b", "7b-long", "tiny")
+STAGES = ("stage1", "stage2", "stage3")
+# Parameter groups: the reference's mm_projector, vlm_att_{projector, key_projector, val_projector}
+# and the frozen-in-stage-1 vlm_att_{encoder, query, ln}.
+PROJECTORS = r"^(projector|att_projector|key_projector|val_projector)/"
+CONTEXT_PATH = r"^(qformer|att_norm)/"
+LLM = r"^llm/"
+EXAMPLES = {"stage1": 790_000, "stage2": 763_000, "stage3": 9_000}  # about; sets the schedule length
+BATCH = {"stage1": 256, "stage2": 128, "stage3": 8}
+LONG_CONTEXT = 65536
+
+
+def model_config(arg: str) -> LlamaVidConfig:
+  if arg in ("7b", "7b-long"):
+    llama = VICUNA_7B_V15.replace(vocab_size=32000, max_position_embeddings=4096)
+    if arg == "7b-long":
+      llama = llama.replace(max_position_embeddings=LONG_CONTEXT,
+                            rope=RopeConfig(type="linear", factor=LONG_CONTEXT / 4096))
+    return LlamaVidConfig(llama=llama, vit=EVA_VIT_G, qformer=INSTRUCT_QFORMER, content_grid=0)
+  if arg == "tiny":
+    llama = LlamaConfig(vocab_size=320, hidden_size=40, intermediate_size=64, num_layers=2, num_heads=4,
+                        num_kv_heads=2, head_dim=10, max_position_embeddings=1024, remat_policy="none")
+    vit = EVA_VIT_G.replace(image_size=28, patch_size=14, width=32, depth=2, num_heads=4, mlp_dim=64)
+    qformer = QFormerConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, encoder_width=32,
+                            num_queries=4, vocab_size=512, max_position_embeddings=32)
+    return LlamaVidConfig(llama=llama, vit=vit, qformer=qformer, image_token_id=320, max_instruction_len=16)
+  raise ValueError(f"unknown size {arg!r}; expected one of {', '.join(SIZES)}")
+
+
+def get_config(arg: str = "7b") -> ml_collections.ConfigDict:
+  if arg.split("_")[0] in SIZES:
+    size, _, stage = arg.partition("_")
+  else:
+    size, stage = ("7b-long" if arg == "stage3" else "7b"), arg
+  cfg = ml_collections.ConfigDict()
+  cfg.model = ml_collections.ConfigDict(model_config(size).to_dict())
+  cfg.trainable = ml_collections.ConfigDict(dict(
+      stage1=(PROJECTORS,), stage2=(PROJECTORS, CONTEXT_PATH, LLM), stage3=(r"^projector/", LLM)))
+  if stage:
+    train_config(cfg, stage, tiny=size == "tiny")
+  return cfg
+
+
+def train_config(cfg: ml_collections.ConfigDict, stage: str, tiny: bool = False) -> None:
+  """Add the training sections of `stage` ("stage1" | "stage2" | "stage3") to `cfg`."""
+  if stage not in STAGES:
+    raise ValueError(f"unknown training stage {stage!r}; expected one of {', '.join(STAGES)}")
+  stage1 = stage == "stage1"
+  cfg.system = "llama_vid"  # `vllm_jax.systems` name
+  cfg.seed = 0
+  cfg.init_from = ""  # a LLaMA-VID model folder; "" = random init of `model`
+  cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: the remaining devices
+  cfg.optim = optim_config(trainable=tuple(cfg.trainable[stage]), lr=1e-3 if stage1 else 2e-5, min_lr=0.0,
+                           warmup_start_lr=0.0, warmup_steps=0, warmup_ratio=0.03, weight_decay=0.0, clip_norm=1.0)
+  cfg.train = train_section(steps=math.ceil(EXAMPLES[stage] / BATCH[stage]), batch_size=BATCH[stage],
+                            log_every=50, checkpoint_every=1000 if stage != "stage3" else 200)
+  # Examples have fixed shapes: every video is padded to max_frames frames and every text to
+  # max_len tokens. A video's run takes frames x 2 tokens in each of its questions.
+  cfg.data = ml_collections.ConfigDict(dict(
+      instruct_json="",          # conversations with an "image" or "video" path (LLaVA-style JSON)
+      instruct_dir="",           # media paths in the JSON are relative to this folder
+      text_format="caption" if stage1 else "conversation",  # stage 1's captions, or vicuna_v1 chats
+      tokenizer="",              # LLaMA tokenizer folder for a random init (init_from brings its own)
+      instruction_tokenizer="",  # BERT tokenizer folder for a random init (init_from's instruction_tokenizer/)
+      max_text_len=2048,         # text tokens, each placeholder counted once (the reference's model_max_length)
+      # Tokens after the placeholders are expanded: a caption after 64 frames (stage 1); 2048 text
+      # tokens and a 5-minute video asked about once (stage 2).
+      max_len=384 if stage1 else 2688,
+      max_frames=64 if stage1 else 300,  # frames of a video (1 per second; longer videos evenly thinned)
+      # Questions of a conversation (later ones are dropped). Costs Q-Former runs: every example
+      # of a video batch reads max_turns x max_frames frames.
+      max_turns=1 if stage1 else 8,
+      shuffle=True,
+      num_epochs=-1,             # -1 = repeat forever
+      worker_count=0,            # decoding processes per host; 0 = in the main process
+      max_skipped=10000,         # abort after this many unreadable examples on a host; -1 = no limit
+      cache_examples=False,      # keep every decoded example in memory (small datasets only)
+  ))
+  if stage == "stage3":
+    # The reference counts frame tokens in its model_max_length: an hour at 1 fps in each of 8
+    # questions takes 57600 of the 65536. A 3600-frame example holds 2.2 GB of float32 pixels.
+    cfg.data.update(max_text_len=LONG_CONTEXT, max_len=LONG_CONTEXT, max_frames=3600)
+  if tiny:
+    # A schedule of its own, so that runs of any length share it.
+    cfg.optim.update(warmup_steps=5, warmup_ratio=0.0, total_steps=100, lr=1e-3 if stage1 else 1e-4)
+    cfg.train.update(steps=20, batch_size=8, log_every=10, checkpoint_every=10)
+    cfg.data.update(max_text_len=384, max_len=448, max_frames=4, max_turns=1 if stage1 else 3)

@@ -1,0 +1,363 @@
+"""LLaMA-VID as a system: videos sampled at `fps` (1 by default) and images, each frame resized
+as CLIPImageProcessor does; two tokens per frame, the context token read with the question of
+the turn; the vicuna_v1 template with one `<image>` run of frames x tokens_per_frame.
+
+Long videos never sit in memory whole: frames are decoded, preprocessed and encoded
+`chunk_frames` at a time, and their ViT features go to a temporary file (`FrameFeatures`), so
+that each question re-runs only the text-guided part, chunk by chunk, over the cached features.
+As in the reference chat, the media stand in the newest question, their context tokens read
+with it; earlier turns keep their text.
+"""
+
+import dataclasses
+import functools
+import os
+import sys
+import tempfile
+import weakref
+import zlib
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vllm_jax.data import conversation as conv_lib
+from vllm_jax.data import datasets
+from vllm_jax.data import video as video_lib
+from vllm_jax.data.media import Media
+from vllm_jax.data.tokenizer import load_instruction_tokenizer
+from vllm_jax.models.llama_vid import LlamaVid, LlamaVidConfig, abstract_params, init_inputs, pack_turn_tokens
+from vllm_jax.systems.base import System, apply
+from vllm_jax.train import trainer
+
+IMAGE_TOKEN = "<image>"
+INSTRUCTION_TOKENIZER = "instruction_tokenizer"  # the BERT tokenizer's folder in a model folder
+TEXT_BUCKET = 32  # instructions are padded to a multiple of this (padding is masked)
+
+
+class FrameFeatures:
+  """The ViT features [N, 1+G*G, D] float32 of one media item, in a temporary file read back a
+  chunk at a time (the file goes when the object does)."""
+
+  def __init__(self, num_frames: int, tokens: int, width: int):
+    self.shape = (num_frames, tokens, width)
+    handle, self.path = tempfile.mkstemp(prefix="vllm_jax_features_", suffix=".f32")
+    os.close(handle)
+    weakref.finalize(self, os.remove, self.path)
+    self.last: tuple[str, jax.Array] | None = None  # (question, its media tokens): the latest turn's
+
+  def write(self, chunks):
+    """Append the chunks [n, 1+G*G, D] (in frame order) until the file holds every frame."""
+    written = 0
+    with open(self.path, "wb") as f:
+      for chunk in chunks:
+        f.write(np.ascontiguousarray(chunk, np.float32).tobytes())
+        written += len(chunk)
+    if written != self.shape[0]:
+      raise ValueError(f"{written} frames encoded, {self.shape[0]} expected")
+
+  def read(self, start: int, stop: int) -> np.ndarray:
+    """Frames [start, stop) -> [stop - start, 1+G*G, D] (a plain read: nothing stays mapped)."""
+    frame = self.shape[1] * self.shape[2]
+    with open(self.path, "rb") as f:
+      f.seek(start * frame * 4)
+      data = np.fromfile(f, np.float32, (stop - start) * frame)
+    return data.reshape(stop - start, *self.shape[1:])
+
+
+def _bucket(n: int, most: int) -> int:
+  """The power of two >= n (at most `most`): chunk shapes that compile once each."""
+  return min(most, 1 << max(0, (n - 1).bit_length()))
+
+
+def _padded(x: np.ndarray, rows: int) -> np.ndarray:
+  return np.concatenate([x, np.zeros((rows - len(x), *x.shape[1:]), x.dtype)]) if len(x) < rows else x
+
+
+class LlamaVidSystem(System):
+  model_type = "llama_vid"
+  config_class = LlamaVidConfig
+  module = LlamaVid
+  abstract_params = staticmethod(abstract_params)
+  init_inputs = staticmethod(init_inputs)
+  placeholder_tokens = (IMAGE_TOKEN,)
+  placeholder_fields = ("image_token_id",)
+
+  def __init__(self, config, params, tokenizer, instruction_tokenizer=None):
+    super().__init__(config, params, tokenizer)
+    self.instruction_tokenizer = instruction_tokenizer
+
+  @classmethod
+  def load(cls, model_dir, mesh=None, **llama_overrides):
+    system = super().load(model_dir, mesh, **llama_overrides)
+    system.instruction_tokenizer = load_instruction_tokenizer(os.path.join(model_dir, INSTRUCTION_TOKENIZER))
+    cls.check_instruction_tokenizer(system.config, system.instruction_tokenizer, model_dir)
+    return system
+
+  def save(self, out_dir):
+    super().save(out_dir)
+    self.instruction_tokenizer.save_pretrained(os.path.join(out_dir, INSTRUCTION_TOKENIZER))
+
+  @staticmethod
+  def check_instruction_tokenizer(config: LlamaVidConfig, tokenizer, where: str) -> None:
+    if len(tokenizer) > config.qformer.vocab_size:
+      raise ValueError(f"the instruction tokenizer in {where} has {len(tokenizer)} tokens, the Q-Former's "
+                       f"vocabulary {config.qformer.vocab_size}")
+
+  # --- inference ----------------------------------------------------------------------------
+
+  def load_media(self, path, use_audio=False, num_frames=None):
+    """An image, or a video's frames at `fps` (at most `num_frames` of them, evenly spread, if
+    given). Video frames are decoded later, in chunks, by `encode_media`."""
+    del use_audio  # no audio branch
+    size = self.config.vit.image_size
+    if video_lib.is_image_path(path):
+      return Media(path, video_lib.load_image(path, 1, size, resize="short_side_crop"))
+    stream = video_lib.FrameStream(path, self.config.fps, num_frames)
+    return Media(path, video_lib.Frames(None, np.ones(len(stream), bool), stream.timestamps))
+
+  def conversation(self, media, use_audio=False):
+    return conv_lib.Conversation(self.template).open_with(IMAGE_TOKEN + "\n", follow=True)
+
+  def placeholders(self, media):
+    return {IMAGE_TOKEN: (self.config.image_token_id, len(media.frames.timestamps) * self.config.tokens_per_frame)}
+
+  def encode_media(self, media: Sequence[Media], use_audio=False) -> list[FrameFeatures]:
+    """Each item's ViT features, encoded `chunk_frames` frames at a time into a FrameFeatures."""
+    cfg = self.config
+    model = LlamaVid(cfg)
+    encoded = []
+    for m in media:
+      n = len(m.frames.timestamps)
+      features = FrameFeatures(n, cfg.vit.grid ** 2 + 1, cfg.vit.width)
+      if m.frames.frames is not None:
+        pixel_chunks = (m.frames.frames[i:i + cfg.chunk_frames] for i in range(0, n, cfg.chunk_frames))
+      else:
+        pixel_chunks = video_lib.FrameStream(m.path, cfg.fps, n).chunks(cfg.chunk_frames, cfg.vit.image_size)
+      if n > cfg.chunk_frames:
+        from tqdm import tqdm
+        pixel_chunks = tqdm(pixel_chunks, total=-(-n // cfg.chunk_frames), unit="chunk", file=sys.stderr,
+                            desc=f"encoding {n} frames")
+
+      def encode(pixels):
+        rows = _bucket(len(pixels), cfg.chunk_frames)
+        return np.asarray(apply(model, "encode_frames", self.params, _padded(pixels, rows)))[:len(pixels)]
+      features.write(encode(p) for p in pixel_chunks)
+      encoded.append(features)
+    return encoded
+
+  def media_tokens(self, features: FrameFeatures, question: str) -> jax.Array:
+    """[N * tokens_per_frame, E]: every frame's tokens, the context token read with `question`
+    (the text-guided part, `chunk_frames` frames at a time; the latest question's are kept)."""
+    if features.last is not None and features.last[0] == question:
+      return features.last[1]
+    cfg = self.config
+    ids = self.instruction_tokenizer(question, truncation=True, max_length=cfg.max_instruction_len).input_ids
+    text_ids = np.zeros((1, -(-len(ids) // TEXT_BUCKET) * TEXT_BUCKET), np.int32)
+    text_ids[0, :len(ids)] = ids
+    text_mask = (np.arange(text_ids.shape[1]) < len(ids))[None].astype(np.int32)
+    n, out = features.shape[0], []
+    for start in range(0, n, cfg.chunk_frames):
+      chunk = features.read(start, min(n, start + cfg.chunk_frames))
+      rows = _bucket(len(chunk), cfg.chunk_frames)
+      tokens = apply(LlamaVid(cfg), "frame_tokens", self.params, _padded(chunk, rows),
+                     np.repeat(text_ids, rows, 0), np.repeat(text_mask, rows, 0))
+      out.append(tokens[:len(chunk)])
+    tokens = jnp.concatenate(out).reshape(n * cfg.tokens_per_frame, -1)
+    features.last = (question, tokens)
+    return tokens
+
+  def embed(self, input_ids, features, conversations):
+    """Each row's media tokens read with the questions its media stand in (one run each)."""
+    rows = []
+    for row_features, conv in zip(features, conversations):
+      questions = conv.media_questions()
+      rows.append(jnp.concatenate([self.media_tokens(row_features, q) for q in questions]) if questions else None)
+    width = max((len(r) for r in rows if r is not None), default=1)
+    zeros = jnp.zeros((width, self.config.llama.hidden_size), self.config.llama.dtype)
+    tokens = jnp.stack([zeros if r is None else jnp.pad(r, ((0, width - len(r)), (0, 0))) for r in rows])
+    return apply(LlamaVid(self.config), "embed", self.params, np.asarray(input_ids), tokens)
+
+  # --- training -----------------------------------------------------------------------------
+
+  @classmethod
+  def loss_fn(cls, config) -> trainer.LossFn:
+    """Each row's media tokens (`media_tokens`) spliced into its text, then the LLM."""
+    model = LlamaVid(config)
+
+    def loss(params, batch, rng):
+      del rng  # no dropout
+      embeds = model.apply({"params": params}, batch["input_ids"], media_tokens(model, params, batch),
+                           method="embed")
+      logits, _ = model.apply({"params": params}, embeds, batch["attention_mask"], method="decode")
+      return trainer.cross_entropy(logits, batch["labels"])
+    return loss
+
+  @classmethod
+  def decoder(cls, cfg, config, tokenizer_dir) -> "Decode":
+    """The training example builder (`Decode`); the instructions are read with init_from's
+    instruction_tokenizer/, or data.instruction_tokenizer for a random init."""
+    data = cfg.data
+    if data.text_format not in TEXT_FORMATS:
+      raise ValueError(f"unknown data.text_format {data.text_format!r}; expected one of {', '.join(TEXT_FORMATS)}")
+    if data.max_len > config.llama.max_position_embeddings:
+      raise ValueError(f"data.max_len {data.max_len} exceeds the LLM's context of "
+                       f"{config.llama.max_position_embeddings} tokens (long videos need a long-context model)")
+    instruction_dir = (os.path.join(cfg.init_from, INSTRUCTION_TOKENIZER) if cfg.init_from
+                       else data.instruction_tokenizer)
+    if not instruction_dir:
+      raise ValueError("set init_from (a model folder) or data.instruction_tokenizer (a BERT tokenizer folder, "
+                       "for a random init)")
+    cls.check_instruction_tokenizer(config, load_instruction_tokenizer(instruction_dir), instruction_dir)
+    return Decode(tokenizer_dir=tokenizer_dir, instruction_tokenizer_dir=instruction_dir,
+                  text_format=data.text_format, max_text_len=data.max_text_len, max_len=data.max_len,
+                  max_frames=data.max_frames, max_turns=data.max_turns,
+                  max_instruction_len=config.max_instruction_len, image_size=config.vit.image_size,
+                  fps=config.fps, image_token_id=config.image_token_id,
+                  tokens_per_frame=config.tokens_per_frame, template=config.template)
+
+  @classmethod
+  def dataset(cls, cfg, config, tokenizer_dir):
+    """Two groups, images and videos, each batch drawn from one: a batch of images then runs the
+    ViT and the Q-Former on one frame per row instead of max_frames (`media_tokens`). The
+    reference mixes them in its batches; grouping changes which examples share a step, not what
+    each one contributes."""
+    data = cfg.data
+    if not data.instruct_json:
+      raise ValueError("no training data: set data.instruct_json (+ data.instruct_dir)")
+    return datasets.by_media_kind(data, datasets.llava_records(data.instruct_json, data.instruct_dir),
+                                  cls.decoder(cfg, config, tokenizer_dir), cfg.seed)
+
+
+def media_tokens(model: LlamaVid, params, batch: dict[str, jax.Array]) -> jax.Array:
+  """A batch of training examples (see `Decode`) -> the media tokens [B, R*F*T, E] that its
+  placeholders take, in order (`pack_turn_tokens`): the ViT runs once per frame, the text-guided
+  part once per (turn, frame) with that turn's instruction. When every row is a one-frame item
+  (an image batch), only frame 0 runs; the tokens of the other frames are zeros, never read."""
+  pixels, text_ids, text_mask = batch["pixels"], batch["instruction_ids"], batch["instruction_mask"]
+  b, max_frames = pixels.shape[:2]
+  run = functools.partial(model.apply, {"params": params})
+
+  def turn_tokens(frames):  # [B, f, S, S, 3] -> [B, R, max_frames, T, E]
+    f = frames.shape[1]
+    features = run(frames.reshape(b * f, *frames.shape[2:]), method="encode_frames")  # [B*f, 1+G*G, D]
+    # Turn by turn, so that the features are read by each instruction rather than copied R times.
+    tokens = jax.lax.map(lambda text: run(features, jnp.repeat(text[0], f, 0), jnp.repeat(text[1], f, 0),
+                                          method="frame_tokens"),
+                         (jnp.swapaxes(text_ids, 0, 1), jnp.swapaxes(text_mask, 0, 1)))  # [R, B*f, T, E]
+    tokens = jnp.swapaxes(tokens.reshape(tokens.shape[0], b, f, *tokens.shape[2:]), 0, 1)
+    return jnp.pad(tokens, ((0, 0), (0, 0), (0, max_frames - f), (0, 0), (0, 0)))
+
+  tokens = jax.lax.cond(jnp.all(batch["num_frames"] == 1), lambda: turn_tokens(pixels[:, :1]),
+                        lambda: turn_tokens(pixels))
+  return pack_turn_tokens(tokens, batch["num_frames"])
+
+
+TEXT_FORMATS = ("caption", "conversation")
+VIDEO_MARKER = "<video>"  # the media mark of videos in Video-LLaVA-style data, read as <image>
+_instruction_tokenizer = functools.lru_cache(maxsize=4)(load_instruction_tokenizer)  # once per process
+
+
+@dataclasses.dataclass(frozen=True)
+class Decode:
+  """record -> training example; picklable for grain worker processes. Fixed shapes:
+    pixels [F, S, S, 3] float32: an image in frame 0, or a video's frames at `fps` (evenly
+      thinned to F = max_frames if more), each resized as CLIPImageProcessor does; then zeros;
+    num_frames [] int32: n, the real frames;
+    instruction_ids, instruction_mask [R, L_t] int32: turn r's instruction for the Q-Former (its
+      question without the media mark and newlines; BERT tokens cut from the left), R = max_turns,
+      L_t = max_instruction_len; rows past the example's turns are zeros;
+    input_ids, labels, attention_mask [L] int32, L = max_len, right-padded, labels -100 where
+      nothing is learned. Each turn's `<image>` is a run of n * tokens_per_frame placeholders.
+  Texts (BOS first):
+    caption:      "<image>" + answer + "\\n" (the reference's plain_guided), the answer learned;
+                  the record must hold one question and its answer.
+    conversation: the template's training format (`conv_lib.training_pieces`; vicuna_v1 is the
+                  reference's imgsp_v1) with the media in
+                  every question (imgsp_v1): a question that has the mark gets it in front (as
+                  LLaVA's preprocessing moves it), the others in front or at the end at random
+                  (seeded by the record, so an example is the same every epoch); questions past
+                  max_turns are dropped with their answers.
+  The text is cut at max_text_len with each placeholder counted once (the reference's collator),
+  then the runs are expanded and the result cut at max_len.
+  """
+  tokenizer_dir: str
+  instruction_tokenizer_dir: str
+  text_format: str
+  max_text_len: int
+  max_len: int
+  max_frames: int
+  max_turns: int
+  max_instruction_len: int
+  image_size: int
+  fps: float
+  image_token_id: int
+  tokens_per_frame: int
+  template: str = "vicuna_v1"
+
+  def __call__(self, record: datasets.Record) -> dict[str, np.ndarray]:
+    pixels, n = self.frames(record)
+    messages = [dict(m, value=m["value"].replace(VIDEO_MARKER, IMAGE_TOKEN)) for m in record["conversation"]]
+    pieces, questions = self.caption(messages) if self.text_format == "caption" else self.conversation(messages)
+    tokenizer = LlamaVidSystem.training_tokenizer(self.tokenizer_dir)
+    ids, labels = conv_lib.encode_text(tokenizer, pieces, {IMAGE_TOKEN: (-1, 1)})
+    ids, labels = ids[:self.max_text_len], labels[:self.max_text_len]
+    if -1 not in ids:
+      raise ValueError(f"the media of {record['media']} lie past max_text_len {self.max_text_len}")
+    run = n * self.tokens_per_frame
+    expanded_ids, expanded_labels = [], []
+    for token, label in zip(ids, labels):
+      expanded_ids += [self.image_token_id] * run if token == -1 else [token]
+      expanded_labels += [conv_lib.IGNORE_INDEX] * run if token == -1 else [label]
+    text = [(expanded_ids[:self.max_len], expanded_labels[:self.max_len])]
+    example = {k: v[0] for k, v in conv_lib.collate(text, multiple=self.max_len).items()}
+
+    instruction = _instruction_tokenizer(self.instruction_tokenizer_dir)
+    example["instruction_ids"] = np.zeros((self.max_turns, self.max_instruction_len), np.int32)
+    example["instruction_mask"] = np.zeros((self.max_turns, self.max_instruction_len), np.int32)
+    for r, question in enumerate(questions):
+      # The reference's instruction: the question without the media mark and newlines.
+      row = instruction(question.replace(IMAGE_TOKEN, "").replace("\n", ""), truncation=True,
+                        max_length=self.max_instruction_len).input_ids
+      example["instruction_ids"][r, :len(row)] = row
+      example["instruction_mask"][r, :len(row)] = 1
+    example["pixels"], example["num_frames"] = pixels, np.int32(n)
+    return example
+
+  def frames(self, record: datasets.Record) -> tuple[np.ndarray, int]:
+    """-> (pixels [max_frames, S, S, 3], the frames then zeros; the number of frames)."""
+    if record["kind"] == "image":
+      frames = video_lib.load_image(record["media"], 1, self.image_size, resize="short_side_crop").frames
+    else:
+      stream = video_lib.FrameStream(record["media"], self.fps, self.max_frames)
+      frames = np.concatenate(list(stream.chunks(len(stream), self.image_size)))
+    pixels = np.zeros((self.max_frames, self.image_size, self.image_size, 3), np.float32)
+    pixels[:len(frames)] = frames
+    return pixels, len(frames)
+
+  def caption(self, messages: list[dict[str, str]]) -> tuple[list[tuple[str, bool]], list[str]]:
+    """-> (the caption text as [(piece, learned)], [its question])."""
+    if len(messages) != 2 or (messages[0]["from"], messages[1]["from"]) != ("human", "gpt"):
+      raise ValueError(f"a caption example is one human question and one gpt answer, got "
+                       f"{[m['from'] for m in messages]}")
+    return [(IMAGE_TOKEN, False), (messages[1]["value"] + "\n", True)], [messages[0]["value"]]
+
+  def conversation(self, messages: list[dict[str, str]]) -> tuple[list[tuple[str, bool]], list[str]]:
+    """-> (the conversation text as [(piece, learned)], its questions, each with the media mark)."""
+    if len(messages) < 2 or len(messages) % 2:
+      raise ValueError(f"expected alternating human/gpt messages, got {len(messages)}")
+    rng = np.random.default_rng(zlib.crc32(repr(messages).encode()))
+    turns = []
+    for question, answer in list(zip(messages[::2], messages[1::2]))[:self.max_turns]:
+      if (question["from"], answer["from"]) != ("human", "gpt"):
+        raise ValueError(f"expected a human then a gpt message, got {question['from']}, {answer['from']}")
+      text = question["value"]
+      if IMAGE_TOKEN in text:
+        text = IMAGE_TOKEN + "\n" + text.replace(IMAGE_TOKEN, "").strip()
+      elif rng.integers(2) == 0:
+        text = IMAGE_TOKEN + "\n" + text
+      else:
+        text = text + "\n" + IMAGE_TOKEN
+      turns.append((text, answer["value"]))
+    return conv_lib.training_pieces(conv_lib.get_template(self.template), turns), [q for q, _ in turns]

@@ -8,7 +8,8 @@ HELP = """Train a model with a config file: `--config FILE:ARG` calls FILE's get
 (e.g. configs/video_llama.py:stage1, :stage2, :stage2_full, :tiny_stage1,
 configs/video_llava.py:stage1, :stage2, or configs/llama_vid.py:stage1, :stage2, :stage3), and
 each `--config.a.b=VALUE` then sets field a.b, VALUE read as the field's type (ints, floats,
-true/false, comma-separated or Python-literal tuples, strings as they are). The config's `system` names the model family.
+true/false, comma-separated or Python-literal tuples, strings as they are). The config's
+`system` names the model family.
 
 Starts from a model folder (--config.init_from=DIR, written by `vllm-jax convert`) or from a
 random init of the config's model (with --config.data.tokenizer=DIR). Data: the config's `data`

@@ -1,6 +1,7 @@
 """LLaMA-VID, the whole model: `get_config("7b" | "7b-long" | "tiny")`, and its training recipes:
-`get_config("stage1" | "stage2" | "stage3")`, with a size prefix for other models ("tiny_stage1",
-"tiny_stage2", "7b-long_stage3"; no prefix: 7b, or 7b-long for stage3).
+`get_config("stage1" | "stage2" | "stage3" | "stage2_lora")`, with a size prefix for other models
+("tiny_stage1", "tiny_stage2", "tiny_stage2_lora", "7b-long_stage3"; no prefix: 7b, or 7b-long for
+stage3).
 
   7b:      `llama-vid-7b-full-224-video-fps-1`: EVA ViT-g/14 at 224 px (`vit.EVA_VIT_G`, all 257
            tokens), the InstructBLIP Q-Former with its text path (32 queries, bert-base-uncased
@@ -16,8 +17,8 @@ regexes (over '/'-joined parameter paths) of each training stage.
 
 Training configs (`vllm-jax train --config configs/llama_vid.py:stage1`) add the sections of
 `vllm_jax.train.trainer` (mesh, optim, train, data) and `init_from`, a LLaMA-VID model folder (its
-config replaces `model`, its `instruction_tokenizer/` reads the instructions; "" = random init of
-`model` with `data.tokenizer` and `data.instruction_tokenizer`):
+config replaces `model`, whose `llama.lora` still adds adapters; its `instruction_tokenizer/` reads
+the instructions; "" = random init of `model` with `data.tokenizer` and `data.instruction_tokenizer`):
   stage1: captions (LLaVA-558K + WebVid: about 790 K images and videos, one epoch at a global
           batch of 256), lr 1e-3: text = BOS, the media run, the caption + "\\n" (learned); the
           Q-Former reads the human message without `<image>` and newlines. Trains the projector
@@ -29,6 +30,14 @@ config replaces `model`, its `instruction_tokenizer/` reads the instructions; ""
           everything but the ViT.
   stage3: long videos (about 9 K movie conversations, one epoch at 8), lr 2e-5, up to 65536 tokens
           (the 7b-long context). Trains the LLM and the projector; the context path stays frozen.
+  stage2_lora: stage 2 with LoRA adapters on the LLM in its place (`model.llama.lora`: rank 128,
+          alpha 256, dropout 0.05 on all seven projections, the LLaVA family's published LoRA
+          setting) trained with the projectors and the context path, the base LLM frozen; lr 2e-4,
+          LLaVA's LoRA rate. Data parallel: the frozen LLM is kept in bfloat16 and the adapters
+          are small. `vllm-jax export` turns its checkpoints into a model folder or a PEFT adapter.
+Stages 2 and 3 shard the parameters and optimizer state over every device (FSDP: mesh.fsdp=-1,
+data 1), as the reference shards them with DeepSpeed ZeRO: a 7B LLM with fp32 AdamW state
+outgrows one GPU. Tiny recipes train data parallel (their widths do not divide over many devices).
 All: frames at 1 per second (at most `data.max_frames`, evenly spread), AdamW b=(0.9, 0.999), no
 weight decay, linear warm-up from 0 over 3% of the steps, then cosine decay to 0 at the last step
 (both follow `train.steps`), gradient clipping at norm 1 (the transformers Trainer's default), text
@@ -46,6 +55,7 @@ from vllm_jax.models.llama_vid import INSTRUCT_QFORMER, LlamaVidConfig
 from vllm_jax.models.qformer import QFormerConfig
 from vllm_jax.models.video_llava import VICUNA_7B_V15
 from vllm_jax.models.vit import EVA_VIT_G
+from vllm_jax.nn.lora import LoraConfig
 from vllm_jax.nn.rope import RopeConfig
 
 SIZES = ("7b", "7b-long", "tiny")
@@ -55,6 +65,11 @@ STAGES = ("stage1", "stage2", "stage3")
 PROJECTORS = r"^(projector|att_projector|key_projector|val_projector)/"
 CONTEXT_PATH = r"^(qformer|att_norm)/"
 LLM = r"^llm/"
+LORA_ADAPTERS = r"^llm/.*/lora_(a|b)$"
+# The LLaVA family's LoRA (LLaVA-1.5's finetune_lora): rank 128, alpha 256, dropout 0.05 on every
+# linear layer of the LLM, lr 2e-4.
+LORA = LoraConfig(rank=128, alpha=256.0, dropout=0.05)
+LORA_STAGES = ("stage2_lora",)  # trained on the data of the stage they name
 EXAMPLES = {"stage1": 790_000, "stage2": 763_000, "stage3": 9_000}  # about; sets the schedule length
 BATCH = {"stage1": 256, "stage2": 128, "stage3": 8}
 LONG_CONTEXT = 65536
@@ -85,23 +100,30 @@ def get_config(arg: str = "7b") -> ml_collections.ConfigDict:
   cfg = ml_collections.ConfigDict()
   cfg.model = ml_collections.ConfigDict(model_config(size).to_dict())
   cfg.trainable = ml_collections.ConfigDict(dict(
-      stage1=(PROJECTORS,), stage2=(PROJECTORS, CONTEXT_PATH, LLM), stage3=(r"^projector/", LLM)))
+      stage1=(PROJECTORS,), stage2=(PROJECTORS, CONTEXT_PATH, LLM), stage3=(r"^projector/", LLM),
+      stage2_lora=(PROJECTORS, CONTEXT_PATH, LORA_ADAPTERS)))
   if stage:
     train_config(cfg, stage, tiny=size == "tiny")
   return cfg
 
 
 def train_config(cfg: ml_collections.ConfigDict, stage: str, tiny: bool = False) -> None:
-  """Add the training sections of `stage` ("stage1" | "stage2" | "stage3") to `cfg`."""
-  if stage not in STAGES:
-    raise ValueError(f"unknown training stage {stage!r}; expected one of {', '.join(STAGES)}")
+  """Add the training sections of `stage` (one of `STAGES` or `LORA_STAGES`) to `cfg`."""
+  if stage not in STAGES + LORA_STAGES:
+    raise ValueError(f"unknown training stage {stage!r}; expected one of {', '.join(STAGES + LORA_STAGES)}")
+  trainable, lora = tuple(cfg.trainable[stage]), stage in LORA_STAGES
+  stage = stage.removesuffix("_lora")  # whose data, schedule and batch it keeps
   stage1 = stage == "stage1"
   cfg.system = "llama_vid"  # `vllm_jax.systems` name
   cfg.seed = 0
   cfg.init_from = ""  # a LLaMA-VID model folder; "" = random init of `model`
   cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: the remaining devices
-  cfg.optim = optim_config(trainable=tuple(cfg.trainable[stage]), lr=1e-3 if stage1 else 2e-5, min_lr=0.0,
+  cfg.optim = optim_config(trainable=trainable, lr=1e-3 if stage1 else 2e-4 if lora else 2e-5, min_lr=0.0,
                            warmup_start_lr=0.0, warmup_steps=0, warmup_ratio=0.03, weight_decay=0.0, clip_norm=1.0)
+  if lora:
+    cfg.model.llama.lora = ml_collections.ConfigDict(LORA.to_dict())
+  elif not stage1:
+    cfg.mesh.update(data=1, fsdp=-1)
   cfg.train = train_section(steps=math.ceil(EXAMPLES[stage] / BATCH[stage]), batch_size=BATCH[stage],
                             log_every=50, checkpoint_every=1000 if stage != "stage3" else 200)
   # Examples have fixed shapes: every video is padded to max_frames frames and every text to
@@ -133,5 +155,6 @@ def train_config(cfg: ml_collections.ConfigDict, stage: str, tiny: bool = False)
   if tiny:
     # A schedule of its own, so that runs of any length share it.
     cfg.optim.update(warmup_steps=5, warmup_ratio=0.0, total_steps=100, lr=1e-3 if stage1 else 1e-4)
+    cfg.mesh.update(data=-1, fsdp=1)
     cfg.train.update(steps=20, batch_size=8, log_every=10, checkpoint_every=10)
     cfg.data.update(max_text_len=384, max_len=448, max_frames=4, max_turns=1 if stage1 else 3)

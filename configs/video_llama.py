@@ -1,6 +1,6 @@
 """Video-LLaMA, the whole model: `get_config("7b" | "13b" | "tiny")`, and its training recipes:
-`get_config("stage1" | "stage2" | "stage2_full")`, with a size prefix for other models
-("13b_stage1", "tiny_stage1", "tiny_stage2"; no prefix: 7b).
+`get_config("stage1" | "stage2" | "stage2_full" | "stage2_lora")`, with a size prefix for other
+models ("13b_stage1", "tiny_stage1", "tiny_stage2", "tiny_stage2_lora"; no prefix: 7b).
 
   7b / 13b: EVA ViT-g/14 + BLIP-2 Q-Former + video Q-Former (32 tokens) + ImageBind-Huge audio
             branch (8 tokens) + Vicuna/LLaMA-2 7B or 13B. The LLaMA part is read from the
@@ -13,18 +13,28 @@ names the files `vllm-jax convert video-llama` assembles (command-line flags ove
 
 Training configs (`vllm-jax train --config configs/video_llama.py:stage1`) add the sections of
 `vllm_jax.train.trainer` (mesh, optim, train, data) and `init_from`, a folder written by
-`vllm-jax convert video-llama` (its config replaces `model`; "" = random init of `model`):
+`vllm-jax convert video-llama` (its config replaces `model`, whose `llama.lora` still adds adapters;
+"" = random init of `model`):
   stage1:      vision connector on WebVid captions (lr 1e-4 -> 8e-5, warmup from 1e-6, batch 32 per
                GPU on 8 GPUs, captions cut at 32 tokens); ViT, image Q-Former and LLM frozen.
   stage2:      the same connector on instruction conversations (lr 3e-5 -> 1e-5, batch 4 per GPU,
                320 tokens; 512 for the audio branch: data.with_audio=True, optim.trainable=AUDIO).
   stage2_full: stage 2 with the LLM trained too (Video-LLaVA's stage 2: lr 2e-5 -> 0, 3% warmup,
-               no weight decay).
+               no weight decay, clipping at norm 1), its parameters and optimizer state sharded
+               over every device (FSDP: mesh.fsdp=-1, data 1; a 7B LLM with fp32 AdamW state
+               outgrows one GPU).
+  stage2_lora: stage 2 with LoRA adapters on the LLM (`model.llama.lora`: rank 128, alpha 256,
+               dropout 0.05 on all seven projections, the LLaVA family's published LoRA setting)
+               trained with the vision connector, the base LLM frozen; LLaVA's LoRA optimizer (lr
+               2e-4 -> 0, 3% warmup, no weight decay, clipping at norm 1; one rate for adapters
+               and connector). Data parallel: the frozen LLM is kept in bfloat16 and the adapters
+               are small. `vllm-jax export` turns its checkpoints into a model folder or a PEFT
+               adapter.
 AdamW b=(0.9, 0.999), weight decay 0.05 except on biases, norms and 1-D tensors; no gradient
-clipping (the reference's runner has none). Frozen parameters are kept in bfloat16. The cosine
-ends at the last step, `train.steps` (12500 in stage 1, 3000 in stage 2); the warm-up is a number
-of steps, except stage2_full's 3%.
-"""
+clipping (the reference's runner has none), unless said otherwise above. Frozen parameters are kept
+in bfloat16. The cosine ends at the last step, `train.steps` (12500 in stage 1, 3000 in stage 2);
+the warm-up is a number of steps, except stage2_full's and stage2_lora's 3%. Tiny recipes train
+data parallel (their widths do not divide over many devices)."""
 
 import ml_collections
 
@@ -37,6 +47,7 @@ from vllm_jax.models.qformer import QFormerConfig
 from vllm_jax.models.video_branch import VideoBranchConfig
 from vllm_jax.models.video_llama import VideoLlamaConfig
 from vllm_jax.models.vit import ViTConfig
+from vllm_jax.nn.lora import LoraConfig
 
 LLAMA_7B = LlamaConfig()
 LLAMA_13B = LlamaConfig(hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40, num_kv_heads=40)
@@ -44,6 +55,11 @@ LLAMA_13B = LlamaConfig(hidden_size=5120, intermediate_size=13824, num_layers=40
 # Video-LLaMA trains only the connectors; ViT, image Q-Former, ImageBind and the LLM stay frozen.
 VISION_CONNECTOR = r"^vision/(video_qformer|frame_position_embedding|llama_proj)/"
 AUDIO_CONNECTOR = r"^audio/(position_embedding|qformer|llama_proj)/"
+LORA_ADAPTERS = r"^llm/.*/lora_(a|b)$"
+# The LLaVA family's LoRA (LLaVA-1.5 finetune_lora: lora_r 128, lora_alpha 256, lora_dropout 0.05,
+# every linear layer of the LLM, lr 2e-4).
+LORA = LoraConfig(rank=128, alpha=256.0, dropout=0.05)
+STAGES = ("stage1", "stage2", "stage2_full", "stage2_lora")
 
 
 def model_config(arg: str) -> VideoLlamaConfig:
@@ -87,16 +103,17 @@ def get_config(arg: str = "7b") -> ml_collections.ConfigDict:
   ))
   cfg.trainable = ml_collections.ConfigDict(dict(
       vision_stage1=(VISION_CONNECTOR,), vision_stage2=(VISION_CONNECTOR,),
-      audio_stage1=(AUDIO_CONNECTOR,), audio_stage2=(AUDIO_CONNECTOR,)))
+      audio_stage1=(AUDIO_CONNECTOR,), audio_stage2=(AUDIO_CONNECTOR,),
+      vision_stage2_lora=(VISION_CONNECTOR, LORA_ADAPTERS)))
   if stage:
     train_config(cfg, stage, tiny=size == "tiny")
   return cfg
 
 
 def train_config(cfg: ml_collections.ConfigDict, stage: str, tiny: bool = False) -> None:
-  """Add the training sections of `stage` ("stage1" | "stage2" | "stage2_full") to `cfg`."""
-  if stage not in ("stage1", "stage2", "stage2_full"):
-    raise ValueError(f"unknown training stage {stage!r}; expected 'stage1', 'stage2' or 'stage2_full'")
+  """Add the training sections of `stage` (one of `STAGES`) to `cfg`."""
+  if stage not in STAGES:
+    raise ValueError(f"unknown training stage {stage!r}; expected one of {', '.join(STAGES)}")
   stage1 = stage == "stage1"
   cfg.system = "video_llama"  # `vllm_jax.systems` name
   cfg.seed = 0
@@ -107,9 +124,14 @@ def train_config(cfg: ml_collections.ConfigDict, stage: str, tiny: bool = False)
   elif stage == "stage2":
     cfg.optim = optim_config(trainable=(VISION_CONNECTOR,), clip_norm=0.0, lr=3e-5, min_lr=1e-5,
                              warmup_steps=1000)
-  else:
+  elif stage == "stage2_full":
     cfg.optim = optim_config(trainable=(VISION_CONNECTOR, r"^llm/"), lr=2e-5, min_lr=0.0, warmup_start_lr=0.0,
                              warmup_steps=0, warmup_ratio=0.03, weight_decay=0.0)
+    cfg.mesh.update(data=1, fsdp=-1)
+  else:
+    cfg.model.llama.lora = ml_collections.ConfigDict(LORA.to_dict())
+    cfg.optim = optim_config(trainable=tuple(cfg.trainable.vision_stage2_lora), lr=2e-4, min_lr=0.0,
+                             warmup_start_lr=0.0, warmup_steps=0, warmup_ratio=0.03, weight_decay=0.0)
   cfg.train = train_section(steps=12500 if stage1 else 3000, batch_size=256 if stage1 else 32, log_every=50,
                             checkpoint_every=1000)
   cfg.data = ml_collections.ConfigDict(dict(
@@ -134,5 +156,6 @@ def train_config(cfg: ml_collections.ConfigDict, stage: str, tiny: bool = False)
   if tiny:
     # A schedule of its own, so that runs of any length (a test resumes a shorter one) share it.
     cfg.optim.update(warmup_steps=5, warmup_ratio=0.0, total_steps=100, lr=1e-3, min_lr=1e-4, warmup_start_lr=1e-5)
+    cfg.mesh.update(data=-1, fsdp=1)  # tiny widths do not divide over many devices
     cfg.train.update(steps=20, batch_size=8, log_every=10, checkpoint_every=10)
     cfg.data.update(max_text_len=16 if stage1 else 96)

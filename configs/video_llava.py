@@ -1,6 +1,6 @@
 """Video-LLaVA, the whole model: `get_config("7b" | "7b-original" | "tiny")`, and its training
-recipes: `get_config("stage1" | "stage2")`, with a size prefix for other models ("tiny_stage1",
-"tiny_stage2", "7b-original_stage2"; no prefix: 7b).
+recipes: `get_config("stage1" | "stage2" | "stage2_lora")`, with a size prefix for other models
+("tiny_stage1", "tiny_stage2", "tiny_stage2_lora", "7b-original_stage2"; no prefix: 7b).
 
   7b:          `LanguageBind/Video-LLaVA-7B-hf` (transformers `VideoLlavaForConditionalGeneration`):
                CLIP ViT-L/14 image and video towers (layer -2 of 24, so 23 layers each; plain CLIP
@@ -17,15 +17,25 @@ names what `vllm-jax convert video-llava` reads; `cfg.trainable` holds the regex
 
 Training configs (`vllm-jax train --config configs/video_llava.py:stage1`) add the sections of
 `vllm_jax.train.trainer` (mesh, optim, train, data) and `init_from`, a converted model folder (its
-config replaces `model`; "" = random init of `model`):
-  stage1: the projector only, on image and video captions (LCS-558K + Valley-702K: ~1.26 M
-          examples, one epoch at a global batch of 256), lr 1e-3.
-  stage2: the projector and the LLM, on instructions (LLaVA-665K + Video-ChatGPT-100K: ~765 K
-          examples, one epoch at 128), lr 2e-5.
-Both: AdamW b=(0.9, 0.999), no weight decay, linear warm-up from 0 over 3% of the steps, then
+config replaces `model`, whose `llama.lora` still adds adapters; "" = random init of `model`):
+  stage1:      the projector only, on image and video captions (LCS-558K + Valley-702K: ~1.26 M
+               examples, one epoch at a global batch of 256), lr 1e-3.
+  stage2:      the projector and the LLM, on instructions (LLaVA-665K + Video-ChatGPT-100K: ~765 K
+               examples, one epoch at 128), lr 2e-5; parameters and optimizer state sharded over
+               every device (FSDP: mesh.fsdp=-1, data 1), as the reference shards them with
+               DeepSpeed ZeRO: a 7B LLM with fp32 AdamW state outgrows one GPU.
+  stage2_lora: stage 2 with LoRA adapters on the LLM in its place (`model.llama.lora`: rank 128,
+               alpha 256, dropout 0.05 on all seven projections, the LLaVA family's published
+               LoRA setting, LLaVA-1.5's finetune_lora) trained with the projector, the base LLM
+               frozen; lr 2e-4, LLaVA's LoRA rate (which gives the projector 2e-5 apart, here one
+               rate trains both). Data parallel: the frozen LLM is kept in bfloat16 and the
+               adapters are small. `vllm-jax export` turns its checkpoints into a model folder or
+               a PEFT adapter.
+All: AdamW b=(0.9, 0.999), no weight decay, linear warm-up from 0 over 3% of the steps, then
 cosine decay to 0 at the last step (both follow `train.steps`), gradient clipping at norm 1 (the
 transformers Trainer's default), text up to 2048 tokens (3072 once the media placeholders are
-expanded). The towers stay frozen (kept in bfloat16).
+expanded). The towers stay frozen (kept in bfloat16). Tiny recipes train data parallel (their
+widths do not divide over many devices).
 """
 
 import math
@@ -36,9 +46,15 @@ from vllm_jax.configs.train_llama_tiny import optim_config, train_section
 from vllm_jax.models.llama import LlamaConfig
 from vllm_jax.models.video_llava import VICUNA_7B_V15, VideoLlavaConfig
 from vllm_jax.models.vit import CLIP_VIT_L
+from vllm_jax.nn.lora import LoraConfig
 
 PROJECTOR = r"^projector/"
 LLM = r"^llm/"
+LORA_ADAPTERS = r"^llm/.*/lora_(a|b)$"
+# LLaVA-1.5's finetune_lora: lora_r 128, lora_alpha 256, lora_dropout 0.05 on every linear layer of
+# the LLM, lr 2e-4.
+LORA = LoraConfig(rank=128, alpha=256.0, dropout=0.05)
+STAGES = ("stage1", "stage2", "stage2_lora")
 SIZES = ("7b", "7b-original", "tiny")
 EXAMPLES = {"stage1": 558_000 + 702_000, "stage2": 665_000 + 100_000}  # about; sets the schedule length
 BATCH = {"stage1": 256, "stage2": 128}
@@ -68,25 +84,32 @@ def get_config(arg: str = "7b") -> ml_collections.ConfigDict:
       hf_dir="",       # a transformers VideoLlavaForConditionalGeneration folder (Video-LLaVA-7B-hf)
       original="",     # or an original Video-LLaVA folder/file (LanguageBind towers, mm_projector)
   ))
-  cfg.trainable = ml_collections.ConfigDict(dict(stage1=(PROJECTOR,), stage2=(PROJECTOR, LLM)))
+  cfg.trainable = ml_collections.ConfigDict(dict(stage1=(PROJECTOR,), stage2=(PROJECTOR, LLM),
+                                                 stage2_lora=(PROJECTOR, LORA_ADAPTERS)))
   if stage:
     train_config(cfg, stage, tiny=size == "tiny")
   return cfg
 
 
 def train_config(cfg: ml_collections.ConfigDict, stage: str, tiny: bool = False) -> None:
-  """Add the training sections of `stage` ("stage1" | "stage2") to `cfg`."""
-  if stage not in ("stage1", "stage2"):
-    raise ValueError(f"unknown training stage {stage!r}; expected 'stage1' or 'stage2'")
+  """Add the training sections of `stage` (one of `STAGES`) to `cfg`."""
+  if stage not in STAGES:
+    raise ValueError(f"unknown training stage {stage!r}; expected one of {', '.join(STAGES)}")
   stage1 = stage == "stage1"
-  steps = math.ceil(EXAMPLES[stage] / BATCH[stage])
+  data_stage = stage.removesuffix("_lora")  # LoRA trains on the stage's data
+  steps = math.ceil(EXAMPLES[data_stage] / BATCH[data_stage])
   cfg.system = "video_llava"  # `vllm_jax.systems` name
   cfg.seed = 0
   cfg.init_from = ""  # a `vllm-jax convert video-llava` folder; "" = random init of `model`
   cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: the remaining devices
-  cfg.optim = optim_config(trainable=tuple(cfg.trainable[stage]), lr=1e-3 if stage1 else 2e-5, min_lr=0.0,
+  lr = {"stage1": 1e-3, "stage2": 2e-5, "stage2_lora": 2e-4}[stage]
+  cfg.optim = optim_config(trainable=tuple(cfg.trainable[stage]), lr=lr, min_lr=0.0,
                            warmup_start_lr=0.0, warmup_steps=0, warmup_ratio=0.03, weight_decay=0.0, clip_norm=1.0)
-  cfg.train = train_section(steps=steps, batch_size=BATCH[stage], log_every=50, checkpoint_every=1000)
+  if stage == "stage2":
+    cfg.mesh.update(data=1, fsdp=-1)
+  if stage == "stage2_lora":
+    cfg.model.llama.lora = ml_collections.ConfigDict(LORA.to_dict())
+  cfg.train = train_section(steps=steps, batch_size=BATCH[data_stage], log_every=50, checkpoint_every=1000)
   cfg.data = ml_collections.ConfigDict(dict(
       instruct_json="",          # conversations with an "image" or "video" path (LLaVA-style JSON)
       instruct_dir="",           # media paths in the JSON are relative to this folder
@@ -103,5 +126,6 @@ def train_config(cfg: ml_collections.ConfigDict, stage: str, tiny: bool = False)
   if tiny:
     # A schedule of its own, so that runs of any length share it.
     cfg.optim.update(warmup_steps=5, warmup_ratio=0.0, total_steps=100, lr=1e-3 if stage1 else 1e-4)
+    cfg.mesh.update(data=-1, fsdp=1)
     cfg.train.update(steps=20, batch_size=8, log_every=10, checkpoint_every=10)
     cfg.data.update(max_text_len=256, max_len=320)

@@ -1,5 +1,7 @@
 """Sampling filters, stop conditions, streaming, tokenizers and the chat/convert commands."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +10,7 @@ import torch
 from transformers import LlamaConfig as HFLlamaConfig
 from transformers import LlamaForCausalLM
 
-from vllm_jax import cli
+from vllm_jax import cli, pretrained
 from vllm_jax import generate as gen
 from vllm_jax.converters import llama as llama_conv
 from vllm_jax.data.tokenizer import left_pad, load_tokenizer, train_tokenizer
@@ -76,7 +78,11 @@ def test_stop_ids_streaming_and_stop_strings(tiny):
                      stop_token_ids=[stop], on_tokens=streamed.append, chunk=3)
   assert out.lengths[0] == 5 and out.lengths[1] == 24
   np.testing.assert_array_equal(out.tokens[1], full.tokens[1])
-  np.testing.assert_array_equal(out.tokens[0, 5:], stop)  # padded with the stop id after stopping
+  np.testing.assert_array_equal(out.tokens[0, 5:], stop)  # the model has no pad id: the stop id pads
+  padded = gen.generate(config.replace(pad_token_id=3), params, input_ids=ids, attention_mask=mask,
+                        max_new_tokens=24, stop_token_ids=[stop])
+  np.testing.assert_array_equal(padded.tokens[0, 5:], 3)  # its pad id, as transformers pads
+  np.testing.assert_array_equal(padded.tokens[:, :5], out.tokens[:, :5])
   assert len(streamed) > 1
   np.testing.assert_array_equal(np.concatenate(streamed, axis=1), out.tokens)
   # A stop string cuts the text before it and stops the row early.
@@ -102,6 +108,14 @@ def test_convert_and_chat_commands(tiny, capsys):
   with pytest.raises(SystemExit):
     cli.main(["chat", "--help"])
   assert "interactively" in capsys.readouterr().out
+  # A folder of weights alone loads (tokenizer None); chat says what is missing.
+  for name in os.listdir(out):
+    if name.startswith(("tokenizer", "special_tokens")):
+      os.remove(os.path.join(out, name))
+  loaded_config, _, no_tokenizer = pretrained.load_llama(out)
+  assert no_tokenizer is None and loaded_config == config
+  assert cli.main(["chat", "--model", out, "--question", "hello"]) == 2
+  assert "holds no tokenizer" in capsys.readouterr().err
 
 
 def test_long_prompts_prefill_in_pieces_as_one(tiny, monkeypatch):

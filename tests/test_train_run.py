@@ -105,3 +105,14 @@ def test_schedule_follows_the_run_length_unless_set():
 
   with pytest.raises(ValueError, match="not both"):
     optim.schedule_steps(load_config(llava, ["--config.optim.warmup_steps=10"]).optim, 400)
+
+
+def test_print_config_names_where_each_value_came_from(capsys):
+  from vllm_jax import cli
+  recipe = os.path.join(ROOT, "configs/video_llava.py:tiny_stage2")
+  assert cli.main(["train", "--config", recipe, "--config.train.steps=7", "--config.init_from=/m",
+                   "--print-config"]) == 0
+  lines = {line.split("=")[0].strip(): line for line in capsys.readouterr().out.splitlines()}
+  assert lines["train.steps"].endswith("= 7  # --config.train.steps")
+  assert lines["train.batch_size"].endswith(f"= 8  # {recipe}")
+  assert "# model.* is replaced by /m/config.json when the run starts" in lines

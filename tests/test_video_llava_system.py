@@ -53,9 +53,16 @@ def files(tmp_path_factory):
   model = str(root / "model")
   assert cli.main(["convert", "video-llava", "--hf-dir", str(hf_dir), "--out", model]) == 0
 
+  media = write_llava_data(root)
+  (media / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"not a video" * 50)
+  return root, model, media
+
+
+def write_llava_data(root):
+  """Two pngs and two mp4s in root/media, and root/train.json: LLaVA-style conversations about
+  them (each twice) -> the media folder."""
   media = root / "media"
   media.mkdir()
-  (media / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"not a video" * 50)
   rng = np.random.default_rng(0)
   for i in range(2):
     Image.fromarray(rng.integers(0, 256, (30, 40, 3), np.uint8)).save(media / f"img{i}.png")
@@ -65,7 +72,7 @@ def files(tmp_path_factory):
       for i in range(2) for kind, name, ext, answer in (("image", "img", "png", "A picture."),
                                                          ("video", "clip", "mp4", "A red circle moves left."))]
   (root / "train.json").write_text(json.dumps(items * 2))
-  return root, model, media
+  return media
 
 
 def test_convert_records_the_system(files):

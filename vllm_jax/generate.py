@@ -36,7 +36,7 @@ class SamplingConfig:
 
 @dataclasses.dataclass
 class Generation:
-  tokens: np.ndarray          # [B, max_new_tokens], `pad_id` after a row stopped
+  tokens: np.ndarray          # [B, max_new_tokens], the pad id after a row stopped (see `generate`)
   lengths: np.ndarray         # [B] tokens generated per row (a stop token included)
   texts: list[str] | None     # decoded answers (cut before any stop string), with a tokenizer
   cache: KVCache | None = None  # the cache after the last decoded token was fed
@@ -144,7 +144,9 @@ def generate(config: LlamaConfig, params, *, input_ids: jax.Array | np.ndarray |
   if stop_strings and tokenizer is None:
     raise ValueError("stop_strings need a tokenizer to decode the text")
   stop_ids = jnp.asarray(list(stop_token_ids) or [-1], jnp.int32)
-  pad_id = jnp.asarray(stop_token_ids[0] if stop_token_ids else 0, jnp.int32)
+  # After a row stops: the model's pad id, as transformers pads (else the first stop id, else 0).
+  pad = config.pad_token_id if config.pad_token_id is not None else (stop_token_ids[0] if stop_token_ids else 0)
+  pad_id = jnp.asarray(pad, jnp.int32)
 
   if cache is None:
     cache = KVCache.init(config, batch, length + max_new_tokens)

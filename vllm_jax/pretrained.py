@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vllm_jax.data.tokenizer import load_tokenizer
+from vllm_jax.data.tokenizer import has_tokenizer, load_tokenizer
 from vllm_jax.models.llama import Llama, LlamaConfig
 from vllm_jax.train import sharding
 from vllm_jax.train.checkpoint import restore_params, save_params
@@ -23,8 +23,8 @@ def save_llama(out_dir: str, config: LlamaConfig, params: Any) -> None:
 
 
 def load_llama(model_dir: str, mesh: jax.sharding.Mesh | None = None, **overrides):
-  """-> (config, params, tokenizer). With a mesh, each tensor is restored straight into its
-  shard; `overrides` change config fields such as `dtype`."""
+  """-> (config, params, tokenizer, or None when the folder holds none). With a mesh, each tensor
+  is restored straight into its shard; `overrides` change config fields such as `dtype`."""
   meta = _read_meta(model_dir)
   if meta.get("model_type") != "llama":
     raise ValueError(f"{model_dir} holds a {meta.get('model_type')!r} model, not a llama one")
@@ -35,7 +35,7 @@ def load_llama(model_dir: str, mesh: jax.sharding.Mesh | None = None, **override
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract, sharding.param_shardings(boxed, mesh))
   params = restore_params(os.path.join(model_dir, "params"), abstract)
-  return config, params, load_tokenizer(model_dir)
+  return config, params, load_tokenizer(model_dir) if has_tokenizer(model_dir) else None
 
 
 def save(out_dir: str, model_type: str, config, params: Any, tokenizer=None) -> None:

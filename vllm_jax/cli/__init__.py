@@ -5,7 +5,7 @@ import os
 import sys
 from importlib.metadata import version
 
-from vllm_jax.cli import chat, convert, demo, infer, train
+from vllm_jax.cli import chat, convert, demo, export, infer, train
 from vllm_jax.cli.flags import error, load_config
 
 __all__ = ["build_parser", "load_config", "main"]
@@ -25,6 +25,8 @@ EPILOG = """examples:
   vllm-jax train --config configs/video_llama.py:stage1 --config.init_from=./models/video-llama-7b \\
       --config.data.webvid_csv=webvid/results_2M_train.csv --config.data.webvid_dir=webvid/videos \\
       --config.train.workdir=./runs/stage1
+  vllm-jax export --workdir ./runs/stage2_lora --out ./models/video-llava-lora --peft ./adapters/lora
+  vllm-jax convert peft --model ./models/video-llava-7b --adapter ./adapters/lora --out ./models/with-lora
 """
 
 
@@ -34,14 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--version", action="version", version=f"%(prog)s {version('vllm_jax')}")
   commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-  for module in (convert, chat, infer, train, demo):
+  for module in (convert, chat, infer, train, export, demo):
     module.add_parser(commands)
   return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-  """Bad input ends in one `error:` line and status 2, Ctrl-C in status 130; VLLM_JAX_TRACEBACK=1
-  shows the traceback instead."""
+  """Bad input ends in one `error:` line and status 2, Ctrl-C in status 130, a closed output
+  pipe in 141; VLLM_JAX_TRACEBACK=1 shows the traceback instead."""
   parser = build_parser()
   args, extra = parser.parse_known_args(argv)
   if extra and not getattr(args, "takes_overrides", False):
@@ -51,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
   except KeyboardInterrupt:
     print("\ninterrupted", file=sys.stderr)
     return 130
+  except BrokenPipeError:  # the reader left (`... | head`): end quietly, as a command killed by SIGPIPE
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+    return 141
   except (FileNotFoundError, NotADirectoryError, PermissionError, ValueError) as e:
     if os.environ.get("VLLM_JAX_TRACEBACK"):
       raise

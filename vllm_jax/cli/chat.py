@@ -74,6 +74,9 @@ def _chat_text(args) -> int:
   from vllm_jax import generate, pretrained
   from vllm_jax.data.tokenizer import left_pad
   config, params, tokenizer = pretrained.load_llama(args.model, mesh=flags.mesh(args.mesh), dtype=args.dtype)
+  if tokenizer is None:
+    return flags.error(f"{args.model} holds no tokenizer (tokenizer.json or tokenizer.model): copy the model's "
+                       "tokenizer files into it")
   stop_ids = sorted({i for i in (tokenizer.eos_token_id, config.eos_token_id) if isinstance(i, int)})
   context = config.max_position_embeddings
   if args.max_new_tokens >= context:

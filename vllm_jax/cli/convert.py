@@ -1,4 +1,4 @@
-"""`vllm-jax convert SOURCE`: PyTorch/HF weights -> a vllm_jax model folder."""
+"""`vllm-jax convert SOURCE`: PyTorch/HF weights (or a PEFT adapter) -> a vllm_jax model folder."""
 
 import os
 import time
@@ -83,6 +83,22 @@ def add_parser(commands) -> None:
   vid.add_argument("--dtype", default=None, choices=DTYPES, help="store parameters in this dtype (default: float32)")
   vid.add_argument("--out", required=True, help="output model folder (created)")
   vid.set_defaults(run=convert_llama_vid)
+
+  pe = sources.add_parser(
+      "peft", help="import a PEFT LoRA adapter into a model folder's LLM",
+      description="Write a copy of a model folder (any system, or a plain LLaMA) whose LLM holds a PEFT LoRA "
+                  "adapter (adapter_config.json + adapter_model.safetensors/.bin, as PeftModel.save_pretrained "
+                  "writes it for a LLaMA): kept as adapters (lora_a/lora_b beside the kernels, the LoRA config in "
+                  "config.json; `train` can go on training them), or with --merge folded into the kernels "
+                  "(W + alpha/rank * A B), a plain model that runs at full speed. The adapter must fit the LLM "
+                  "(its shapes are checked; any mismatch is named).")
+  pe.add_argument("--model", required=True, type=flags.existing_folder, metavar="MODEL_DIR",
+                  help="vllm_jax model folder (a system's, or a plain LLaMA's)")
+  pe.add_argument("--adapter", required=True, type=flags.existing_folder, metavar="PEFT_DIR",
+                  help="PEFT adapter folder")
+  pe.add_argument("--out", required=True, metavar="DIR", help="output model folder (created)")
+  pe.add_argument("--merge", action="store_true", help="fold the adapter into the kernels")
+  pe.set_defaults(run=convert_peft)
 
 
 def hf_folder(path: str) -> str:
@@ -189,4 +205,35 @@ def convert_llama_vid(args) -> int:
   params = llama_vid_format.convert_checkpoint(reader, config)
   LlamaVidSystem(config, params, tokenizer, instruction_tokenizer).save(args.out)
   _report(start, params, args.out, f"; {config.vit.image_size} px, {config.tokens_per_frame} tokens per frame")
+  return 0
+
+
+def convert_peft(args) -> int:
+  from vllm_jax import pretrained, systems
+  from vllm_jax.converters import peft
+  from vllm_jax.nn import lora
+  from vllm_jax.train import optim
+  start = time.perf_counter()
+  plain = pretrained.model_type(args.model) == "llama"
+  if plain:
+    llama, llm, tokenizer = pretrained.load_llama(args.model)
+  else:
+    system = systems.load(args.model)
+    llama, llm = system.config.llama, system.params["llm"]
+  if llama.lora is not None:
+    return flags.error(f"{args.model} already has LoRA adapters; import into a folder without (one written with "
+                       "--merge, say)")
+  llama, adapter = peft.load_adapter(args.adapter, llama)
+  llm = optim.merge(adapter, llm)
+  if args.merge:
+    llm, llama = lora.merge(llm, llama.lora), llama.replace(lora=None)
+  if plain:
+    pretrained.save_llama(args.out, llama, llm)
+    if tokenizer is not None:
+      tokenizer.save_pretrained(args.out)
+  else:
+    system.config, system.params = system.config.replace(llama=llama), {**system.params, "llm": llm}
+    system.save(args.out)
+  how = "merged into the kernels" if args.merge else f"kept as adapters (rank {llama.lora.rank})"
+  _report(start, {"llm": llm}, args.out, f"; the LoRA of {args.adapter} {how}")
   return 0

@@ -6,9 +6,10 @@ from vllm_jax.cli import flags
 
 HELP = """Train a model with a config file: `--config FILE:ARG` calls FILE's get_config(ARG)
 (e.g. configs/video_llama.py:stage1, :stage2, :stage2_full, :tiny_stage1,
-configs/video_llava.py:stage1, :stage2, or configs/llama_vid.py:stage1, :stage2, :stage3), and
-each `--config.a.b=VALUE` then sets field a.b, VALUE read as the field's type (ints, floats,
-true/false, comma-separated or Python-literal tuples, strings as they are). The config's
+configs/video_llava.py:stage1, :stage2, or configs/llama_vid.py:stage1, :stage2, :stage3; each
+system also has :stage2_lora), and each `--config.a.b=VALUE` then sets field a.b, VALUE read as
+the field's type (ints, floats, true/false, comma-separated or Python-literal tuples, strings as
+they are); --print-config shows the result, each value with where it came from. The config's
 `system` names the model family.
 
 Starts from a model folder (--config.init_from=DIR, written by `vllm-jax convert`) or from a
@@ -29,6 +30,8 @@ def add_parser(commands) -> None:
                               usage="vllm-jax train --config FILE[:ARG] [--config.a.b=VALUE ...]")
   train.add_argument("--config", required=True, metavar="FILE[:ARG]",
                      help="config file and its get_config argument, e.g. configs/video_llama.py:stage1")
+  train.add_argument("--print-config", action="store_true",
+                     help="print the effective config, each value with where it came from, and exit")
   train.set_defaults(run=run, takes_overrides=True)
 
 
@@ -43,6 +46,9 @@ def run(args, overrides: list[str]) -> int:
     system = systems.get(cfg.system)
   except (ValueError, KeyError, AttributeError, FileNotFoundError) as e:
     return flags.error(str(e))
+  if args.print_config:
+    print(describe_config(cfg, args.config, overrides))
+    return 0
   sharding.initialize_distributed()
   logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
@@ -52,3 +58,16 @@ def run(args, overrides: list[str]) -> int:
   print(f"{state} step {int(result.state.step)}; {result.skipped_examples} unreadable examples skipped",
         file=sys.stderr)
   return 0
+
+
+def describe_config(cfg, spec: str, overrides: list[str]) -> str:
+  """One `key = value  # source` line per field: the recipe (`spec`) or the override that set it."""
+  from flax import traverse_util
+  changed = {o.removeprefix("--config.").partition("=")[0] for o in overrides}
+  flat = traverse_util.flatten_dict(cfg.to_dict(), sep=".")
+  width = max(len(k) for k in flat)
+  lines = [f"{key.ljust(width)} = {value!r}  # {'--config.' + key if key in changed else spec}"
+           for key, value in flat.items()]
+  if cfg.get("init_from"):
+    lines.append(f"# model.* is replaced by {cfg.init_from}/config.json when the run starts")
+  return "\n".join(lines)

@@ -8,10 +8,14 @@ from typing import Iterable, Sequence
 import numpy as np
 
 
+def has_tokenizer(path: str) -> bool:
+  return any(os.path.exists(os.path.join(path, n)) for n in ("tokenizer.json", "tokenizer.model"))
+
+
 def load_tokenizer(path: str):
   """The tokenizer saved in a local folder (tokenizer.model / tokenizer.json), never downloaded."""
   from transformers import AutoTokenizer
-  if not any(os.path.exists(os.path.join(path, n)) for n in ("tokenizer.json", "tokenizer.model")):
+  if not has_tokenizer(path):
     raise FileNotFoundError(f"no tokenizer in {path} (expected tokenizer.json or tokenizer.model)")
   return AutoTokenizer.from_pretrained(path, local_files_only=True)
 

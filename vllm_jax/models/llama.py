@@ -6,6 +6,7 @@ Parameters (layers scanned, so each layer tensor has a leading `layers` axis L):
   layers/attn/{q [L,E,H,D], k [L,E,K,D], v [L,E,K,D], o [L,H,D,E]}/kernel
   layers/mlp/{gate [L,E,M], up [L,E,M], down [L,M,E]}/kernel
   norm/scale [E]; lm_head/kernel [E, V] (absent when embeddings are tied)
+  with `lora`: beside each targeted kernel, lora_a [L, *in, r] and lora_b [L, r, *out]
 """
 
 import dataclasses
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 from vllm_jax.nn.attention import causal_mask, dot_product_attention
 from vllm_jax.nn.config import ConfigBase
 from vllm_jax.nn.layers import Dense, Embed, RMSNorm, constrain
+from vllm_jax.nn.lora import LoraConfig
 from vllm_jax.nn.rope import RopeConfig, apply_rope, rope_angles
 
 
@@ -43,6 +45,7 @@ class LlamaConfig(ConfigBase):
   param_dtype: str = "float32"
   remat_policy: str = "nothing_saveable"  # a jax.checkpoint_policies name, or "none"
   attention_impl: str | None = None       # None (XLA) or "cudnn"
+  lora: LoraConfig | None = None          # low-rank adapters on the projections `lora.targets` name
 
 
 
@@ -84,7 +87,7 @@ class Attention(nn.Module):
     cfg = self.config
     dense = lambda heads, name: Dense((heads, cfg.head_dim), ("embed", heads_axis(heads, cfg), "head_dim"),
                                       use_bias=cfg.attention_bias, dtype=cfg.dtype,
-                                      param_dtype=cfg.param_dtype, name=name)
+                                      param_dtype=cfg.param_dtype, lora=lora_for(cfg, name), name=name)
     q = apply_rope(dense(cfg.num_heads, "q")(x), cos, sin)
     k = apply_rope(dense(cfg.num_kv_heads, "k")(x), cos, sin)
     v = dense(cfg.num_kv_heads, "v")(x)
@@ -98,8 +101,12 @@ class Attention(nn.Module):
     v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
     y = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, cfg.attention_impl)
     out = Dense(x.shape[-1], ("heads", "head_dim", "embed"), in_dims=2, use_bias=cfg.attention_bias,
-                dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="o")(y)
+                dtype=cfg.dtype, param_dtype=cfg.param_dtype, lora=lora_for(cfg, "o"), name="o")(y)
     return out, cache
+
+
+def lora_for(cfg: LlamaConfig, name: str) -> LoraConfig | None:
+  return cfg.lora if cfg.lora is not None and name in cfg.lora.targets else None
 
 
 def heads_axis(heads: int, cfg: LlamaConfig) -> str:
@@ -114,7 +121,7 @@ class SwiGLU(nn.Module):
   def __call__(self, x):
     cfg = self.config
     dense = lambda features, axes, name: Dense(features, axes, use_bias=cfg.mlp_bias, dtype=cfg.dtype,
-                                               param_dtype=cfg.param_dtype, name=name)
+                                               param_dtype=cfg.param_dtype, lora=lora_for(cfg, name), name=name)
     h = nn.silu(dense(cfg.intermediate_size, ("embed", "mlp"), "gate")(x))
     h = h * dense(cfg.intermediate_size, ("embed", "mlp"), "up")(x)
     h = constrain(h, ("batch", "length", "mlp"))
@@ -148,7 +155,7 @@ class Llama(nn.Module):
     if cfg.remat_policy != "none":
       layer = nn.remat(layer, policy=getattr(jax.checkpoint_policies, cfg.remat_policy), prevent_cse=False)
     self.layers = nn.scan(
-        layer, variable_axes={"params": 0}, split_rngs={"params": True},
+        layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
         length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
     self.norm = RMSNorm(cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)

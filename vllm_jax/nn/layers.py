@@ -33,6 +33,7 @@ class Dense(nn.Module):
   """Linear map of the trailing `in_dims` axes of x onto `features` (int or shape).
 
   x: [..., *in_shape] -> [..., *features]; kernel: [*in_shape, *features], named `kernel_axes`.
+  With `lora`, a low-rank update beside the kernel (`vllm_jax.nn.lora`).
   """
   features: int | Sequence[int]
   kernel_axes: Axes
@@ -41,6 +42,7 @@ class Dense(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   kernel_init: Initializer | None = None
+  lora: Any = None  # a `vllm_jax.nn.lora.LoraConfig`, or None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -56,7 +58,24 @@ class Dense(nn.Module):
       bias = self.param("bias", nn.with_logical_partitioning(
           nn.initializers.zeros_init(), self.kernel_axes[self.in_dims:]), features, self.param_dtype)
       y = y + bias.astype(self.dtype)
+    if self.lora is not None:
+      y = y + self._lora(x, in_shape, features, contract)
     return y
+
+  def _lora(self, x, in_shape, features, contract):
+    lora, ins = self.lora, self.in_dims
+    # PEFT's init: A kaiming-uniform (a = sqrt(5): bound 1/sqrt(fan_in)), B zeros.
+    a_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform", in_axis=tuple(range(ins)),
+                                              out_axis=ins)
+    a = self.param("lora_a", nn.with_logical_partitioning(a_init, (*self.kernel_axes[:ins], None)),
+                   (*in_shape, lora.rank), self.param_dtype)
+    b_axes = (None, *self.kernel_axes[ins:])
+    b = self.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros_init(), b_axes),
+                   (lora.rank, *features), self.param_dtype)
+    if lora.dropout > 0 and self.has_rng("dropout"):
+      x = nn.Dropout(lora.dropout, deterministic=False)(x)
+    h = jax.lax.dot_general(x.astype(self.dtype), a.astype(self.dtype), (contract, ((), ())))
+    return jnp.tensordot(h, b.astype(self.dtype), axes=1) * jnp.asarray(lora.scale, self.dtype)
 
 
 class Embed(nn.Module):

@@ -187,10 +187,11 @@ class LlamaVidSystem(System):
     model = LlamaVid(config)
 
     def loss(params, batch, rng):
-      del rng  # no dropout
       embeds = model.apply({"params": params}, batch["input_ids"], media_tokens(model, params, batch),
                            method="embed")
-      logits, _ = model.apply({"params": params}, embeds, batch["attention_mask"], method="decode")
+      # The only dropout is the LLM's LoRA dropout, in training (evaluation passes no rng).
+      rngs = {} if rng is None else {"dropout": rng}
+      logits, _ = model.apply({"params": params}, embeds, batch["attention_mask"], method="decode", rngs=rngs)
       return trainer.cross_entropy(logits, batch["labels"])
     return loss
 

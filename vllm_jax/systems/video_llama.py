@@ -104,10 +104,11 @@ class VideoLlamaSystem(System):
     model = VideoLlama(config)
 
     def loss(params, batch, rng):
-      del rng  # no dropout: frozen encoders, deterministic connectors
+      # The only dropout is the LLM's LoRA dropout, in training (evaluation passes no rng).
+      rngs = {} if rng is None else {"dropout": rng}
       logits, _ = model.apply({"params": params}, batch["input_ids"], frames=batch["frames"],
                               frame_mask=batch["frame_mask"], audio=batch.get("audio"),
-                              attention_mask=batch["attention_mask"])
+                              attention_mask=batch["attention_mask"], rngs=rngs)
       return trainer.cross_entropy(logits, batch["labels"])
     return loss
 

@@ -79,7 +79,6 @@ class VideoLlavaSystem(System):
     model = VideoLlava(config)
 
     def loss(params, batch, rng):
-      del rng  # no dropout
       ids, pixels = batch["input_ids"], batch["pixels"]
 
       def tokens_if_asked(method, token_id, inputs):
@@ -90,7 +89,9 @@ class VideoLlavaSystem(System):
       embeds = model.apply({"params": params}, ids,
                            tokens_if_asked("encode_images", config.image_token_id, pixels[:, 0]),
                            tokens_if_asked("encode_videos", config.video_token_id, pixels), method="embed")
-      logits, _ = model.apply({"params": params}, embeds, batch["attention_mask"], method="decode")
+      # The only dropout is the LLM's LoRA dropout, in training (evaluation passes no rng).
+      rngs = {} if rng is None else {"dropout": rng}
+      logits, _ = model.apply({"params": params}, embeds, batch["attention_mask"], method="decode", rngs=rngs)
       return trainer.cross_entropy(logits, batch["labels"])
     return loss
 

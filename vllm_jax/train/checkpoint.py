@@ -68,6 +68,17 @@ class TrainCheckpointer:
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     return state.replace(**restored["state"])
 
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def restore_partial(self, abstract: dict[str, Any], step: int) -> dict[str, Any]:
+    """Only some entries of the state at `step` (e.g. "params", and "frozen" when saved), as
+    `abstract` gives them (ShapeDtypeStructs with shardings; other dtypes are cast to): what
+    export needs, without reading the optimizer state."""
+    args = ocp.args.PyTreeRestore(abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+                                  partial_restore=True)
+    return self.manager.restore(step, args=ocp.args.Composite(state=args))["state"]
+
   def wait(self) -> None:
     self.manager.wait_until_finished()
 

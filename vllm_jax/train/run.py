@@ -1,43 +1,101 @@
 """The training run behind `vllm-jax train`, for any system: the model from a converted folder
 (`init_from`) or a random init, the system's examples, the sharded train loop, checkpoints and
-metrics. The system (`vllm_jax.systems`) supplies the model, its loss and its examples."""
+metrics. The system (`vllm_jax.systems`) supplies the model, its loss and its examples.
 
+LoRA: a recipe's `model.llama.lora` applies on top of `init_from`'s config (whose config otherwise
+replaces `model`): the run adds fresh adapters (A random, B zero) to the base model it loads.
+
+`train.workdir`/run.json records what a run started from (the system, `init_from`, the config),
+so that `trained_model` (and `vllm-jax export`) can rebuild the model from checkpoints that hold
+only the trained parameters."""
+
+import json
 import logging
 import os
 from typing import Any
 
+import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import ml_collections
 
-from vllm_jax.data.tokenizer import load_tokenizer
+from vllm_jax.data.tokenizer import load_instruction_tokenizer, load_tokenizer
 from vllm_jax.data import datasets
-from vllm_jax.train import checkpoint, sharding, trainer
+from vllm_jax.nn.lora import LoraConfig
+from vllm_jax.train import checkpoint, optim, sharding, trainer
 
 log = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+ADAPTERS = ("/lora_a", "/lora_b")
 
 
 def make_trainer(cfg, mesh, system, config, params=None) -> trainer.Trainer:
   """A Trainer for `system`'s model of `config`, starting from `params` (sharded like the
-  model's parameters) or, without them, from a random init."""
+  model's parameters) or, without them, from a random init. `params` may lack the LoRA adapters
+  of `config` (a base model the recipe adds them to): those start as the init makes them."""
   model = system.model(config)
-  if params is None:
-    inputs = {k: jnp.zeros(v.shape, v.dtype) for k, v in system.init_inputs(config).items()}
-    params_fn = lambda rng: model.init(rng, **inputs)["params"]
-  else:
-    params_fn = lambda rng: params
+  inputs = {k: jnp.zeros(v.shape, v.dtype) for k, v in system.init_inputs(config).items()}
+  init = lambda rng: nn.meta.unbox(model.init(rng, **inputs)["params"])
+  # Inside the jitted state build, XLA drops the init of every leaf `params` already holds.
+  params_fn = init if params is None else lambda rng: _with_fresh_adapters(params, init(rng))
   return trainer.Trainer(cfg, mesh, system.loss_fn(config), params_fn,
                          sharding.param_shardings(system.abstract_params(config), mesh))
 
 
+def _with_fresh_adapters(params, fresh):
+  """`params` completed by the adapter leaves of `fresh` it lacks; any other difference raises."""
+  have, want = optim.flatten(params), optim.flatten(fresh)
+  wrong = sorted(k for k in set(want) ^ set(have) if not (k in want and k.endswith(ADAPTERS)))
+  if wrong:
+    raise ValueError(f"the loaded parameters do not fit the model: {', '.join(wrong[:5])}"
+                     f"{' ...' if len(wrong) > 5 else ''}")
+  return optim.unflatten({k: have.get(k, v) for k, v in want.items()})
+
+
+def recipe_lora(cfg) -> LoraConfig | None:
+  """The config's `model.llama.lora` (None when unset, or without a `model.llama` section)."""
+  lora = cfg.get("model", {}).get("llama", {}).get("lora")
+  return None if lora is None else LoraConfig.from_dict(lora.to_dict())
+
+
+def with_recipe_lora(cfg, config):
+  """`config` (an `init_from` folder's) with the recipe's LoRA adapters, when it sets any. A
+  folder with other adapters is refused: they would be dropped (only the dropout may differ)."""
+  lora = recipe_lora(cfg)
+  if lora is None:
+    return config
+  held = config.llama.lora
+  if held is not None and held.replace(dropout=lora.dropout) != lora:
+    raise ValueError(f"{cfg.init_from} already has LoRA adapters ({held}), model.llama.lora asks for {lora}: "
+                     "start from a folder with them merged (`vllm-jax export` without --keep-lora, `vllm-jax "
+                     "convert peft --merge`) or set model.llama.lora to theirs")
+  return config.replace(llama=config.llama.replace(lora=lora))
+
+
 def load_model(cfg, mesh, system) -> tuple[Any, Any, str]:
   """-> (model config, params or None, tokenizer folder). `init_from`: a model folder of the
-  system; else `model` with a random init and `data.tokenizer`, whose placeholder ids become
-  the model's."""
+  system (with the recipe's LoRA, whose adapters `make_trainer` creates); else `model` with a
+  random init and `data.tokenizer`, whose placeholder ids become the model's."""
   if cfg.init_from:
     loaded = system.load(cfg.init_from, mesh=mesh)
-    return loaded.config, loaded.params, os.path.join(cfg.init_from, "tokenizer")
+    return with_recipe_lora(cfg, loaded.config), loaded.params, os.path.join(cfg.init_from, "tokenizer")
   if not cfg.data.tokenizer:
     raise ValueError("set init_from (a converted model folder) or data.tokenizer (for a random init)")
   return system.prepare_init(cfg, load_tokenizer(cfg.data.tokenizer)), None, cfg.data.tokenizer
+
+
+def write_run_file(cfg) -> None:
+  """`train.workdir`/run.json: the system, `init_from` (absolute) and the whole config of this
+  start (process 0 writes it; a resumed run rewrites it)."""
+  if jax.process_index() != 0:
+    return
+  init_from = cfg.get("init_from", "")
+  record = dict(system=cfg.get("system", ""), init_from=os.path.abspath(init_from) if init_from else "",
+                config=json.loads(cfg.to_json_best_effort()))
+  os.makedirs(cfg.train.workdir, exist_ok=True)
+  with open(os.path.join(cfg.train.workdir, RUN_FILE), "w") as f:
+    json.dump(record, f, indent=2)
 
 
 def train(cfg, system, progress: bool = False) -> trainer.LoopResult:
@@ -52,6 +110,7 @@ def train(cfg, system, progress: bool = False) -> trainer.LoopResult:
                              worker_count=cfg.data.worker_count))
   ckpt = None
   if cfg.train.workdir:
+    write_run_file(cfg)
     ckpt = checkpoint.TrainCheckpointer(os.path.join(cfg.train.workdir, "checkpoints"),
                                         max_to_keep=cfg.train.keep_checkpoints,
                                         async_save=cfg.train.async_checkpoints, save_frozen=cfg.train.save_frozen)
@@ -70,3 +129,54 @@ def train(cfg, system, progress: bool = False) -> trainer.LoopResult:
     preemption.close()
     if ckpt is not None:
       ckpt.close()
+
+
+def trained_model(workdir: str, step: int | None = None):
+  """The model a run trained -> (its system holding it, the checkpoint step): the config with
+  the run's LoRA adapters (unmerged), the trained parameters of the checkpoint at `step` (default:
+  the latest) over the base: `init_from`'s parameters in their own dtype, or, after a random init,
+  the checkpoint's frozen ones (`train.save_frozen`). On the default device; the optimizer state
+  is not read."""
+  from vllm_jax import systems  # pylint: disable=g-import-not-at-top  (systems build on the trainer)
+  path = os.path.join(workdir, RUN_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"no {RUN_FILE} in {workdir}: not the train.workdir of a run")
+  with open(path) as f:
+    record = json.load(f)
+  cfg = ml_collections.ConfigDict(record["config"])
+  system = systems.get(record["system"])
+  if record["init_from"]:
+    model = system.load(record["init_from"])
+    config = with_recipe_lora(cfg, model.config)
+  elif cfg.train.save_frozen:
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    config = system.prepare_init(cfg, tokenizer)
+    model = system(config, None, tokenizer)
+    if cfg.data.get("instruction_tokenizer"):  # LLaMA-VID's Q-Former reads with a tokenizer of its own
+      model.instruction_tokenizer = load_instruction_tokenizer(cfg.data.instruction_tokenizer)
+  else:
+    raise ValueError(f"the run in {workdir} started from a random init and its checkpoints hold only the "
+                     "trained parameters (train.save_frozen false): the frozen ones are lost")
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                          nn.meta.unbox(system.abstract_params(config)))
+  trained, frozen = optim.partition(abstract, cfg.optim.trainable)
+  ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints"))
+  try:
+    steps = ckpt.all_steps()
+    if not steps:
+      raise ValueError(f"no checkpoint in {workdir}/checkpoints")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+      raise ValueError(f"no checkpoint at step {step} in {workdir}/checkpoints (steps: {', '.join(map(str, steps))})")
+    wanted = dict(params=trained) if record["init_from"] else dict(params=trained, frozen=frozen)
+    restored = ckpt.restore_partial(wanted, step)
+  finally:
+    ckpt.close()
+  params = optim.merge(restored["params"], restored.get("frozen", model.params))
+  missing = sorted(set(optim.flatten(abstract)) - set(optim.flatten(params)))
+  if missing:
+    raise ValueError(f"neither the checkpoint nor {record['init_from']} holds {', '.join(missing[:5])}"
+                     f"{' ...' if len(missing) > 5 else ''} (untrained LoRA adapters? see optim.trainable)")
+  model.config, model.params = config, params
+  return model, step

@@ -20,21 +20,21 @@ Training configs (`vllm-jax train --config configs/video_llama.py:stage1`) add t
   stage2:      the same connector on instruction conversations (lr 3e-5 -> 1e-5, batch 4 per GPU,
                320 tokens; 512 for the audio branch: data.with_audio=True, optim.trainable=AUDIO).
   stage2_full: stage 2 with the LLM trained too (Video-LLaVA's stage 2: lr 2e-5 -> 0, 3% warmup,
-               no weight decay, clipping at norm 1), its parameters and optimizer state sharded
-               over every device (FSDP: mesh.fsdp=-1, data 1; a 7B LLM with fp32 AdamW state
-               outgrows one GPU).
+               no weight decay, clipping at norm 1).
   stage2_lora: stage 2 with LoRA adapters on the LLM (`model.llama.lora`: rank 128, alpha 256,
                dropout 0.05 on all seven projections, the LLaVA family's published LoRA setting)
                trained with the vision connector, the base LLM frozen; LLaVA's LoRA optimizer (lr
                2e-4 -> 0, 3% warmup, no weight decay, clipping at norm 1; one rate for adapters
-               and connector). Data parallel: the frozen LLM is kept in bfloat16 and the adapters
-               are small. `vllm-jax export` turns its checkpoints into a model folder or a PEFT
+               and connector). `vllm-jax export` turns its checkpoints into a model folder or a PEFT
                adapter.
 AdamW b=(0.9, 0.999), weight decay 0.05 except on biases, norms and 1-D tensors; no gradient
 clipping (the reference's runner has none), unless said otherwise above. Frozen parameters are kept
 in bfloat16. The cosine ends at the last step, `train.steps` (12500 in stage 1, 3000 in stage 2);
-the warm-up is a number of steps, except stage2_full's and stage2_lora's 3%. Tiny recipes train
-data parallel (their widths do not divide over many devices)."""
+the warm-up is a number of steps, except stage2_full's and stage2_lora's 3%. Every stage shards
+parameters, gradients and optimizer state over all devices (FSDP: mesh.fsdp=-1, data 1): at 7B,
+data parallelism does not fit a 16 GiB chip even in stage 1 (`vllm-jax plan` on v5e:2x4: 35.2 GiB
+per chip data-parallel, 8.4 GiB with FSDP). Tiny recipes train data parallel (their widths do not
+divide over many devices)."""
 
 import ml_collections
 
@@ -118,7 +118,7 @@ def train_config(cfg: ml_collections.ConfigDict, stage: str, tiny: bool = False)
   cfg.system = "video_llama"  # `vllm_jax.systems` name
   cfg.seed = 0
   cfg.init_from = ""  # a `vllm-jax convert video-llama` folder; "" = random init of `model`
-  cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: the remaining devices
+  cfg.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))  # -1: the remaining devices
   if stage1:
     cfg.optim = optim_config(trainable=(VISION_CONNECTOR,), clip_norm=0.0)
   elif stage == "stage2":
@@ -127,7 +127,6 @@ def train_config(cfg: ml_collections.ConfigDict, stage: str, tiny: bool = False)
   elif stage == "stage2_full":
     cfg.optim = optim_config(trainable=(VISION_CONNECTOR, r"^llm/"), lr=2e-5, min_lr=0.0, warmup_start_lr=0.0,
                              warmup_steps=0, warmup_ratio=0.03, weight_decay=0.0)
-    cfg.mesh.update(data=1, fsdp=-1)
   else:
     cfg.model.llama.lora = ml_collections.ConfigDict(LORA.to_dict())
     cfg.optim = optim_config(trainable=tuple(cfg.trainable.vision_stage2_lora), lr=2e-4, min_lr=0.0,

@@ -5,7 +5,7 @@ import os
 import sys
 from importlib.metadata import version
 
-from vllm_jax.cli import chat, convert, demo, export, infer, train
+from vllm_jax.cli import chat, convert, demo, export, infer, plan, train
 from vllm_jax.cli.flags import error, load_config
 
 __all__ = ["build_parser", "load_config", "main"]
@@ -25,6 +25,7 @@ EPILOG = """examples:
   vllm-jax train --config configs/video_llama.py:stage1 --config.init_from=./models/video-llama-7b \\
       --config.data.webvid_csv=webvid/results_2M_train.csv --config.data.webvid_dir=webvid/videos \\
       --config.train.workdir=./runs/stage1
+  vllm-jax plan --config configs/video_llama.py:stage1 --topology v5e:2x4   # fits? memory, FLOPs, step time
   vllm-jax export --workdir ./runs/stage2_lora --out ./models/video-llava-lora --peft ./adapters/lora
   vllm-jax convert peft --model ./models/video-llava-7b --adapter ./adapters/lora --out ./models/with-lora
 """
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--version", action="version", version=f"%(prog)s {version('vllm_jax')}")
   commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-  for module in (convert, chat, infer, train, export, demo):
+  for module in (convert, chat, infer, train, plan, export, demo):
     module.add_parser(commands)
   return parser
 

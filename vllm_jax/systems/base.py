@@ -12,8 +12,9 @@ the LLM's inputs; generation then knows only the LLM (`vllm_jax.generate`):
   generate.generate(system.config.llama, system.params["llm"], inputs_embeds=embeds, ...)
 
 Training uses the class side, which needs no loaded model: `model`, `abstract_params`,
-`init_inputs`, `loss_fn`, `dataset` (examples of the configured sources) and `prepare_init`
-(the config of a random init).
+`init_inputs`, `loss_fn`, `dataset` (examples of the configured sources), `batch_spec` (the
+global batch's shapes and dtypes, from the config alone: what `vllm-jax plan` compiles the step
+for) and `prepare_init` (the config of a random init).
 """
 
 import functools
@@ -139,6 +140,12 @@ class System:
   def dataset(cls, cfg, config, tokenizer_dir: str):
     """The training examples (fixed shapes) of the sources in `cfg.data`: a grain MapDataset, or
     groups [(MapDataset, weight)] whose batches are each drawn from one group (`datasets.batches`)."""
+    raise NotImplementedError
+
+  @classmethod
+  def batch_spec(cls, cfg, config) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch of `cfg.train.batch_size` examples as `dataset` builds them: every
+    entry's [B, ...] shape and dtype, from the config alone (no data, no tokenizer)."""
     raise NotImplementedError
 
   @classmethod

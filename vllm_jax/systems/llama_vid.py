@@ -219,6 +219,18 @@ class LlamaVidSystem(System):
                   tokens_per_frame=config.tokens_per_frame, template=config.template)
 
   @classmethod
+  def batch_spec(cls, cfg, config):
+    """pixels [B, max_frames, S, S, 3] float32, num_frames [B] int32, instruction_ids/mask
+    [B, max_turns, max_instruction_len] int32, input_ids/labels/attention_mask [B, max_len] int32."""
+    data, b, s = cfg.data, cfg.train.batch_size, config.vit.image_size
+    turns = (b, data.max_turns, config.max_instruction_len)
+    return {"pixels": jax.ShapeDtypeStruct((b, data.max_frames, s, s, 3), np.float32),
+            "num_frames": jax.ShapeDtypeStruct((b,), np.int32),
+            "instruction_ids": jax.ShapeDtypeStruct(turns, np.int32),
+            "instruction_mask": jax.ShapeDtypeStruct(turns, np.int32),
+            **{k: jax.ShapeDtypeStruct((b, data.max_len), np.int32) for k in ("input_ids", "labels", "attention_mask")}}
+
+  @classmethod
   def dataset(cls, cfg, config, tokenizer_dir):
     """Two groups, images and videos, each batch drawn from one: a batch of images then runs the
     ViT and the Q-Former on one frame per row instead of max_frames (`media_tokens`). The

@@ -116,6 +116,24 @@ class VideoLlamaSystem(System):
   def dataset(cls, cfg, config, tokenizer_dir):
     return make_dataset(cfg, config, tokenizer_dir)
 
+  @classmethod
+  def batch_spec(cls, cfg, config):
+    """frames [B, T, S, S, 3] float32, frame_mask [B, T] bool, input_ids/labels/attention_mask
+    [B, seq_len] int32, audio [B, N, 1, mel, frames] float32 with data.with_audio. With no data
+    source set, L is the longer of the caption and the conversation layouts."""
+    b, t, s = cfg.train.batch_size, config.num_frames, config.vision.vit.image_size
+    if not cfg.data.webvid_csv and not cfg.data.instruct_json:
+      cfg = cfg.copy_and_resolve_references()
+      cfg.data.webvid_csv = cfg.data.instruct_json = "(any)"
+    length = seq_len(cfg, config)
+    spec = {"frames": jax.ShapeDtypeStruct((b, t, s, s, 3), np.float32),
+            "frame_mask": jax.ShapeDtypeStruct((b, t), np.bool_),
+            **{k: jax.ShapeDtypeStruct((b, length), np.int32) for k in ("input_ids", "labels", "attention_mask")}}
+    if cfg.data.with_audio:
+      c = clip_config(config)
+      spec["audio"] = jax.ShapeDtypeStruct((b, c.num_clips, 1, c.num_mel_bins, c.num_frames), np.float32)
+    return spec
+
 @dataclasses.dataclass(frozen=True)
 class Decode:
   """record -> example (see the module doc). Picklable: grain worker processes run it, each

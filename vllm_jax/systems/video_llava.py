@@ -104,6 +104,14 @@ class VideoLlavaSystem(System):
                   num_image_tokens=config.num_image_tokens, num_video_tokens=config.num_video_tokens)
 
   @classmethod
+  def batch_spec(cls, cfg, config):
+    """pixels [B, T, S, S, 3] float32; input_ids/labels/attention_mask [B, data.max_len] int32."""
+    b, t, s = cfg.train.batch_size, config.num_frames, config.video_tower.image_size
+    return {"pixels": jax.ShapeDtypeStruct((b, t, s, s, 3), np.float32),
+            **{k: jax.ShapeDtypeStruct((b, cfg.data.max_len), np.int32)
+               for k in ("input_ids", "labels", "attention_mask")}}
+
+  @classmethod
   def dataset(cls, cfg, config, tokenizer_dir):
     """Two groups, images and videos, as the reference groups its batches by modality."""
     data = cfg.data

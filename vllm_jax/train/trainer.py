@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from vllm_jax.train import optim, sharding
+from vllm_jax.train import flops, optim, sharding
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class Trainer:
     self._eval_step = jax.jit(self._eval, in_shardings=(self.shardings, self.batch_sharding),
                               out_shardings=replicated)
     self._compiled = None
-    self.flops_per_step = None  # per device, from the compiled step
+    self.flops_per_step = None  # matmul FLOPs per device of one step (`flops.count`), set at compile
 
   # --- state ---
 
@@ -182,9 +182,7 @@ class Trainer:
     with sharding.mesh_context(self.mesh):
       if self._compiled is None:
         self._compiled = self._train_step.lower(state, batch).compile()
-        cost = self._compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        self.flops_per_step = (cost or {}).get("flops")
+        self.flops_per_step = self.step_flops(batch) / self.mesh.size
       return self._compiled(state, batch)
 
   def eval_loss(self, state: TrainState, batches: Iterable[dict[str, jax.Array]]) -> float:
@@ -195,6 +193,21 @@ class Trainer:
         loss_sum, n = self._eval_step(state, batch)
         total, count = total + float(loss_sum), count + float(n)
     return total / max(count, 1.0)
+
+  def step_flops(self, batch) -> float:
+    """Matmul FLOPs of one train step on `batch` (arrays or ShapeDtypeStructs), all devices
+    together, from the step's jaxpr (`flops.count`): cost_analysis() counts a scanned layer
+    stack's body once."""
+    with sharding.mesh_context(self.mesh):
+      return flops.count(self._step, self.abstract_state, batch)
+
+  def lower(self, batch_spec: dict[str, jax.ShapeDtypeStruct]):
+    """The jitted train step lowered (not run) on `self.abstract_state` and a global batch of
+    `batch_spec`'s shapes and dtypes, sharded like `batch_sharding`: `.compile()` it for
+    `memory_analysis()` / `cost_analysis()` of the real step on the mesh's devices."""
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batch_sharding) for k, v in batch_spec.items()}
+    with sharding.mesh_context(self.mesh):
+      return self._train_step.lower(self.abstract_state, batch)
 
 
 @dataclasses.dataclass

@@ -189,9 +189,8 @@ class LlamaVidSystem(System):
     def loss(params, batch, rng):
       embeds = model.apply({"params": params}, batch["input_ids"], media_tokens(model, params, batch),
                            method="embed")
-      # The only dropout is the LLM's LoRA dropout, in training (evaluation passes no rng).
-      rngs = {} if rng is None else {"dropout": rng}
-      logits, _ = model.apply({"params": params}, embeds, batch["attention_mask"], method="decode", rngs=rngs)
+      logits, _ = model.apply({"params": params}, embeds, batch["attention_mask"], method="decode",
+                              rngs=trainer.dropout_rngs(rng))
       return trainer.cross_entropy(logits, batch["labels"])
     return loss
 

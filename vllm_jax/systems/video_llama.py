@@ -104,11 +104,9 @@ class VideoLlamaSystem(System):
     model = VideoLlama(config)
 
     def loss(params, batch, rng):
-      # The only dropout is the LLM's LoRA dropout, in training (evaluation passes no rng).
-      rngs = {} if rng is None else {"dropout": rng}
       logits, _ = model.apply({"params": params}, batch["input_ids"], frames=batch["frames"],
                               frame_mask=batch["frame_mask"], audio=batch.get("audio"),
-                              attention_mask=batch["attention_mask"], rngs=rngs)
+                              attention_mask=batch["attention_mask"], rngs=trainer.dropout_rngs(rng))
       return trainer.cross_entropy(logits, batch["labels"])
     return loss
 

@@ -89,9 +89,8 @@ class VideoLlavaSystem(System):
       embeds = model.apply({"params": params}, ids,
                            tokens_if_asked("encode_images", config.image_token_id, pixels[:, 0]),
                            tokens_if_asked("encode_videos", config.video_token_id, pixels), method="embed")
-      # The only dropout is the LLM's LoRA dropout, in training (evaluation passes no rng).
-      rngs = {} if rng is None else {"dropout": rng}
-      logits, _ = model.apply({"params": params}, embeds, batch["attention_mask"], method="decode", rngs=rngs)
+      logits, _ = model.apply({"params": params}, embeds, batch["attention_mask"], method="decode",
+                              rngs=trainer.dropout_rngs(rng))
       return trainer.cross_entropy(logits, batch["labels"])
     return loss
 

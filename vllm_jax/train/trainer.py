@@ -66,6 +66,12 @@ def causal_lm_loss(model: nn.Module) -> LossFn:
   return loss_fn
 
 
+def dropout_rngs(rng: jax.Array | None) -> dict[str, jax.Array]:
+  """A loss's `rngs`: the step's key for dropout (the LLM's LoRA dropout) in training; none in
+  evaluation, which passes no rng."""
+  return {} if rng is None else {"dropout": rng}
+
+
 def peak_flops(device: jax.Device, override_tflops: float = 0.0) -> float | None:
   if override_tflops:
     return override_tflops * 1e12

@@ -187,8 +187,9 @@ class Trainer:
     `state` is donated. Compiled once, on the first call; later shapes must match."""
     with sharding.mesh_context(self.mesh):
       if self._compiled is None:
-        self._compiled = self._train_step.lower(state, batch).compile()
-        self.flops_per_step = self.step_flops(batch) / self.mesh.size
+        traced = self._train_step.trace(state, batch)  # traced once: compiled and counted
+        self._compiled = traced.lower().compile()
+        self.flops_per_step = flops.count_jaxpr(traced.jaxpr).flops / self.mesh.size
       return self._compiled(state, batch)
 
   def eval_loss(self, state: TrainState, batches: Iterable[dict[str, jax.Array]]) -> float:

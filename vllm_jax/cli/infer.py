@@ -36,9 +36,7 @@ def add_parser(commands) -> None:
 def run(args) -> int:
   from tqdm import tqdm
 
-  from vllm_jax import generate
   from vllm_jax.data.media import MediaError
-  from vllm_jax.data.tokenizer import left_pad
   system = flags.load_system(args)
   use_audio = flags.use_audio(args, system)
   if use_audio is None:
@@ -79,25 +77,16 @@ def run(args) -> int:
         batch.append((record, question, media))
       if not batch:
         continue
-      rows, convs = [], []
+      convs = []
       for record, question, media in batch:
         record["audio"] = use_audio and media.audio_valid
         convs.append(system.conversation(media, record["audio"]))
         convs[-1].ask(question)
-        rows.append(system.prompt_ids(convs[-1].prompt(), media))
-      # Every batch has the same number of rows (copies of the first fill it): one compiled
-      # encoder serves all batches.
-      media = [m for _, _, m in batch]
-      fill = args.batch_size - len(batch)
-      rows, media, convs = rows + rows[:1] * fill, media + media[:1] * fill, convs + convs[:1] * fill
-      ids, mask = left_pad(rows, multiple=32)
-      embeds = system.embed(ids, system.encode_media(media, use_audio=use_audio), convs)
-      result = generate.generate(system.config.llama, system.params["llm"], inputs_embeds=embeds,
-                                 attention_mask=mask, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                                 stop_token_ids=system.stop_ids, stop_strings=system.template.stop_strings,
-                                 tokenizer=system.tokenizer, seed=args.seed + start)
-      for (record, question, _), text in zip(batch, result.texts):
-        write({**record, "question": question, "answer": system.clean_answer(text)})
+      # Every batch has the same number of rows: one compiled encoder serves all batches.
+      answers = system.answer([m for _, _, m in batch], convs, use_audio=use_audio, rows=args.batch_size,
+                              max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed + start)
+      for (record, question, _), answer in zip(batch, answers):
+        write({**record, "question": question, "answer": answer})
         bar.update()
   print(f"{len(pending) - errors} answered, {errors} failed (their \"error\" lines are in {args.output})",
         file=sys.stderr)

@@ -11,6 +11,9 @@ the LLM's inputs; generation then knows only the LLM (`vllm_jax.generate`):
   embeds = system.embed(ids [B, L], tokens, [conv, ...])  embeddings with the media tokens spliced in
   generate.generate(system.config.llama, system.params["llm"], inputs_embeds=embeds, ...)
 
+`system.answer(media, conversations, ...)` runs those steps for a batch (what `infer`, `eval`
+and `serve` call).
+
 Training uses the class side, which needs no loaded model: `model`, `abstract_params`,
 `init_inputs`, `loss_fn`, `dataset` (examples of the configured sources), `batch_spec` (the
 global batch's shapes and dtypes, from the config alone: what `vllm-jax plan` compiles the step
@@ -115,6 +118,28 @@ class System:
   def prompt_ids(self, prompt: str, media: Media) -> list[int]:
     """An inference prompt about `media` -> ids: BOS, each text segment tokenized alone, placeholder runs."""
     return conv_lib.encode_text(self.tokenizer, [(prompt, False)], self.placeholders(media))[0]
+
+  def answer(self, media: Sequence[Media], conversations: Sequence[conv_lib.Conversation], *,
+             use_audio: bool = False, max_new_tokens: int = 64, sampling=None, seed: int = 0,
+             rows: int | None = None, on_tokens: Callable[[np.ndarray], None] | None = None) -> list[str]:
+    """The answers to a batch of conversations (each ending in a question about its media).
+
+    `rows` pads the batch with copies of its first item to that many rows, so that every batch of
+    a run compiles once; `on_tokens` receives each new chunk of token ids [rows, n] (streaming).
+    """
+    from vllm_jax import generate
+    from vllm_jax.data.tokenizer import left_pad
+    media, conversations = list(media), list(conversations)
+    fill = max(0, (rows or len(media)) - len(media))
+    media, conversations = media + media[:1] * fill, conversations + conversations[:1] * fill
+    ids, mask = left_pad([self.prompt_ids(c.prompt(), m) for c, m in zip(conversations, media)], multiple=32)
+    embeds = self.embed(ids, self.encode_media(media, use_audio=use_audio), conversations)
+    result = generate.generate(
+        self.config.llama, self.params["llm"], inputs_embeds=embeds, attention_mask=mask,
+        max_new_tokens=max_new_tokens, sampling=sampling or generate.SamplingConfig(),
+        stop_token_ids=self.stop_ids, stop_strings=self.template.stop_strings, tokenizer=self.tokenizer,
+        seed=seed, on_tokens=on_tokens)
+    return [self.clean_answer(text) for text in result.texts[:len(media) - fill]]
 
   @property
   def stop_ids(self) -> list[int]:

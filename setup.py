@@ -8,7 +8,7 @@ setup(
     description="Video-LLaMA, Video-LLaVA and LLaMA-VID in JAX/Flax, sharded for TPU pods and GPU clusters",
     python_requires=">=3.11",
     packages=["vllm_jax", "vllm_jax.nn", "vllm_jax.models", "vllm_jax.data", "vllm_jax.train",
-              "vllm_jax.systems", "vllm_jax.cli", "vllm_jax.converters", "vllm_jax.configs"],
+              "vllm_jax.systems", "vllm_jax.cli", "vllm_jax.eval", "vllm_jax.converters", "vllm_jax.configs"],
     package_dir={"vllm_jax": "vllm_jax", "vllm_jax.converters": "converters", "vllm_jax.configs": "configs"},
     install_requires=[
         "jax>=0.10.2,<0.12",

@@ -117,6 +117,9 @@ def train_config(cfg: ml_collections.ConfigDict, stage: str, tiny: bool = False)
   cfg.system = "llama_vid"  # `vllm_jax.systems` name
   cfg.seed = 0
   cfg.init_from = ""  # a LLaMA-VID model folder; "" = random init of `model`
+  # Full-size models compute in bfloat16 (fp32 master weights of the trained parameters, fp32 loss,
+  # softmax and norms); the tiny ones in float32, as their parity tests do.
+  cfg.compute_dtype = "float32" if tiny else "bfloat16"
   cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: the remaining devices
   cfg.optim = optim_config(trainable=trainable, lr=1e-3 if stage1 else 2e-4 if lora else 2e-5, min_lr=0.0,
                            warmup_start_lr=0.0, warmup_steps=0, warmup_ratio=0.03, weight_decay=0.0, clip_norm=1.0)

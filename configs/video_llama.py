@@ -118,6 +118,9 @@ def train_config(cfg: ml_collections.ConfigDict, stage: str, tiny: bool = False)
   cfg.system = "video_llama"  # `vllm_jax.systems` name
   cfg.seed = 0
   cfg.init_from = ""  # a `vllm-jax convert video-llama` folder; "" = random init of `model`
+  # Full-size models compute in bfloat16 (fp32 master weights of the trained parameters, fp32 loss,
+  # softmax and norms); the tiny ones in float32, as their parity tests do.
+  cfg.compute_dtype = "float32" if tiny else "bfloat16"
   cfg.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))  # -1: the remaining devices
   if stage1:
     cfg.optim = optim_config(trainable=(VISION_CONNECTOR,), clip_norm=0.0)
@@ -151,6 +154,8 @@ def train_config(cfg: ml_collections.ConfigDict, stage: str, tiny: bool = False)
       worker_count=0,            # decoding processes per host; 0 = in the main process
       max_skipped=10000,         # abort after this many unreadable examples on a host (WebVid
                                  # dumps miss some videos); -1 = no limit
+      feature_cache="",          # a `vllm-jax cache-features` folder: its frozen-encoder features replace
+                                 # decoding and the ViT / ImageBind (a cache made otherwise is refused)
   ))
   if tiny:
     # A schedule of its own, so that runs of any length (a test resumes a shorter one) share it.

@@ -101,6 +101,9 @@ def train_config(cfg: ml_collections.ConfigDict, stage: str, tiny: bool = False)
   cfg.system = "video_llava"  # `vllm_jax.systems` name
   cfg.seed = 0
   cfg.init_from = ""  # a `vllm-jax convert video-llava` folder; "" = random init of `model`
+  # Full-size models compute in bfloat16 (fp32 master weights of the trained parameters, fp32 loss,
+  # softmax and norms); the tiny ones in float32, as their parity tests do.
+  cfg.compute_dtype = "float32" if tiny else "bfloat16"
   cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: the remaining devices
   lr = {"stage1": 1e-3, "stage2": 2e-5, "stage2_lora": 2e-4}[stage]
   cfg.optim = optim_config(trainable=tuple(cfg.trainable[stage]), lr=lr, min_lr=0.0,

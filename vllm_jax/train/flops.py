@@ -34,6 +34,16 @@ class Count:
   """What `count_jaxpr` found."""
   flops: float = 0.0
   while_loops: int = 0  # while loops met, each counted for a single iteration
+  by_dtype: dict[str, float] = dataclasses.field(default_factory=dict)  # FLOPs by the operands' dtype
+
+  def add(self, other: "Count", times: int = 1) -> None:
+    self.flops += times * other.flops
+    self.while_loops += other.while_loops
+    for dtype, flops in other.by_dtype.items():
+      self.by_dtype[dtype] = self.by_dtype.get(dtype, 0.0) + times * flops
+
+  def add_matmul(self, flops: float, dtype) -> None:
+    self.add(Count(flops, 0, {str(dtype): flops}))
 
 
 def count(fn: Callable[..., Any], *args, **kwargs) -> float:
@@ -48,16 +58,15 @@ def count_jaxpr(jaxpr: jcore.ClosedJaxpr | jcore.Jaxpr) -> Count:
     name = eqn.primitive.name
     if name == "dot_general":
       (contract, _), _ = eqn.params["dimension_numbers"]
-      lhs = eqn.invars[0].aval.shape
-      total.flops += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contract)
+      lhs = eqn.invars[0].aval
+      total.add_matmul(2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs.shape[d] for d in contract), lhs.dtype)
     elif name == "conv_general_dilated":
       kernel = eqn.invars[1].aval.shape  # its input-feature dim is already divided by the groups
       out_feature_dim = eqn.params["dimension_numbers"].rhs_spec[0]
-      total.flops += 2 * math.prod(eqn.outvars[0].aval.shape) * (math.prod(kernel) // kernel[out_feature_dim])
+      total.add_matmul(2 * math.prod(eqn.outvars[0].aval.shape) * (math.prod(kernel) // kernel[out_feature_dim]),
+                       eqn.invars[0].aval.dtype)
     elif name == "cond":
-      branches = [count_jaxpr(b) for b in eqn.params["branches"]]
-      total.flops += max(b.flops for b in branches)
-      total.while_loops += max(b.while_loops for b in branches)
+      total.add(max((count_jaxpr(b) for b in eqn.params["branches"]), key=lambda c: c.flops))
     else:
       times = 1
       if name == "scan":
@@ -68,9 +77,7 @@ def count_jaxpr(jaxpr: jcore.ClosedJaxpr | jcore.Jaxpr) -> Count:
       elif name == "while":
         total.while_loops += 1
       for sub in jcore.jaxprs_in_params(eqn.params):
-        inner = count_jaxpr(sub)
-        total.flops += times * inner.flops
-        total.while_loops += inner.while_loops
+        total.add(count_jaxpr(sub), times)
   return total
 
 

@@ -51,8 +51,9 @@ def parse_topology(name: str) -> tuple[Chip, int]:
 
 
 def model_config(cfg, system):
-  """The model config a run of `cfg` trains, without weights: `init_from`'s config.json (with the
-  recipe's LoRA) when set, else the recipe's `model` (its placeholder ids as the recipe has them)."""
+  """The model config a run of `cfg` trains, without weights: `init_from`'s config.json when set,
+  else the recipe's `model` (its placeholder ids as the recipe has them), as `run.training_config`
+  completes it."""
   from vllm_jax.train import run as run_lib
   if cfg.get("init_from"):
     path = os.path.join(cfg.init_from, "config.json")
@@ -62,8 +63,8 @@ def model_config(cfg, system):
       meta = json.load(f)
     if system.model_type not in meta:
       raise ValueError(f"{path} holds no {system.model_type} config")
-    return run_lib.with_recipe_lora(cfg, system.config_class.from_dict(meta[system.model_type]))
-  return system.config_class.from_dict(cfg.model.to_dict())
+    return run_lib.training_config(cfg, system.config_class.from_dict(meta[system.model_type]))
+  return run_lib.training_config(cfg, system.config_class.from_dict(cfg.model.to_dict()))
 
 
 @dataclasses.dataclass

@@ -3,12 +3,15 @@
 metrics. The system (`vllm_jax.systems`) supplies the model, its loss and its examples.
 
 LoRA: a recipe's `model.llama.lora` applies on top of `init_from`'s config (whose config otherwise
-replaces `model`): the run adds fresh adapters (A random, B zero) to the base model it loads.
+replaces `model`): the run adds fresh adapters (A random, B zero) to the base model it loads. So
+does `compute_dtype` (bfloat16 in the full-size recipes): every module computes in it, while the
+parameters keep theirs (fp32 masters for the trained ones, `optim.frozen_dtype` for the frozen).
 
 `train.workdir`/run.json records what a run started from (the system, `init_from`, the config),
 so that `trained_model` (and `vllm-jax export`) can rebuild the model from checkpoints that hold
 only the trained parameters."""
 
+import dataclasses
 import json
 import logging
 import os
@@ -73,16 +76,36 @@ def with_recipe_lora(cfg, config):
   return config.replace(llama=config.llama.replace(lora=lora))
 
 
+def with_compute_dtype(config, dtype: str):
+  """`config` with every module's `dtype` (its computation) set to `dtype`, `param_dtype` kept.
+  Norm statistics, attention softmax and the loss stay in float32 whatever the dtype."""
+  changes = {}
+  for field in dataclasses.fields(config):
+    value = getattr(config, field.name)
+    if field.name == "dtype":
+      changes["dtype"] = dtype
+    elif dataclasses.is_dataclass(value):
+      changes[field.name] = with_compute_dtype(value, dtype)
+  return dataclasses.replace(config, **changes)
+
+
+def training_config(cfg, config):
+  """The model config a run of `cfg` builds from `config` (`init_from`'s or the recipe's): with
+  the recipe's LoRA adapters and `compute_dtype`."""
+  config = with_recipe_lora(cfg, config)
+  return with_compute_dtype(config, cfg.compute_dtype) if cfg.get("compute_dtype") else config
+
+
 def load_model(cfg, mesh, system) -> tuple[Any, Any, str]:
   """-> (model config, params or None, tokenizer folder). `init_from`: a model folder of the
   system (with the recipe's LoRA, whose adapters `make_trainer` creates); else `model` with a
   random init and `data.tokenizer`, whose placeholder ids become the model's."""
   if cfg.init_from:
     loaded = system.load(cfg.init_from, mesh=mesh)
-    return with_recipe_lora(cfg, loaded.config), loaded.params, os.path.join(cfg.init_from, "tokenizer")
+    return training_config(cfg, loaded.config), loaded.params, os.path.join(cfg.init_from, "tokenizer")
   if not cfg.data.tokenizer:
     raise ValueError("set init_from (a converted model folder) or data.tokenizer (for a random init)")
-  return system.prepare_init(cfg, load_tokenizer(cfg.data.tokenizer)), None, cfg.data.tokenizer
+  return training_config(cfg, system.prepare_init(cfg, load_tokenizer(cfg.data.tokenizer))), None, cfg.data.tokenizer
 
 
 def write_run_file(cfg) -> None:

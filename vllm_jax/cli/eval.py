@@ -1,0 +1,141 @@
+"""`vllm-jax eval`: score a model on a video question-answering set, batched and resumable."""
+
+import argparse
+import contextlib
+import json
+import os
+
+from vllm_jax.cli import flags
+
+DESCRIPTION = """Answer every question of an evaluation set and score the answers.
+
+formats (--annotations; relative video paths start at --media-root):
+  open-ended       Video-ChatGPT / Video-LLaVA's MSVD-QA, MSRVTT-QA, ActivityNet-QA, TGIF-QA: a JSON list
+                   of {"question_id", "video_name", "question", "answer", "type": optional}, or the
+                   questions (test_q.json) with the answers in --answer-file (test_a.json: [{"answer",
+                   "type", "question_id"}]). A video_name without an extension is found on disk as
+                   video_name.* (.mp4 .avi .mkv .webm .mov .m4v .mpg .mpeg .wmv .flv .gif, in this order;
+                   then v_video_name.*, ActivityNet's file names). Scores: SQuAD-normalised exact match
+                   and token F1 per category ("type", else "all"); with --judge-url also an LLM judge's
+                   yes-rate and mean score (0-5), as Video-ChatGPT's evaluation.
+  multiple-choice  MVBench, Video-MME, NExT-QA, EgoSchema converted to a JSON list (or JSON lines) of
+                   {"question_id": optional, "video", "question", "candidates": [...], "answer": the
+                   correct option's text, letter or index, "category": optional} ("options" and
+                   "choices" are read as candidates, "task_type" as category). The options are listed as
+                   "(A) ..." and the letter is asked for; --mc-scoring letter reads the option from the
+                   answer (its letter, or its text), likelihood ranks the options by the total
+                   log-probability of their tokens as the answer (no generation), both does both.
+  synthetic        the demo's held-out split (vllm_jax.eval.synthetic): per-attribute accuracy.
+
+In --out: answers.jsonl (one record per question, appended per batch: a rerun answers only the
+questions without an answer, and retries missing or undecodable videos, recorded as errors),
+run.json (the model and the settings the answers were made with: a rerun with others is refused),
+results.json (settings, overall and per-category scores with counts) and, with a judge, judge.json
+(its replies by question id, prediction and judge model: a rerun asks only about new predictions).
+The per-category table is printed at the end. Exits with 1 when a question failed (or the judge did).
+With --mesh the parameters are placed on the mesh and each batch is split over its data x fsdp devices."""
+
+
+def add_parser(commands) -> None:
+  from vllm_jax.eval.run import FORMATS, MC_SCORING
+  parser = commands.add_parser("eval", help="score a model on a video question-answering set, batched and resumable",
+                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--model", required=True, help="a video model folder")
+  parser.add_argument("--format", required=True, choices=FORMATS)
+  parser.add_argument("--annotations", required=True, type=flags.existing_file, help="the set's questions")
+  parser.add_argument("--answer-file", type=flags.existing_file, default=None,
+                      help="open-ended: the reference answers in a file of their own (test_a.json)")
+  parser.add_argument("--media-root", type=flags.existing_folder, default=None,
+                      help="folder that video paths start from (default: the annotation file's folder)")
+  parser.add_argument("--out", required=True, help="folder for answers.jsonl and results.json (created)")
+  parser.add_argument("--limit", type=flags.number(int, 1), default=None, help="only the first N questions")
+  parser.add_argument("--batch-size", type=flags.number(int, 1), default=4)
+  parser.add_argument("--mc-scoring", choices=MC_SCORING, default=None,
+                      help="multiple-choice: the answer's letter (default), the options' likelihood, or both")
+  parser.add_argument("--judge-url", default=None,
+                      help="open-ended: an OpenAI-compatible server (POST URL/v1/chat/completions) to judge answers")
+  parser.add_argument("--judge-model", default=None, help="the model name sent to the judge")
+  parser.add_argument("--judge-api-key-env", default=None, metavar="VAR",
+                      help="environment variable holding the judge's API key (sent as a Bearer token)")
+  flags.media_flags(parser)
+  flags.sampling_flags(parser)
+  parser.set_defaults(run=run)
+
+
+def run(args) -> int:
+  from vllm_jax import systems
+  from vllm_jax.eval import run as eval_run
+  from vllm_jax.eval.judge import Judge
+  from vllm_jax.train import sharding
+  if args.answer_file and args.format != "open-ended":
+    return flags.error("--answer-file is for --format open-ended")
+  if args.mc_scoring and args.format != "multiple-choice":
+    return flags.error("--mc-scoring is for --format multiple-choice")
+  if (args.judge_url or args.judge_model or args.judge_api_key_env) and args.format != "open-ended":
+    return flags.error("the judge (--judge-url) is for --format open-ended")
+  if bool(args.judge_url) != bool(args.judge_model):
+    return flags.error("--judge-url and --judge-model go together")
+  if args.judge_api_key_env and not os.environ.get(args.judge_api_key_env):
+    return flags.error(f"--judge-api-key-env: the environment variable {args.judge_api_key_env} is not set")
+  if os.path.exists(args.out) and not os.path.isdir(args.out):
+    return flags.error(f"--out: {args.out} is a file, not a folder")
+  media_root = args.media_root or os.path.dirname(os.path.abspath(args.annotations))
+  items = eval_run.load_items(args.format, args.annotations, media_root, args.answer_file)
+  if not items:
+    return flags.error(f"{args.annotations} holds no questions")
+  items = items[:args.limit]
+
+  mesh = flags.mesh(args.mesh)
+  if mesh is not None and args.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
+    return flags.error(f"--batch-size {args.batch_size}: each batch is split over the mesh's data x fsdp devices "
+                       f"({mesh.shape['data'] * mesh.shape['fsdp']}): give a multiple of that")
+  problem = check_answer_settings(args)
+  if problem:
+    return flags.error(problem)
+
+  system = systems.load(args.model, mesh=mesh, dtype=args.dtype)
+  use_audio = flags.use_audio(args, system)
+  if use_audio is None:
+    return flags.error(f"--audio: {args.model} has no audio branch")
+  judge = None
+  if args.judge_url:
+    judge = Judge(args.judge_url, args.judge_model, os.environ.get(args.judge_api_key_env or "") or None,
+                  cache_path=os.path.join(args.out, "judge.json"))
+  mc_scoring = args.mc_scoring or "letter"
+  settings = {"model": args.model, "annotations": args.annotations, "answer_file": args.answer_file,
+              "media_root": media_root, "limit": args.limit, "audio": use_audio, "num_frames": args.num_frames,
+              "mc_scoring": mc_scoring if args.format == "multiple-choice" else None,
+              "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+              "top_k": args.top_k, "seed": args.seed, "dtype": args.dtype, "mesh": args.mesh,
+              "judge_url": args.judge_url}
+  # Under the mesh's rules the activations' batch axis is split over data x fsdp: data-parallel batches.
+  with sharding.mesh_context(mesh) if mesh is not None else contextlib.nullcontext():
+    summary = eval_run.evaluate(system, args.format, items, args.out, media_root=media_root,
+                                batch_size=args.batch_size, mc_scoring=mc_scoring, use_audio=use_audio,
+                                num_frames=args.num_frames, max_new_tokens=args.max_new_tokens,
+                                sampling=flags.sampling(args), seed=args.seed, judge=judge, settings=settings,
+                                progress=not flags.quiet())
+  print(f"results: {os.path.join(args.out, 'results.json')}")
+  return 1 if summary["settings"]["errors"] or summary["settings"].get("judge_errors") else 0
+
+
+ANSWER_SETTINGS = ("format", "audio", "num_frames", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "dtype")
+
+
+def check_answer_settings(args) -> str | None:
+  """What makes the answers already in --out unfit to be resumed (another model, format or
+  generation setting), else None; the first run records its settings in --out/run.json."""
+  settings = {"model": os.path.abspath(args.model), **{k: getattr(args, k) for k in ANSWER_SETTINGS}}
+  path = os.path.join(args.out, "run.json")
+  if not os.path.exists(path):
+    os.makedirs(args.out, exist_ok=True)
+    with open(path, "w") as f:
+      json.dump(settings, f, indent=1)
+    return None
+  with open(path) as f:
+    before = json.load(f)
+  changed = [f"{k}: {before.get(k)} -> {v}" for k, v in settings.items() if before.get(k) != v]
+  if changed:
+    return (f"--out {args.out} holds answers made with other settings ({'; '.join(changed)}): give another "
+            "--out, or remove it to start again")
+  return None

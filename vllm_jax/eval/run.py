@@ -1,0 +1,252 @@
+"""An evaluation run: a system answers a set's questions in batches, resumably, and the answers are scored.
+
+In `out_dir`:
+  answers.jsonl  one record per question, appended and flushed per batch: {"key" (the question id),
+                 "id", "category", "question", "answer" (the generated text), "choice" (multiple choice:
+                 the option its letter or text picks, or null), "logprobs" (multiple choice with
+                 likelihood scoring: each option's total log-probability)}, or {"key", "id", "error"}
+                 for a missing or undecodable video. A rerun keeps the answered questions and retries
+                 the others (errors, torn lines, records lacking what the scoring needs).
+  results.json   {"settings", "overall", "categories"}: the mean of every score over the answered
+                 questions, overall and per category, with their counts ("answered", "errors").
+  judge.json     the LLM judge's replies (open-ended with a judge), see `vllm_jax.eval.judge`.
+
+Scores per question (each averaged): open-ended "exact" (SQuAD-normalised exact match) and "f1"
+(token F1), with a judge "judge_yes" (its 'pred' is yes) and "judge_score" (0-5); multiple choice
+"accuracy" (the option the answer's letter or text picks) and "likelihood_accuracy" (the option
+of highest log-probability); synthetic: `vllm_jax.eval.synthetic.score`.
+"""
+
+import collections
+import json
+import os
+import sys
+from typing import Sequence
+
+import numpy as np
+
+from vllm_jax.eval import Item, formats, metrics
+
+FORMATS = ("open-ended", "multiple-choice", "synthetic")
+MC_SCORING = ("letter", "likelihood", "both")
+MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+RAW_METRICS = ("judge_score",)  # shown as they are, not as percentages
+
+
+def load_items(fmt: str, annotations: str, media_root: str, answer_file: str | None = None) -> list[Item]:
+  """The questions of an annotation file in format `fmt` (see `formats`, and `synthetic` for the demo's)."""
+  if fmt == "open-ended":
+    return formats.open_ended(annotations, media_root, answer_file)
+  if fmt == "multiple-choice":
+    return formats.multiple_choice(annotations, media_root)
+  if fmt == "synthetic":
+    from vllm_jax.eval import synthetic
+    return synthetic.load(annotations, media_root)
+  raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+
+
+def prompt(fmt: str, item: Item) -> str:
+  """The question the model is asked: for multiple choice with the options and a request for the letter."""
+  if fmt == "multiple-choice":
+    return f"{item.question}\n{metrics.options_text(item.candidates)}\n{MC_INSTRUCTION}"
+  return item.question
+
+
+def needed_fields(fmt: str, mc_scoring: str) -> tuple[str, ...]:
+  """What an answer record must hold for the scoring."""
+  if fmt != "multiple-choice" or mc_scoring == "letter":
+    return ("answer",)
+  return ("logprobs",) if mc_scoring == "likelihood" else ("answer", "logprobs")
+
+
+def load_answers(path: str, needs: Sequence[str]) -> dict[str, dict]:
+  """The complete records in `path` by key (the latest, if one is there twice); the file is
+  rewritten with them alone, so that the other questions are answered again."""
+  if not os.path.exists(path):
+    return {}
+  records = {}
+  with open(path) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except ValueError:
+        continue
+      if isinstance(record, dict) and "key" in record and "error" not in record and all(k in record for k in needs):
+        records[record["key"]] = record
+  with open(path + ".tmp", "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in records.values())
+  os.replace(path + ".tmp", path)
+  return records
+
+
+def score(fmt: str, item: Item, record: dict, mc_scoring: str = "letter") -> dict[str, float]:
+  """One answered question's scores (each in [0, 1]), from its record."""
+  if fmt == "open-ended":
+    return {"exact": metrics.exact_match(record["answer"], item.answer), "f1": metrics.token_f1(record["answer"],
+                                                                                                item.answer)}
+  if fmt == "multiple-choice":
+    correct, scores = item.truth["index"], {}
+    if mc_scoring in ("letter", "both"):
+      scores["accuracy"] = float(record["choice"] == correct)
+    if mc_scoring in ("likelihood", "both"):
+      scores["likelihood_accuracy"] = float(int(np.argmax(record["logprobs"])) == correct)
+    return scores
+  from vllm_jax.eval import synthetic
+  return {k: float(v) for k, v in synthetic.score(item, record["answer"]).items()}
+
+
+def evaluate(system, fmt: str, items: Sequence[Item], out_dir: str, *, media_root: str | None = None,
+             batch_size: int = 4, mc_scoring: str = "letter", use_audio: bool = False, num_frames: int | None = None,
+             max_new_tokens: int = 64, sampling=None, seed: int = 0, judge=None, settings: dict | None = None,
+             progress: bool = True) -> dict:
+  """Answer the questions not yet answered in `out_dir`, score them all, write results.json and
+  print the per-category table -> the summary (results.json's content). Media paths are read
+  relative to `media_root` when given. `judge`: a `vllm_jax.eval.judge.Judge` (open-ended)."""
+  from tqdm import tqdm
+
+  from vllm_jax.data.media import MediaError
+  if fmt not in FORMATS:
+    raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+  if mc_scoring not in MC_SCORING:
+    raise ValueError(f"unknown multiple-choice scoring {mc_scoring!r}; expected one of {', '.join(MC_SCORING)}")
+  repeated = sorted(i for i, n in collections.Counter(item.id for item in items).items() if n > 1)
+  if repeated:
+    raise ValueError(f"question ids on more than one item: {', '.join(repeated[:10])}")
+  if judge is not None and fmt != "open-ended":
+    raise ValueError("the judge is for the open-ended format")
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, "answers.jsonl")
+  needs = needed_fields(fmt, mc_scoring)
+  records = load_answers(path, needs)
+  pending = [item for item in items if item.id not in records]
+  print(f"{len(items) - len(pending)} of {len(items)} questions already answered; {len(pending)} to go",
+        file=sys.stderr)
+  errors: dict[str, str] = {}
+  # Every batch has the same rows (and every likelihood forward as many rows as the widest
+  # batch of options), so that each compiles once.
+  option_rows = batch_size * max((len(item.candidates) for item in items), default=0)
+
+  with open(path, "a") as out, tqdm(total=len(pending), unit="question", file=sys.stderr,
+                                    disable=not progress) as bar:
+    def write(record):
+      out.write(json.dumps(record) + "\n")
+      out.flush()
+
+    for start in range(0, len(pending), batch_size):
+      batch = []
+      for item in pending[start:start + batch_size]:
+        file = item.media if media_root is None else os.path.join(media_root, item.media)
+        try:
+          batch.append((item, system.load_media(file, use_audio=use_audio, num_frames=num_frames)))
+        except (FileNotFoundError, MediaError, ValueError) as e:
+          errors[item.id] = f"{type(e).__name__}: {e}"
+          write({"key": item.id, "id": item.id, "category": item.category, "error": errors[item.id]})
+          bar.update()
+      if not batch:
+        continue
+      new = answer_batch(system, fmt, batch, needs, use_audio=use_audio, rows=batch_size, option_rows=option_rows,
+                         max_new_tokens=max_new_tokens, sampling=sampling, seed=seed + start)
+      for record in new:
+        records[record["key"]] = record
+        write(record)
+        bar.update()
+
+  scores = {item.id: score(fmt, item, records[item.id], mc_scoring) for item in items if item.id in records}
+  judge_problems = {}
+  if judge is not None:
+    judge_problems = add_verdicts(judge, items, records, scores, progress)
+  summary = {"settings": {**(settings or {}), "format": fmt, "num_items": len(items), "errors": len(errors),
+                          "error_items": errors, **judge_problems}, **summarize(items, scores, errors)}
+  with open(os.path.join(out_dir, "results.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  print(format_table(summary))
+  return summary
+
+
+def answer_batch(system, fmt: str, batch: Sequence[tuple[Item, object]], needs: Sequence[str], *, use_audio: bool,
+                 rows: int, option_rows: int, max_new_tokens: int, sampling, seed: int) -> list[dict]:
+  """A batch of questions with their loaded media -> their answer records (see the module doc):
+  generated answers in `rows` rows, option log-probabilities in `option_rows`."""
+  from vllm_jax.eval import likelihood
+  new = [{"key": item.id, "id": item.id, "category": item.category, "question": prompt(fmt, item),
+          "audio": bool(use_audio and media.audio_valid)} for item, media in batch]
+  media = [m for _, m in batch]
+
+  def conversations(questions):
+    convs = [system.conversation(m, record["audio"]) for m, record in zip(media, new)]
+    for conv, question in zip(convs, questions):
+      conv.ask(question)
+    return convs
+
+  if "answer" in needs:
+    answers = system.answer(media, conversations([r["question"] for r in new]), use_audio=use_audio, rows=rows,
+                            max_new_tokens=max_new_tokens, sampling=sampling, seed=seed)
+    for record, (item, _), answer in zip(new, batch, answers):
+      record["answer"] = answer
+      if fmt == "multiple-choice":
+        record["choice"] = metrics.parse_choice(answer, item.candidates)
+  if "logprobs" in needs:
+    # The options are ranked as answers to the bare question (no options listed, no letter asked for).
+    ranked = likelihood.option_logprobs(system, media, conversations([item.question for item, _ in batch]),
+                                        [item.candidates for item, _ in batch], use_audio=use_audio, rows=option_rows)
+    for record, logprobs in zip(new, ranked):
+      record["logprobs"] = [float(x) for x in logprobs]
+  return new
+
+
+def add_verdicts(judge, items: Sequence[Item], records: dict[str, dict], scores: dict[str, dict],
+                 progress: bool) -> dict:
+  """The judge's verdict on each answered question added to its scores -> the counts of questions
+  judged, of those it could not judge ("judge_errors": request failures, asked again on the next
+  run; "judge_unparsed": replies without a verdict) and the first failure's message."""
+  from vllm_jax.eval.judge import parse_verdict
+  answered = [item for item in items if item.id in scores]
+  replies = judge.replies([(item.id, item.question, item.answer, records[item.id]["answer"]) for item in answered],
+                          progress=progress)
+  failed = [r["error"] for r in replies.values() if "error" in r]
+  judged = unparsed = 0
+  for item in answered:
+    verdict = parse_verdict(replies[item.id].get("reply", ""))
+    if verdict is not None:
+      scores[item.id].update(judge_yes=float(verdict["pred"] == "yes"), judge_score=float(verdict["score"]))
+      judged += 1
+    elif "reply" in replies[item.id]:
+      unparsed += 1
+  problems = {"judge_model": judge.model, "judged": judged, "judge_errors": len(failed), "judge_unparsed": unparsed}
+  if failed:
+    problems["judge_error"] = failed[0]
+    print(f"warning: the judge failed on {len(failed)} questions (asked again on the next run): {failed[0]}",
+          file=sys.stderr)
+  return problems
+
+
+def summarize(items: Sequence[Item], scores: dict[str, dict], errors: dict[str, str]) -> dict:
+  """{"overall": {"answered", "errors", metric: mean}, "categories": {category: the same}}: each
+  metric's mean over the answered questions that have it."""
+  groups: dict[str, list[Item]] = {}
+  for item in items:
+    groups.setdefault(item.category, []).append(item)
+
+  def summary(group: list[Item]) -> dict:
+    answered = [scores[item.id] for item in group if item.id in scores]
+    names = list(dict.fromkeys(name for s in answered for name in s))
+    means = {name: float(np.mean([s[name] for s in answered if name in s])) for name in names}
+    return {"answered": len(answered), "errors": sum(item.id in errors for item in group), **means}
+
+  return {"overall": summary(list(items)), "categories": {name: summary(g) for name, g in sorted(groups.items())}}
+
+
+def format_table(summary: dict) -> str:
+  """The per-category table: questions answered, errors, and each metric (rates in %)."""
+  rows = [*summary["categories"].items(), ("overall", summary["overall"])]
+  names = list(dict.fromkeys(k for _, row in rows for k in row if k not in ("answered", "errors")))
+  width = max(12, *(len(name) for name, _ in rows))
+  lines = [f"{'category':<{width}} {'answered':>8} {'errors':>6} " + " ".join(f"{n:>{max(8, len(n))}}" for n in names)]
+  for name, row in rows:
+    cells = []
+    for metric in names:
+      value = row.get(metric)
+      text = "-" if value is None else f"{value:.2f}" if metric in RAW_METRICS else f"{100 * value:.1f}%"
+      cells.append(f"{text:>{max(8, len(metric))}}")
+    lines.append(f"{name:<{width}} {row['answered']:>8} {row['errors']:>6} " + " ".join(cells))
+  return "\n".join(lines)

@@ -39,6 +39,8 @@ setup(
         "torch": ["torch>=2.4", "safetensors>=0.4"],
         # Viewing the training logs: `tensorboard --logdir <workdir>/tensorboard`.
         "tensorboard": ["tensorboard>=2.15"],
+        # The chat page in the browser: `vllm-jax web`.
+        "web": ["gradio>=6.31"],
         "dev": ["torch>=2.4", "safetensors>=0.4", "pytest>=8", "pytest-xdist>=3.6",
                 "kaldi-native-fbank>=1.20"],
     },

@@ -3,11 +3,16 @@
 A converter is a list of `Rule`s (source key -> Flax parameter path(s), plus a `Transform`).
 `convert` checks every key and shape of the source against the model's abstract parameters
 before it reads a single tensor, then streams the tensors one at a time into the output
-tree; `export` runs the rules backwards (Flax -> PyTorch names and layouts).
+tree; `export` runs the rules backwards (Flax -> PyTorch names and layouts). `convert_lazily` and
+`save_lazily` write an orbax checkpoint without building the tree: each tensor is read as it is written.
 """
 
+import asyncio
+import ctypes
 import dataclasses
+import itertools
 import json
+import mmap
 import os
 import re
 from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
@@ -16,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
 from tqdm.auto import tqdm
 
 Params = dict[str, Any]
@@ -118,10 +125,12 @@ class TensorReader(Protocol):
 
 
 class SafetensorsReader:
-  """One or more .safetensors files, memory-mapped (bf16 kept exact via ml_dtypes)."""
+  """One or more .safetensors files; each tensor is read from its file when asked for (bf16 kept exact
+  via ml_dtypes). Plain reads rather than a memory map: the pages of a map stay counted in the
+  process's memory once read, so converting a whole checkpoint would grow it to the checkpoint's size."""
 
   def __init__(self, files: Sequence[str]):
-    self._entries: dict[str, tuple[np.memmap, dict]] = {}
+    self._entries: dict[str, tuple[str, int, dict]] = {}
     for path in files:
       size = os.path.getsize(path)
       try:
@@ -135,21 +144,21 @@ class SafetensorsReader:
       end = max((info["data_offsets"][1] for name, info in header.items() if name != "__metadata__"), default=0)
       if 8 + header_len + end > size:
         raise ValueError(f"{path} is truncated: its tensors need {8 + header_len + end} bytes, the file has {size}")
-      data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len) if end else None
       for name, info in header.items():
         if name != "__metadata__":
-          self._entries[name] = (data, info)
+          self._entries[name] = (path, 8 + header_len, info)
 
   def keys(self):
     return list(self._entries)
 
   def shape(self, key):
-    return tuple(self._entries[key][1]["shape"])
+    return tuple(self._entries[key][2]["shape"])
 
   def read(self, key):
-    data, info = self._entries[key]
+    path, data_start, info = self._entries[key]
     start, end = info["data_offsets"]
-    return data[start:end].view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+    data = np.fromfile(path, dtype=np.uint8, count=end - start, offset=data_start + start)
+    return data.view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
 class TorchReader:
@@ -171,7 +180,31 @@ class TorchReader:
     return tuple(self._tensors[key].shape)
 
   def read(self, key):
-    return torch_to_numpy(self._tensors[key])
+    """A copy of the tensor, made a slice at a time: each slice's pages of the mapped file are dropped
+    once copied, as they would otherwise stay counted in the process's memory until it closes."""
+    tensor = self._tensors[key]
+    mapped = torch_to_numpy(tensor)
+    if not mapped.flags.c_contiguous:  # not written by save_pretrained: copied at once
+      value = np.ascontiguousarray(mapped)
+      _drop_pages(tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes())
+      return value
+    flat, value = mapped.reshape(-1), np.empty(mapped.size, mapped.dtype)
+    step = max(1, (16 << 20) // mapped.itemsize)
+    for i in range(0, flat.size, step):
+      value[i:i + step] = flat[i:i + step]
+      _drop_pages(flat[i:i + step].ctypes.data, flat[i:i + step].nbytes)
+    return value.reshape(mapped.shape)
+
+
+def _drop_pages(address: int, nbytes: int) -> None:
+  """Unmap the pages of a read-only file mapping that hold [address, address + nbytes): they stay in the
+  page cache, and a later read faults them back in from the file."""
+  madvise = getattr(ctypes.CDLL(None), "madvise", None)
+  if madvise is None or not nbytes:
+    return
+  start = address // mmap.PAGESIZE * mmap.PAGESIZE
+  end = -(-(address + nbytes) // mmap.PAGESIZE) * mmap.PAGESIZE
+  madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), getattr(mmap, "MADV_DONTNEED", 4))
 
 
 class DictReader:
@@ -316,6 +349,50 @@ def convert(reader: TensorReader, rules: Sequence[Rule], abstract: Mapping, *,
   return out
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class LazyTensor:
+  """A parameter `convert_lazily` has checked but not read: `read` reads and converts it (one layer
+  of a stacked one) from the checkpoint when it is written."""
+  reader: TensorReader
+  rule: Rule
+  output: int  # which of the rule's targets this is
+  shapes: tuple[tuple[int, ...], ...]  # the rule's target shapes (per layer when stacked)
+  shape: tuple[int, ...]
+  dtype: np.dtype
+
+  @property
+  def layers(self) -> int | None:
+    return self.shape[0] if self.rule.stacked else None
+
+  @property
+  def size(self) -> int:
+    return int(np.prod(self.shape))
+
+  @property
+  def nbytes(self) -> int:
+    return self.size * self.dtype.itemsize
+
+  def read(self, layer: int | None = None) -> np.ndarray:
+    """The parameter, or layer `layer` of a stacked one, in the checkpoint's dtype (a rule with several
+    targets reads its source once for each)."""
+    value = self.rule.transform.to_flax(self.reader.read(_source_key(self.rule, layer)), *self.shapes)[self.output]
+    return np.asarray(value).reshape(self.shapes[self.output])
+
+
+def convert_lazily(reader: TensorReader, rules: Sequence[Rule], abstract: Mapping, *,
+                   ignore: Sequence[str] = ()) -> Params:
+  """As `convert`, but the tree holds `LazyTensor`s, read only while `save_lazily` writes them: the
+  checkpoint is checked now, and no more than one tensor is ever in memory."""
+  check(reader, rules, abstract, ignore)
+  out: Params = {}
+  for rule in rules:
+    structs = [get_path(abstract, p) for p in rule.target_paths]
+    shapes = tuple(s.shape[1:] if rule.stacked else s.shape for s in structs)
+    for i, (path, struct) in enumerate(zip(rule.target_paths, structs)):
+      set_path(out, path, LazyTensor(reader, rule, i, shapes, tuple(struct.shape), np.dtype(struct.dtype)))
+  return out
+
+
 def export(params: Mapping, rules: Sequence[Rule], *, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
   """Flax parameters -> (source key, numpy array in the source layout), one at a time."""
   for rule in rules:
@@ -376,3 +453,58 @@ def write_safetensors_shards(tensors: Iterable[tuple[str, np.ndarray]], out_dir:
     with open(os.path.join(out_dir, f"{prefix}.safetensors.index.json"), "w") as f:
       json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=2)
   return names
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing a tree of LazyTensors as the orbax checkpoint `save_params` writes, a piece at a time.
+
+CHUNK_BYTES = 8 << 20  # what is held besides the tensor is a few chunks
+
+
+class _LazyTensorHandler(ocp.type_handlers.NumpyHandler):
+  """Writes each LazyTensor as orbax writes a numpy array (so it restores as one), one storage chunk at
+  a time, and one tensor after the other: the memory held is one source tensor and a few chunks."""
+
+  def __init__(self, progress: tqdm):
+    super().__init__(deepcopy_host_arrays=False)
+    self._lock = asyncio.Lock()  # orbax starts every write at once
+    self._progress = progress
+
+  async def _open_and_write(self, value: LazyTensor, tspec, ts_context):
+    # orbax's context keeps up to 100 MB of the OCDBT B-tree cached, and each chunk written adds to it
+    context = ts.Context({"cache_pool#ocdbt": {"total_bytes_limit": CHUNK_BYTES}}, parent=ts_context)
+    async with self._lock:
+      store = await ts.open(ts.Spec(tspec), create=True, open=True, context=context)
+      chunk = store.chunk_layout.write_chunk.shape
+      for layer in [None] if value.layers is None else range(value.layers):
+        x = value.read(layer)
+        dest, dest_chunk = (store, chunk) if layer is None else (store[layer], chunk[1:])
+        starts = [range(0, n, c) for n, c in zip(x.shape, dest_chunk)]
+        for origin in itertools.product(*starts):
+          region = tuple(slice(o, o + c) for o, c in zip(origin, dest_chunk))
+          await dest[region].write(np.asarray(x[region], value.dtype))  # a copy only to change the dtype
+        del x
+        self._progress.update()
+
+
+def _unmap_freed_buffers() -> None:
+  """Have glibc return every buffer of 1 MiB or more to the system when it is freed (for the rest of the
+  process). By default it raises that threshold to the largest buffer freed so far and keeps smaller
+  ones for reuse, so tensorstore's chunk buffers, allocated on many threads, pile up."""
+  mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+  if mallopt is not None:
+    mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+
+
+def save_lazily(path: str, params: Params, *, progress: bool = True, desc: str = "writing") -> None:
+  """Write a tree of `LazyTensor`s as an orbax checkpoint at `path` that `restore_params` reads like one
+  `save_params` wrote. Stacked tensors are stored one chunk per layer (or smaller), so each layer is
+  read, converted and written on its own."""
+  _unmap_freed_buffers()
+  leaves = jax.tree.leaves(params)
+  bar = tqdm(total=sum(x.layers or 1 for x in leaves), desc=desc, unit="tensor", disable=not progress)
+  registry = ocp.type_handlers.create_type_handler_registry((LazyTensor, _LazyTensorHandler(bar)))
+  save_args = jax.tree.map(lambda x: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES, shard_axes=(0,) if x.layers else ()),
+                           params)
+  with bar, ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry)) as checkpointer:
+    checkpointer.save(os.path.abspath(path), args=ocp.args.PyTreeSave(params, save_args=save_args), force=True)

@@ -1,5 +1,6 @@
 """HF LLaMA / Vicuna / Llama-2/3 folders <-> (LlamaConfig, Flax params)."""
 
+import functools
 import json
 import os
 import shutil
@@ -9,8 +10,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vllm_jax.converters.core import (IDENTITY, Rule, bias_as, convert, dense, export,
-                                      open_checkpoint, write_safetensors_shards)
+from vllm_jax import pretrained
+from vllm_jax.converters.core import (IDENTITY, Rule, bias_as, convert, convert_lazily, dense, export,
+                                      open_checkpoint, save_lazily, write_safetensors_shards)
 from vllm_jax.models.llama import Llama, LlamaConfig
 from vllm_jax.nn.rope import RopeConfig
 
@@ -95,12 +97,31 @@ def config_to_hf(config: LlamaConfig) -> dict[str, Any]:
 def abstract_params(config: LlamaConfig):
   """The model's parameters as ShapeDtypeStructs, boxed with their logical axis names."""
   ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-  return jax.eval_shape(Llama(config).init, jax.random.key(0), ids)["params"]
+  # the key is made inside the trace: a concrete one would start a compilation (~40 MB of memory)
+  return jax.eval_shape(lambda ids: Llama(config).init(jax.random.key(0), ids), ids)["params"]
 
 
 def load_hf(hf_dir: str, *, param_dtype: str | None = None, progress: bool = True,
             **overrides) -> tuple[LlamaConfig, dict]:
   """Read an HF LLaMA folder -> (config, params as numpy arrays), one tensor at a time."""
+  config, reader, abstract, ignore = _open_hf(hf_dir, param_dtype, overrides)
+  params = convert(reader, rules(config), abstract, ignore=ignore, desc="llama", progress=progress)
+  return config, params
+
+
+def convert_hf(hf_dir: str, out_dir: str, *, param_dtype: str | None = None, progress: bool = True,
+               **overrides) -> tuple[LlamaConfig, dict]:
+  """Write the model folder of an HF LLaMA folder (what `load_hf` then `pretrained.save_llama` write)
+  without holding the model: each tensor is read, converted and written on its own, so memory
+  stays near the largest tensor. -> (config, params as `LazyTensor`s, which read the HF folder)."""
+  config, reader, abstract, ignore = _open_hf(hf_dir, param_dtype, overrides)
+  params = convert_lazily(reader, rules(config), abstract, ignore=ignore)
+  write = functools.partial(save_lazily, progress=progress, desc="llama")
+  pretrained.save_llama(out_dir, config, params, write_params=write)
+  return config, params
+
+
+def _open_hf(hf_dir: str, param_dtype: str | None, overrides: Mapping):
   with open(os.path.join(hf_dir, "config.json")) as f:
     hf_config = json.load(f)
   config = config_from_hf(hf_config, **overrides)
@@ -108,9 +129,7 @@ def load_hf(hf_dir: str, *, param_dtype: str | None = None, progress: bool = Tru
     config = config.replace(param_dtype=param_dtype)
   abstract = nn.meta.unbox(abstract_params(config))
   ignore = IGNORED + ((r"lm_head\.weight",) if config.tie_word_embeddings else ())
-  params = convert(open_checkpoint(hf_dir), rules(config), abstract, ignore=ignore,
-                   desc="llama", progress=progress)
-  return config, params
+  return config, open_checkpoint(hf_dir), abstract, ignore
 
 
 def save_hf(config: LlamaConfig, params: Mapping, out_dir: str, *, dtype=None,

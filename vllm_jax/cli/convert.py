@@ -121,11 +121,9 @@ def _report(start: float, params, out: str, detail: str = "") -> None:
 def convert_llama(args) -> int:
   import sys
 
-  from vllm_jax import pretrained
   from vllm_jax.converters import llama
   start = time.perf_counter()
-  config, params = llama.load_hf(args.hf_dir, param_dtype=args.dtype)
-  pretrained.save_llama(args.out, config, params)
+  config, params = llama.convert_hf(args.hf_dir, args.out, param_dtype=args.dtype)  # a tensor at a time
   copied = llama.copy_tokenizer(args.hf_dir, args.out)
   _report(start, {"llm": params}, args.out, f", {config.param_dtype}")
   if not copied:

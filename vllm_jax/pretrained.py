@@ -2,22 +2,26 @@
 the converters and training write them."""
 
 import json
+import math
 import os
+import sys
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import orbax.checkpoint as ocp
 
 from vllm_jax.data.tokenizer import has_tokenizer, load_tokenizer
 from vllm_jax.models.llama import Llama, LlamaConfig
 from vllm_jax.train import sharding
-from vllm_jax.train.checkpoint import restore_params, save_params
+from vllm_jax.train.checkpoint import save_params
 
 
-def save_llama(out_dir: str, config: LlamaConfig, params: Any) -> None:
+def save_llama(out_dir: str, config: LlamaConfig, params: Any, write_params: Callable = save_params) -> None:
+  """`write_params(path, params)` writes params/ (the streaming converter passes its own writer)."""
   os.makedirs(out_dir, exist_ok=True)
-  save_params(os.path.join(out_dir, "params"), params)
+  write_params(os.path.join(out_dir, "params"), params)
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump({"model_type": "llama", "llama": config.to_dict()}, f, indent=2)
 
@@ -34,7 +38,7 @@ def load_llama(model_dir: str, mesh: jax.sharding.Mesh | None = None, **override
   if mesh is not None:
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract, sharding.param_shardings(boxed, mesh))
-  params = restore_params(os.path.join(model_dir, "params"), abstract)
+  params = restore_with_progress(os.path.join(model_dir, "params"), abstract, model_dir)
   return config, params, load_tokenizer(model_dir) if has_tokenizer(model_dir) else None
 
 
@@ -64,8 +68,38 @@ def load(model_dir: str, model_type: str, config_class, abstract_params: Callabl
   if mesh is not None:
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract, sharding.param_shardings(boxed, mesh))
-  params = restore_params(os.path.join(model_dir, "params"), abstract)
+  params = restore_with_progress(os.path.join(model_dir, "params"), abstract, model_dir)
   return config, params, load_tokenizer(os.path.join(model_dir, "tokenizer"))
+
+
+def restore_with_progress(path: str, abstract: Any, name: str, steps: int = 50) -> Any:
+  """As `train.checkpoint.restore_params`, about 1/`steps` of the bytes at a time, with a progress
+  bar on stderr (a 7B model takes minutes to read): process 0 only, none in quiet mode (VLLM_JAX_QUIET=1)."""
+  from tqdm import tqdm
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+  sizes = [math.prod(a.shape) * a.dtype.itemsize for _, a in leaves]
+  quiet = os.environ.get("VLLM_JAX_QUIET", "") not in ("", "0")
+  restored, group, group_bytes = [], {}, 0
+  with ocp.PyTreeCheckpointer() as checkpointer, tqdm(
+      total=sum(sizes), desc=f"loading {name}", unit="B", unit_scale=True, file=sys.stderr,
+      disable=quiet or jax.process_index() != 0) as bar:
+    for i, ((key_path, leaf), size) in enumerate(zip(leaves, sizes)):
+      _nest(group, key_path, leaf)  # the group's leaves, nested as in the whole tree
+      group_bytes += size
+      if group_bytes < sum(sizes) / steps and i + 1 < len(leaves):
+        continue
+      out = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+          group, restore_args=ocp.checkpoint_utils.construct_restore_args(group), partial_restore=True))
+      restored += jax.tree.leaves(out)  # the group's leaves in flattening order, as `leaves`
+      bar.update(group_bytes)
+      group, group_bytes = {}, 0
+  return jax.tree_util.tree_unflatten(treedef, restored)
+
+
+def _nest(tree: dict, key_path, leaf) -> None:
+  for key in key_path[:-1]:
+    tree = tree.setdefault(key.key, {})
+  tree[key_path[-1].key] = leaf
 
 
 def model_type(model_dir: str) -> str:

@@ -30,6 +30,46 @@ def new_file(path: str) -> str:
   return path
 
 
+# Set before jax, libtpu and transformers are imported: their loggers read the environment once.
+QUIET_ENVIRONMENT = {
+    "TF_CPP_MIN_LOG_LEVEL": "2",       # XLA's (and TensorFlow's) C++ logs: errors only
+    "TPU_STDERR_LOG_LEVEL": "2",       # libtpu: errors only
+    "TPU_MIN_LOG_LEVEL": "2",
+    "GRPC_VERBOSITY": "ERROR",         # multi-host coordination
+    "GLOG_minloglevel": "2",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "TQDM_DISABLE": "1",               # progress bars
+}
+NOISY_MODULES = ("jax", "jaxlib", "flax", "orbax", "optax", "grain", "tensorflow_datasets", "transformers", "torch")
+
+
+def quiet_flag(parser, default=False) -> None:
+  parser.add_argument("-q", "--quiet", action="store_true", default=default,
+                      help="only answers, notes and errors: no progress bars, no log lines from XLA, libtpu, "
+                           "absl or the video decoder (also VLLM_JAX_QUIET=1)")
+
+
+def quiet() -> bool:
+  return os.environ.get("VLLM_JAX_QUIET", "") not in ("", "0")
+
+
+def silence() -> None:
+  """Quiet mode, for this process and its children: call before jax is imported. Settings the
+  user made in the environment are kept."""
+  import logging
+  import warnings
+  os.environ["VLLM_JAX_QUIET"] = "1"
+  for key, value in QUIET_ENVIRONMENT.items():
+    os.environ.setdefault(key, value)
+  for module in NOISY_MODULES:
+    warnings.filterwarnings("ignore", module=rf"{module}(\.|$)")
+  logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)  # "no GPU/TPU found, falling back to cpu"
+  from absl import logging as absl_logging  # orbax logs through absl
+  absl_logging.set_verbosity(absl_logging.ERROR)
+  import decord  # FFmpeg's own lines ("[h264 @ 0x...] ..."): a file it cannot read still ends in our error line
+  decord.logging.set_level(decord.logging.FATAL)
+
+
 def error(message: str) -> int:
   """Print one `error:` line; the command's exit status (2)."""
   print(f"error: {message}", file=sys.stderr)

@@ -28,14 +28,17 @@ config replaces `model`, whose `llama.lora` still adds adapters; "" = random ini
                alpha 256, dropout 0.05 on all seven projections, the LLaVA family's published
                LoRA setting, LLaVA-1.5's finetune_lora) trained with the projector, the base LLM
                frozen; lr 2e-4, LLaVA's LoRA rate (which gives the projector 2e-5 apart, here one
-               rate trains both). Data parallel: the frozen LLM is kept in bfloat16 and the
-               adapters are small. `vllm-jax export` turns its checkpoints into a model folder or
-               a PEFT adapter.
+               rate trains both). Sharded as stage 2: a replicated 7B LLM (14 GB in bfloat16)
+               alone fills a 16 GiB TPU chip. `vllm-jax export` turns its checkpoints into a model
+               folder or a PEFT adapter.
 All: AdamW b=(0.9, 0.999), no weight decay, linear warm-up from 0 over 3% of the steps, then
 cosine decay to 0 at the last step (both follow `train.steps`), gradient clipping at norm 1 (the
 transformers Trainer's default), text up to 2048 tokens (3072 once the media placeholders are
-expanded). The towers stay frozen (kept in bfloat16). Tiny recipes train data parallel (their
-widths do not divide over many devices).
+expanded). The towers stay frozen (kept in bfloat16). Stages 2 accumulate 4 micro-batches per
+step (32 examples, 4 per device on 8 GPUs as the reference: `vllm-jax plan` shows 32 per device
+outgrowing a v5p's 95 GiB); on 16 GiB v5e chips use --config.optim.grad_accum=16. The full-size
+models compute in bfloat16 (`compute_dtype`). Tiny recipes train data parallel (their widths do
+not divide over many devices).
 """
 
 import math
@@ -108,8 +111,12 @@ def train_config(cfg: ml_collections.ConfigDict, stage: str, tiny: bool = False)
   lr = {"stage1": 1e-3, "stage2": 2e-5, "stage2_lora": 2e-4}[stage]
   cfg.optim = optim_config(trainable=tuple(cfg.trainable[stage]), lr=lr, min_lr=0.0,
                            warmup_start_lr=0.0, warmup_steps=0, warmup_ratio=0.03, weight_decay=0.0, clip_norm=1.0)
-  if stage == "stage2":
+  if stage != "stage1":
+    # FSDP, and micro-batches of 32 (4 per device on 8): at 3072 tokens a step's activations,
+    # attention scores and logits outgrow even a v5p's 95 GiB at 32 examples per device, and a
+    # replicated 7B LLM alone fills a 16 GiB chip (`vllm-jax plan`).
     cfg.mesh.update(data=1, fsdp=-1)
+    cfg.optim.grad_accum = 4
   if stage == "stage2_lora":
     cfg.model.llama.lora = ml_collections.ConfigDict(LORA.to_dict())
   cfg.train = train_section(steps=steps, batch_size=BATCH[data_stage], log_every=50, checkpoint_every=1000)
@@ -131,4 +138,5 @@ def train_config(cfg: ml_collections.ConfigDict, stage: str, tiny: bool = False)
     cfg.optim.update(warmup_steps=5, warmup_ratio=0.0, total_steps=100, lr=1e-3 if stage1 else 1e-4)
     cfg.mesh.update(data=-1, fsdp=1)
     cfg.train.update(steps=20, batch_size=8, log_every=10, checkpoint_every=10)
+    cfg.optim.grad_accum = 1
     cfg.data.update(max_text_len=256, max_len=320)

@@ -50,13 +50,17 @@ def run(args, overrides: list[str]) -> int:
     print(describe_config(cfg, args.config, overrides))
     return 0
   sharding.initialize_distributed()
-  logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
-  logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
   import jax
-  result = run_lib.train(cfg, system, progress=jax.process_index() == 0)
-  state = "preempted at" if result.preempted else "done at"
-  print(f"{state} step {int(result.state.step)}; {result.skipped_examples} unreadable examples skipped",
-        file=sys.stderr)
+  # One log for the job: process 0 logs, the others only warnings and errors. The progress bar only
+  # on a terminal (a batch job's log file would get every redraw).
+  first = jax.process_index() == 0
+  logging.basicConfig(level=logging.INFO if first else logging.WARNING, format="%(message)s", force=True)
+  logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
+  result = run_lib.train(cfg, system, progress=first and sys.stderr.isatty())
+  if first:
+    state = "preempted at" if result.preempted else "done at"
+    print(f"{state} step {int(result.state.step)}; {result.skipped_examples} unreadable examples skipped",
+          file=sys.stderr)
   return 0
 
 

@@ -90,12 +90,16 @@ class Preemption:
   """Notices SIGTERM (TPU preemption, `scancel`), so the loop can checkpoint and stop cleanly.
 
   Single process: a signal handler sets a flag. Multi-process: jax's preemption service catches the
-  signal, and every process agrees on the same step to stop at.
+  signal, and every process stops at the same call of `reached` (all call it equally often). jax's
+  sync point is one past the furthest call, counting from 0 before the first, so `reached` passes
+  its call count, not the train step: a resumed run's steps would never meet a notice that came
+  before its first call.
   """
 
   def __init__(self):
     self._signalled = False
     self._previous = None
+    self._calls = 0
     if jax.process_count() == 1:
       self._previous = signal.signal(signal.SIGTERM, self._handler)
 
@@ -103,9 +107,10 @@ class Preemption:
     del signum, frame
     self._signalled = True
 
-  def reached(self, step: int) -> bool:
+  def reached(self) -> bool:
+    self._calls += 1
     if jax.process_count() > 1:
-      return multihost_utils.reached_preemption_sync_point(step)
+      return multihost_utils.reached_preemption_sync_point(self._calls)
     return self._signalled
 
   def close(self) -> None:

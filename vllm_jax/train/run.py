@@ -124,28 +124,29 @@ def write_run_file(cfg) -> None:
 def train(cfg, system, progress: bool = False) -> trainer.LoopResult:
   """Train to `train.steps`, resuming from the latest checkpoint in `train.workdir`; per-step
   metrics go to `train.workdir`/metrics.jsonl as the run goes (`trainer.MetricsFile`). `progress`:
-  a progress bar of the steps."""
-  mesh = sharding.mesh_from_config(cfg.mesh)
-  config, params, tokenizer_dir = load_model(cfg, mesh, system)
-  t = make_trainer(cfg, mesh, system, config, params)
-  state = t.init()
-  it = iter(datasets.batches(system.dataset(cfg, config, tokenizer_dir), cfg.train.batch_size,
-                             worker_count=cfg.data.worker_count))
-  ckpt = None
-  if cfg.train.workdir:
-    write_run_file(cfg)
-    ckpt = checkpoint.TrainCheckpointer(os.path.join(cfg.train.workdir, "checkpoints"),
-                                        max_to_keep=cfg.train.keep_checkpoints,
-                                        async_save=cfg.train.async_checkpoints, save_frozen=cfg.train.save_frozen)
-    if ckpt.latest_step() is not None:
-      state = ckpt.restore(state, it)
-      log.info("resumed from step %d", int(state.step))
-  batches = it
-  if progress:
-    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-    batches = iter(tqdm(it, desc="training", unit="step", total=cfg.train.steps, initial=int(state.step)))
+  a progress bar of the steps. SIGTERM is watched from the start: one during the model load stops
+  the run before the first step is compiled."""
   preemption = checkpoint.Preemption()
+  ckpt = None
   try:
+    mesh = sharding.mesh_from_config(cfg.mesh)
+    config, params, tokenizer_dir = load_model(cfg, mesh, system)
+    t = make_trainer(cfg, mesh, system, config, params)
+    state = t.init()
+    it = iter(datasets.batches(system.dataset(cfg, config, tokenizer_dir), cfg.train.batch_size,
+                               worker_count=cfg.data.worker_count))
+    if cfg.train.workdir:
+      write_run_file(cfg)
+      ckpt = checkpoint.TrainCheckpointer(os.path.join(cfg.train.workdir, "checkpoints"),
+                                          max_to_keep=cfg.train.keep_checkpoints,
+                                          async_save=cfg.train.async_checkpoints, save_frozen=cfg.train.save_frozen)
+      if ckpt.latest_step() is not None:
+        state = ckpt.restore(state, it)
+        log.info("resumed from step %d", int(state.step))
+    batches = it
+    if progress:
+      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+      batches = iter(tqdm(it, desc="training", unit="step", total=cfg.train.steps, initial=int(state.step)))
     return trainer.train_loop(t, state, batches, steps=cfg.train.steps, checkpointer=ckpt, data_iterator=it,
                               preemption=preemption)
   finally:

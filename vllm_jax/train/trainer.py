@@ -278,7 +278,6 @@ def train_loop(trainer: Trainer, state: TrainState, batches: Iterator[dict[str, 
   peak = peak_flops(jax.devices()[0], cfg.peak_tflops)
   history, pending, skipped = [], [], 0
   tick, tick_step = time.perf_counter(), step
-  preempted = False
 
   def fetch():  # the pending steps' metrics to the host, the history and the metrics file
     fetched = [{k: float(v) for k, v in m.items()} for m in jax.device_get(pending)]
@@ -288,7 +287,13 @@ def train_loop(trainer: Trainer, state: TrainState, batches: Iterator[dict[str, 
       metrics_file.write(step - len(fetched) + 1, fetched)
 
   try:
-    while step < steps:
+    # A SIGTERM before the first step (during the model load): stop before compiling it. The state is
+    # the checkpoint's or the initial one, which a rerun rebuilds as fast as it would restore it. (This
+    # call also gives a SIGTERM during the first step's compile a sync point: after that step.)
+    preempted = preemption is not None and step < steps and preemption.reached()
+    if preempted:
+      log.info("step %d | preempted before the first step: nothing new to checkpoint, stopping", step)
+    while step < steps and not preempted:
       local = dict(next(batches))
       skipped += int(np.sum(local.pop("skipped", 0)))
       if 0 <= trainer.cfg.data.max_skipped < skipped:
@@ -318,7 +323,7 @@ def train_loop(trainer: Trainer, state: TrainState, batches: Iterator[dict[str, 
         log.info("step %d | eval_loss %.4f", step, eval_loss)
         if writer:
           writer.add_scalar("eval/loss", eval_loss, step)
-      preempted = preemption is not None and preemption.reached(step)
+      preempted = preemption is not None and preemption.reached()
       if checkpointer is not None and (preempted or last or step % cfg.checkpoint_every == 0):
         fetch()  # every step the checkpoint covers is on disk before it
         checkpointer.save(step, state, data_iterator, force=preempted or last)

@@ -5,8 +5,8 @@ import os
 import sys
 from importlib.metadata import version
 
-from vllm_jax.cli import chat, convert, demo, export, infer, plan, train
-from vllm_jax.cli.flags import error, load_config
+from vllm_jax.cli import cache_features, chat, convert, demo, eval, export, infer, plan, serve, train, web
+from vllm_jax.cli.flags import error, load_config, quiet, quiet_flag, silence
 
 __all__ = ["build_parser", "load_config", "main"]
 
@@ -21,10 +21,15 @@ EPILOG = """examples:
   vllm-jax convert llama-vid --model-dir ./llama-vid-7b-full-224-video-fps-1 --eva-vit eva_vit_g.pth \\
       --bert-tokenizer ./bert-base-uncased --out ./models/llama-vid-7b
   vllm-jax chat --model ./models/video-llama-7b --video clip.mp4 --question "What happens?"
+  vllm-jax web --model ./models/video-llama-7b --port 7860   # chat in the browser (pip install -e '.[web]')
   vllm-jax infer --model ./models/video-llava-7b --input questions.jsonl --output answers.jsonl
+  vllm-jax serve --model ./models/video-llava-7b --port 8000   # OpenAI-compatible /v1/chat/completions
+  vllm-jax eval --model ./models/video-llava-7b --format open-ended --annotations msvd/test_qa.json \\
+      --media-root msvd/videos --out ./runs/msvd-qa     # per-category exact match, F1; resumable
   vllm-jax train --config configs/video_llama.py:stage1 --config.init_from=./models/video-llama-7b \\
       --config.data.webvid_csv=webvid/results_2M_train.csv --config.data.webvid_dir=webvid/videos \\
       --config.train.workdir=./runs/stage1
+  vllm-jax cache-features --config configs/video_llama.py:stage1 --config.init_from=... --out ./cache/stage1
   vllm-jax plan --config configs/video_llama.py:stage1 --topology v5e:2x4   # fits? memory, FLOPs, step time
   vllm-jax export --workdir ./runs/stage2_lora --out ./models/video-llava-lora --peft ./adapters/lora
   vllm-jax convert peft --model ./models/video-llava-7b --adapter ./adapters/lora --out ./models/with-lora
@@ -36,9 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
       prog="vllm-jax", description="Video LLMs in JAX/Flax: convert weights, chat, train.",
       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--version", action="version", version=f"%(prog)s {version('vllm_jax')}")
+  quiet_flag(parser)
   commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-  for module in (convert, chat, infer, train, plan, export, demo):
+  for module in (convert, chat, infer, eval, serve, train, cache_features, plan, export, demo, web):
     module.add_parser(commands)
+  for command in commands.choices.values():  # `vllm-jax chat -q ...` too; unset there, it leaves the top-level value
+    quiet_flag(command, default=argparse.SUPPRESS)
   return parser
 
 
@@ -49,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
   args, extra = parser.parse_known_args(argv)
   if extra and not getattr(args, "takes_overrides", False):
     parser.error(f"unrecognized arguments: {' '.join(extra)}")
+  if args.quiet or quiet():
+    silence()  # before any command imports jax
   try:
     return args.run(args, extra) if getattr(args, "takes_overrides", False) else args.run(args)
   except KeyboardInterrupt:

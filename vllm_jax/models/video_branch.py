@@ -13,6 +13,7 @@ Parameters: visual_encoder (ViT), ln_vision/{scale, bias}, qformer (QFormer),
 
 import dataclasses
 
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -56,43 +57,57 @@ def stretch_frame_table(table: jax.Array, frames: int) -> jax.Array:
 
 
 class VideoBranch(nn.Module):
+  """frames [B, T, H, W, 3] (or images [B, H, W, 3]), frame_mask [B, T] bool (False for padding
+  frames) -> [B, Q_v, llm_hidden_size], in two halves: `frame_features` (the frozen encoders, what
+  a feature cache stores) and `connect` (what trains)."""
   config: VideoBranchConfig
 
-  @nn.compact
+  def setup(self):
+    cfg = self.config
+    self.visual_encoder = ViT(cfg.vit)
+    self.ln_vision = LayerNorm(cfg.ln_vision_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    self.qformer = QFormer(cfg.qformer)
+    # Trained from scratch, drawn from N(0, 1) as the reference's nn.Embedding is.
+    self.frame_position_embedding = Embed(cfg.max_frames, cfg.qformer.hidden_size, axes=("frames", "embed"),
+                                          dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                                          embedding_init=nn.initializers.normal(1.0))
+    self.video_qformer = QFormer(cfg.video_qformer)
+    self.llama_proj = Dense(cfg.llm_hidden_size, (None, "embed"), use_bias=True, dtype=cfg.dtype,
+                            param_dtype=cfg.param_dtype)
+
   def __call__(self, frames: jax.Array, frame_mask: jax.Array | None = None) -> jax.Array:
-    """frames: [B, T, H, W, 3] (or images [B, H, W, 3]); frame_mask: [B, T] bool, False for
-    padding frames -> [B, Q_v, llm_hidden_size].
+    return self.connect(self.frame_features(frames), frame_mask)
+
+  def frame_features(self, frames: jax.Array) -> jax.Array:
+    """frames [B, T, H, W, 3] (or images [B, H, W, 3]) -> [B, T, Q, E]: ViT, ln_vision and the
+    image Q-Former on each frame."""
+    if frames.ndim == 4:
+      frames = frames[:, None]
+    if frames.ndim != 5 or frames.shape[-1] != 3:
+      raise ValueError(f"expected frames [B, T, H, W, 3] or images [B, H, W, 3], got shape {frames.shape}")
+    x = self.ln_vision(self.visual_encoder(einops.rearrange(frames, "b t h w c -> (b t) h w c")))
+    return einops.rearrange(self.qformer(x), "(b t) q e -> b t q e", b=frames.shape[0])
+
+  def connect(self, features: jax.Array, frame_mask: jax.Array | None = None) -> jax.Array:
+    """Frame features [B, T, Q, E], frame_mask [B, T] -> [B, Q_v, llm_hidden_size]: frame
+    positions added, the video Q-Former over all frames' queries, the projection.
 
     The frame position table has `max_frames` entries; longer videos raise unless the config
     sets `interpolate_frames=True`, which stretches the table linearly over the T frames.
     """
     cfg = self.config
-    if frames.ndim == 4:
-      frames = frames[:, None]
-    if frames.ndim != 5 or frames.shape[-1] != 3:
-      raise ValueError(f"expected frames [B, T, H, W, 3] or images [B, H, W, 3], got shape {frames.shape}")
-    batch, num_frames = frames.shape[:2]
-    # Trained from scratch, drawn from N(0, 1) as the reference's nn.Embedding is.
-    positions = Embed(cfg.max_frames, cfg.qformer.hidden_size, axes=("frames", "embed"), dtype=cfg.dtype,
-                      param_dtype=cfg.param_dtype, embedding_init=nn.initializers.normal(1.0),
-                      name="frame_position_embedding")
+    num_frames = features.shape[1]
     if num_frames <= cfg.max_frames:
-      frame_pos = positions(jnp.arange(num_frames))
+      frame_pos = self.frame_position_embedding(jnp.arange(num_frames))
     elif cfg.interpolate_frames:
-      frame_pos = stretch_frame_table(positions(jnp.arange(cfg.max_frames)), num_frames)
+      frame_pos = stretch_frame_table(self.frame_position_embedding(jnp.arange(cfg.max_frames)), num_frames)
     else:
       raise ValueError(f"got {num_frames} frames, but the frame position table has {cfg.max_frames} entries; "
                        f"sample at most {cfg.max_frames} frames or set interpolate_frames=True in the config")
     if not cfg.use_frame_pos:
       frame_pos = jnp.zeros_like(frame_pos)
-
-    x = ViT(cfg.vit, name="visual_encoder")(frames.reshape(batch * num_frames, *frames.shape[2:]))
-    x = LayerNorm(cfg.ln_vision_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="ln_vision")(x)
-    q = QFormer(cfg.qformer, name="qformer")(x)                              # [B*T, Q, E]
-    q = q.reshape(batch, num_frames, *q.shape[1:]) + frame_pos[None, :, None, :].astype(q.dtype)
-    memory = constrain(q.reshape(batch, -1, q.shape[-1]), ("batch", "length", "act_embed"))
+    q = features + frame_pos[None, :, None, :].astype(features.dtype)
+    memory = constrain(einops.rearrange(q, "b t q e -> b (t q) e"), ("batch", "length", "act_embed"))
     memory_mask = None if frame_mask is None else jnp.repeat(frame_mask.astype(bool), q.shape[2], axis=1)
-    v = QFormer(cfg.video_qformer, name="video_qformer")(memory, memory_mask)  # [B, Q_v, E]
-    out = Dense(cfg.llm_hidden_size, (None, "embed"), use_bias=True, dtype=cfg.dtype,
-                param_dtype=cfg.param_dtype, name="llama_proj")(v)
-    return constrain(out, ("batch", "queries", "act_embed"))
+    v = self.video_qformer(memory, memory_mask)  # [B, Q_v, E]
+    return constrain(self.llama_proj(v), ("batch", "queries", "act_embed"))

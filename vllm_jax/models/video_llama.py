@@ -6,6 +6,12 @@
   --embed, the k-th placeholder of a row replaced by that row's k-th media token--> [B, L, E]
   --Llama--> logits [B, L, V]
 
+Training from a feature cache (`vllm_jax.data.feature_cache`) splits each branch at its frozen
+encoders: `frozen_features` runs them once (frame features [B, T, Q, E] from ViT + ln_vision +
+image Q-Former, ImageBind embeddings [B, N, D]); `__call__(frame_features=..., audio_features=...)`
+runs only what follows (frame positions, video Q-Former, projections, the LLM): the halves of
+`VideoBranch` (`frame_features`, `connect`) and of `AudioBranch`.
+
 Rows may hold different prompts: the placeholders sit anywhere (after left or right padding),
 one run per media item; a row without audio placeholders ignores its audio tokens. The
 placeholder ids lie outside the LLM vocabulary (added tokens); they are embedded as id 0
@@ -53,9 +59,6 @@ class VideoLlamaConfig(ConfigBase):
     return 0 if self.audio is None else self.audio.qformer.num_queries
 
 
-
-
-
 def splice(embeds: jax.Array, input_ids: jax.Array, token_id: int, media: jax.Array) -> jax.Array:
   """Replace the k-th `token_id` position of each row by media[row, k].
 
@@ -99,6 +102,20 @@ class VideoLlama(nn.Module):
       raise ValueError("this model has no audio branch (config.audio is None)")
     return self.audio(clips)
 
+  def frozen_features(self, frames: jax.Array, clips: jax.Array | None = None):
+    """What the frozen encoders make of the media, for a feature cache: frames [B, T, H, W, 3]
+    -> frame features [B, T, Q, E]; clips [B, N, 1, mel, frames] -> ImageBind embeddings
+    [B, N, D] (None without clips). Needs only the encoders' parameters."""
+    features = self.vision.frame_features(frames)
+    if clips is None:
+      return features, None
+    return features, self.audio.encoder(clips)
+
+  def encode_video_features(self, features: jax.Array, frame_mask: jax.Array | None = None) -> jax.Array:
+    """Frame features [B, T, Q, E] (`frozen_features`), mask [B, T] -> [B, num_video_tokens, E]:
+    `encode_video` without its frozen encoders."""
+    return self.vision.connect(features, frame_mask)
+
   def embed(self, input_ids: jax.Array, video_tokens: jax.Array | None = None,
             audio_tokens: jax.Array | None = None) -> jax.Array:
     """Token embeddings [B, L, E] with the media tokens spliced in at their placeholders."""
@@ -111,11 +128,20 @@ class VideoLlama(nn.Module):
 
   def __call__(self, input_ids: jax.Array, frames: jax.Array | None = None, frame_mask: jax.Array | None = None,
                audio: jax.Array | None = None, attention_mask: jax.Array | None = None,
-               positions: jax.Array | None = None, cache: KVCache | None = None):
+               positions: jax.Array | None = None, cache: KVCache | None = None,
+               frame_features: jax.Array | None = None, audio_features: jax.Array | None = None):
     """input_ids: [B, L] with placeholder runs; frames: [B, T, H, W, 3]; frame_mask: [B, T];
-    audio: [B, N, 1, mel, frames] or None (no row has audio); attention_mask: [B, L]."""
-    video_tokens = None if frames is None else self.encode_video(frames, frame_mask)
-    audio_tokens = None if audio is None else self.encode_audio(audio)
+    audio: [B, N, 1, mel, frames] or None (no row has audio); attention_mask: [B, L].
+    Cached media instead of frames / audio (`frozen_features`): frame_features [B, T, Q, E],
+    audio_features [B, N, D]."""
+    if frame_features is not None:
+      video_tokens = self.encode_video_features(frame_features, frame_mask)
+    else:
+      video_tokens = None if frames is None else self.encode_video(frames, frame_mask)
+    if audio_features is not None:
+      audio_tokens = self.audio.connect(audio_features)
+    else:
+      audio_tokens = None if audio is None else self.encode_audio(audio)
     x = self.embed(input_ids, video_tokens, audio_tokens)
     return self.decode(x, attention_mask, positions, cache)
 

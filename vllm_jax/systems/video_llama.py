@@ -6,6 +6,10 @@ A training example (fixed shapes, so that batches stack and the step compiles on
   frames [T, S, S, 3] float32, frame_mask [T] bool (False on padding frames);
   input_ids, labels, attention_mask [L] int32, right-padded, labels -100 where nothing is learned;
   audio [N, 1, mel, frames] float32, with `data.with_audio` (zeros for media without sound).
+With `data.feature_cache` (a folder written by `vllm-jax cache-features`, see
+`vllm_jax.data.feature_cache`) frames and audio are replaced by what the frozen encoders made of
+them: frame_features [T, Q, E] float32 and audio_features [N, D] float32; the text is built as above
+from the media's cached timestamps and audio validity, and the loss skips the frozen encoders.
 Token layouts (see `vllm_jax.data.conversation`):
   caption:      [BOS, <AudioHere> x Qa (videos with sound), <ImageHere> x Qv, caption + end_sym],
                 the caption cut at `max_text_len` tokens; only the caption is learned.
@@ -23,8 +27,9 @@ import numpy as np
 
 from vllm_jax.data import conversation as conv_lib
 from vllm_jax.data import datasets
+from vllm_jax.data import feature_cache
 from vllm_jax.data.audio import AudioClipConfig
-from vllm_jax.data.media import Media, load_media
+from vllm_jax.data.media import Media, MediaError, load_media
 from vllm_jax.models.video_llama import VideoLlama, VideoLlamaConfig, abstract_params, init_inputs
 from vllm_jax.systems.base import System, apply
 from vllm_jax.train import trainer
@@ -104,9 +109,12 @@ class VideoLlamaSystem(System):
     model = VideoLlama(config)
 
     def loss(params, batch, rng):
-      logits, _ = model.apply({"params": params}, batch["input_ids"], frames=batch["frames"],
-                              frame_mask=batch["frame_mask"], audio=batch.get("audio"),
-                              attention_mask=batch["attention_mask"], rngs=trainer.dropout_rngs(rng))
+      if "frame_features" in batch:  # a feature cache's batch: the frozen encoders ran when it was made
+        media = dict(frame_features=batch["frame_features"], audio_features=batch.get("audio_features"))
+      else:
+        media = dict(frames=batch["frames"], audio=batch.get("audio"))
+      logits, _ = model.apply({"params": params}, batch["input_ids"], frame_mask=batch["frame_mask"],
+                              attention_mask=batch["attention_mask"], rngs=trainer.dropout_rngs(rng), **media)
       return trainer.cross_entropy(logits, batch["labels"])
     return loss
 
@@ -117,8 +125,9 @@ class VideoLlamaSystem(System):
   @classmethod
   def batch_spec(cls, cfg, config):
     """frames [B, T, S, S, 3] float32, frame_mask [B, T] bool, input_ids/labels/attention_mask
-    [B, seq_len] int32, audio [B, N, 1, mel, frames] float32 with data.with_audio. With no data
-    source set, L is the longer of the caption and the conversation layouts."""
+    [B, seq_len] int32, audio [B, N, 1, mel, frames] float32 with data.with_audio; with
+    data.feature_cache, frame_features [B, T, Q, E] (and audio_features [B, N, D]) instead of frames
+    (and audio). With no data source set, L is the longer of the caption and the conversation layouts."""
     b, t, s = cfg.train.batch_size, config.num_frames, config.vision.vit.image_size
     if not cfg.data.webvid_csv and not cfg.data.instruct_json:
       cfg = cfg.copy_and_resolve_references()
@@ -130,7 +139,12 @@ class VideoLlamaSystem(System):
     if cfg.data.with_audio:
       c = clip_config(config)
       spec["audio"] = jax.ShapeDtypeStruct((b, c.num_clips, 1, c.num_mel_bins, c.num_frames), np.float32)
+    if cfg.data.get("feature_cache"):  # the frozen encoders' outputs replace frames and audio
+      spec = {k: v for k, v in spec.items() if k not in ("frames", "audio")}
+      for name, (shape, dtype) in feature_cache.feature_shapes(config, cfg.data.with_audio).items():
+        spec[name] = jax.ShapeDtypeStruct((b, *shape), dtype)
     return spec
+
 
 @dataclasses.dataclass(frozen=True)
 class Decode:
@@ -153,12 +167,28 @@ class Decode:
   seed: int = 0
 
   def __call__(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
+    media = self.load(record)
+    with_audio = self.audio is not None and media.audio_valid
+    return {**self.text(record, media.frames.timestamps, media.is_image, with_audio), **self.media_arrays(media)}
+
+  def load(self, record: dict[str, Any]) -> Media:
+    """The record's media, frames sampled (and cropped) as for training."""
     digest = hashlib.sha256(f"{self.seed}:{record['media']}".encode()).digest()
     rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
-    media = load_media(record["media"], self.num_frames, self.image_size, with_audio=self.audio is not None,
-                       audio_config=self.audio or AudioClipConfig(), sampling=self.sampling, rng=rng,
-                       train_crop=self.train_crop)
-    with_audio = self.audio is not None and media.audio_valid
+    return load_media(record["media"], self.num_frames, self.image_size, with_audio=self.audio is not None,
+                      audio_config=self.audio or AudioClipConfig(), sampling=self.sampling, rng=rng,
+                      train_crop=self.train_crop)
+
+  def media_arrays(self, media: Media) -> dict[str, np.ndarray]:
+    """frames [T, S, S, 3], frame_mask [T] and, with audio, audio [N, 1, mel, frames] (zeros without sound)."""
+    arrays = dict(frames=media.frames.frames, frame_mask=media.frames.frame_mask)
+    if self.audio is not None:
+      shape = (self.audio.num_clips, 1, self.audio.num_mel_bins, self.audio.num_frames)
+      arrays["audio"] = media.audio if media.audio_valid else np.zeros(shape, np.float32)
+    return arrays
+
+  def text(self, record: dict[str, Any], timestamps, is_image: bool, with_audio: bool) -> dict[str, np.ndarray]:
+    """input_ids, labels, attention_mask [seq_len] of the record, about media with these properties."""
     tokenizer = VideoLlamaSystem.training_tokenizer(self.tokenizer_dir)
     if self.stage == 1:
       media_text = (conv_lib.AUDIO_TOKEN if with_audio else "") + conv_lib.IMAGE_TOKEN
@@ -169,17 +199,32 @@ class Decode:
       ids, labels = ids + text[:self.max_text_len], labels + text[:self.max_text_len]
     else:
       turns = conv_lib.conversation_turns(record["conversation"])
-      first = conv_lib.media_turn(media.frames.timestamps, media.is_image, with_audio)
+      first = conv_lib.media_turn(timestamps, is_image, with_audio)
       turns[0] = (first + turns[0][0], turns[0][1])
       ids, labels = conv_lib.encode_training(tokenizer, conv_lib.get_template(self.template), turns,
                                              num_video_tokens=self.num_video_tokens,
                                              num_audio_tokens=self.num_audio_tokens)
       ids, labels = ids[:self.max_text_len], labels[:self.max_text_len]
-    example = {k: v[0] for k, v in conv_lib.collate([(ids, labels)], multiple=self.seq_len).items()}
-    example.update(frames=media.frames.frames, frame_mask=media.frames.frame_mask)
-    if self.audio is not None:
-      shape = (self.audio.num_clips, 1, self.audio.num_mel_bins, self.audio.num_frames)
-      example["audio"] = media.audio if with_audio else np.zeros(shape, np.float32)
+    return {k: v[0] for k, v in conv_lib.collate([(ids, labels)], multiple=self.seq_len).items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedDecode:
+  """record (with its `cache_index`) -> the example `decode` gives, frames and audio replaced by
+  their features in the cache's `files` (frame_features, audio_features; see the module doc). A
+  record whose media could not be read when the cache was made raises, as its decode did."""
+  decode: Decode
+  files: tuple[str, ...]
+
+  def __call__(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
+    entry = feature_cache.read(self.files, record["cache_index"])
+    if not entry["ok"]:
+      raise MediaError(f"{record['media']} (when the feature cache was made): {entry['error']}")
+    with_audio = self.decode.audio is not None and bool(entry["audio_valid"])
+    example = self.decode.text(record, [float(t) for t in entry["timestamps"]], bool(entry["is_image"]), with_audio)
+    example.update(frame_features=entry["frame_features"], frame_mask=entry["frame_mask"])
+    if self.decode.audio is not None:
+      example["audio_features"] = entry["audio_features"]
     return example
 
 
@@ -189,9 +234,21 @@ def seq_len(cfg, config: VideoLlamaConfig) -> int:
              cfg.data.max_text_len if cfg.data.instruct_json else 0)
 
 
-def make_dataset(cfg, config: VideoLlamaConfig, tokenizer_dir: str):
-  """The examples of every configured source (`data.webvid_*` captions, `data.instruct_*`
-  conversations), mixed by `data.weights`."""
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """One configured data source: its records, their decode, mixture weight, shuffle seed and the
+  annotation files and media folder it reads (what a feature cache records)."""
+  name: str                  # "captions" | "instructions"
+  records: list[dict[str, Any]]
+  decode: Decode
+  weight: float
+  seed: int
+  files: tuple[str, ...]
+  media_dir: str
+
+
+def data_sources(cfg, config: VideoLlamaConfig, tokenizer_dir: str) -> list[Source]:
+  """The sources of `data.webvid_*` captions and `data.instruct_*` conversations, as configured."""
   data = cfg.data
   if not data.webvid_csv and not data.instruct_json:
     raise ValueError("no training data: set data.webvid_csv (+ data.webvid_dir) and/or data.instruct_json "
@@ -207,9 +264,22 @@ def make_dataset(cfg, config: VideoLlamaConfig, tokenizer_dir: str):
       seed=cfg.seed)
   sources = []
   if data.webvid_csv:
-    sources.append((datasets.webvid_records(data.webvid_csv, data.webvid_dir), Decode(stage=1, **common),
-                    data.weights[0], cfg.seed))
+    sources.append(Source("captions", datasets.webvid_records(data.webvid_csv, data.webvid_dir),
+                          Decode(stage=1, **common), data.weights[0], cfg.seed, (data.webvid_csv,), data.webvid_dir))
   if data.instruct_json:
     records = INSTRUCTION_READERS[data.instruct_format](data.instruct_json, data.instruct_dir)
-    sources.append((records, Decode(stage=2, **common), data.weights[-1], cfg.seed + 1))
-  return datasets.from_sources(data, sources)
+    sources.append(Source("instructions", records, Decode(stage=2, **common), data.weights[-1], cfg.seed + 1,
+                          (data.instruct_json,), data.instruct_dir))
+  return sources
+
+
+def make_dataset(cfg, config: VideoLlamaConfig, tokenizer_dir: str):
+  """The examples of every configured source (`data.webvid_*` captions, `data.instruct_*`
+  conversations), mixed by `data.weights`. With `data.feature_cache`, the cache's features replace
+  the media once the cache is found to fit this run (else ValueError naming what differs)."""
+  sources = data_sources(cfg, config, tokenizer_dir)
+  if cfg.data.get("feature_cache"):
+    files = feature_cache.open_for_training(cfg, config, sources)
+    sources = [dataclasses.replace(s, records=[dict(r, cache_index=i) for i, r in enumerate(s.records)],
+                                   decode=CachedDecode(s.decode, files[s.name])) for s in sources]
+  return datasets.from_sources(cfg.data, [(s.records, s.decode, s.weight, s.seed) for s in sources])

@@ -9,18 +9,16 @@ cd "$(dirname "$0")/.."
 pip install -q --no-deps imagebind-unofficial==0.1.1 ftfy wcwidth iopath portalocker
 # LanguageBind's video tower (MIT; Video-LLaVA's temporal attention); --no-deps: it pins transformers<5.
 pip install -q --no-deps languagebind==0.1.0 peft accelerate
-# SLURM for tests/test_slurm.py (a one-node cluster on localhost, daemons as root; skipped without it).
-if ! command -v sbatch >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  { apt-get update -qq && apt-get install -y -qq slurm-wlm munge; } >/dev/null 2>&1 \
-    || echo "slurm-wlm not installed: tests/test_slurm.py skips"
+# Debian packages of the system tests, which skip without them: SLURM for tests/test_slurm.py (a
+# one-node cluster on localhost, daemons as root) and Chromium for tests/test_web.py (Playwright
+# drives it; its own browser download is not used).
+packages=""
+command -v sbatch >/dev/null || packages="slurm-wlm munge"
+[ -x /usr/bin/chromium ] || packages="$packages chromium"
+if [ -n "$packages" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $packages; } >/dev/null 2>&1 \
+    || echo "could not install $packages: tests/test_slurm.py / tests/test_web.py skip"
 fi
-# The web page in a headless browser for tests/test_web.py: gradio, Playwright, and Debian's Chromium
-# (Playwright's own browser download is not used; the test skips without Chromium).
-pip install -q -e '.[web]' playwright
-if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null; then
-  root=""; [ "$(id -u)" = 0 ] || root="sudo -n"
-  { $root apt-get update -qq && $root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
-    >/dev/null 2>&1 || echo "chromium not installed: tests/test_web.py skips"
-fi
+pip install -q -e '.[web]' playwright  # the web page's extra, and the browser driver of its test
 # --- end of test-only references ---
 python -m pytest tests -n 2 --durations=15 "$@"

@@ -33,11 +33,11 @@ the instructions; "" = random init of `model` with `data.tokenizer` and `data.in
   stage2_lora: stage 2 with LoRA adapters on the LLM in its place (`model.llama.lora`: rank 128,
           alpha 256, dropout 0.05 on all seven projections, the LLaVA family's published LoRA
           setting) trained with the projectors and the context path, the base LLM frozen; lr 2e-4,
-          LLaVA's LoRA rate. Data parallel: the frozen LLM is kept in bfloat16 and the adapters
-          are small. `vllm-jax export` turns its checkpoints into a model folder or a PEFT adapter.
-Stages 2 and 3 shard the parameters and optimizer state over every device (FSDP: mesh.fsdp=-1,
-data 1), as the reference shards them with DeepSpeed ZeRO: a 7B LLM with fp32 AdamW state
-outgrows one GPU. Tiny recipes train data parallel (their widths do not divide over many devices).
+          LLaVA's LoRA rate. `vllm-jax export` turns its checkpoints into a model folder or a
+          PEFT adapter.
+Stages 2 and 3 (LoRA too) shard the parameters and optimizer state over every device (FSDP:
+mesh.fsdp=-1, data 1), as the reference shards them with DeepSpeed ZeRO: a 7B LLM with fp32 AdamW
+state outgrows one GPU, and a replicated bf16 one alone fills a 16 GiB TPU chip. Tiny recipes train data parallel (their widths do not divide over many devices).
 All: frames at 1 per second (at most `data.max_frames`, evenly spread), AdamW b=(0.9, 0.999), no
 weight decay, linear warm-up from 0 over 3% of the steps, then cosine decay to 0 at the last step
 (both follow `train.steps`), gradient clipping at norm 1 (the transformers Trainer's default), text
@@ -125,7 +125,7 @@ def train_config(cfg: ml_collections.ConfigDict, stage: str, tiny: bool = False)
                            warmup_start_lr=0.0, warmup_steps=0, warmup_ratio=0.03, weight_decay=0.0, clip_norm=1.0)
   if lora:
     cfg.model.llama.lora = ml_collections.ConfigDict(LORA.to_dict())
-  elif not stage1:
+  if not stage1:
     cfg.mesh.update(data=1, fsdp=-1)
   cfg.train = train_section(steps=math.ceil(EXAMPLES[stage] / BATCH[stage]), batch_size=BATCH[stage],
                             log_every=50, checkpoint_every=1000 if stage != "stage3" else 200)

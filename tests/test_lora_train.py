@@ -224,9 +224,8 @@ def test_lora_recipes_train_adapters_and_connectors(name, connectors):
     config = system.config_class.from_dict(cfg.model.to_dict())
     assert config.llama.lora == lora and run_lib.recipe_lora(cfg) == lora
     assert arg.startswith("tiny") or cfg.optim.lr == 2e-4  # LLaVA's LoRA rate (tiny ones have their own)
-    # Data parallel (the frozen bf16 LLM on every device), but Video-LLaMA's 7B stages shard it all
-    # (FSDP), as a 16 GiB chip needs.
-    fsdp = name == "video_llama" and not arg.startswith("tiny")
+    # The 7B recipes shard it all (FSDP): a replicated bf16 7B LLM alone fills a 16 GiB chip.
+    fsdp = not arg.startswith("tiny")
     assert (cfg.mesh.data, cfg.mesh.fsdp) == ((1, -1) if fsdp else (-1, 1))
   # Over the tiny model's parameters (the last config), the trainable regexes pick exactly the
   # adapters and the connectors.

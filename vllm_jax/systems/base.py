@@ -157,6 +157,12 @@ class System:
     return cls.module(config)
 
   @classmethod
+  def stage_config(cls, cfg, config):
+    """The model a training stage of `cfg` builds from `config`: without what the stage neither
+    feeds nor trains (its parameters are then not loaded, stored or sharded)."""
+    return config
+
+  @classmethod
   def loss_fn(cls, config) -> trainer.LossFn:
     """(params, batch, rng) -> (summed next-token loss, learned-token count) of a batch of examples."""
     raise NotImplementedError

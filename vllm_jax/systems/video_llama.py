@@ -105,6 +105,11 @@ class VideoLlamaSystem(System):
   # --- training -----------------------------------------------------------------------------
 
   @classmethod
+  def stage_config(cls, cfg, config):
+    """Vision-only stages (no data.with_audio) build the model without its audio branch."""
+    return config if cfg.data.with_audio else config.replace(audio=None)
+
+  @classmethod
   def loss_fn(cls, config) -> trainer.LossFn:
     model = VideoLlama(config)
 

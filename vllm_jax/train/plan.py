@@ -63,8 +63,8 @@ def model_config(cfg, system):
       meta = json.load(f)
     if system.model_type not in meta:
       raise ValueError(f"{path} holds no {system.model_type} config")
-    return run_lib.training_config(cfg, system.config_class.from_dict(meta[system.model_type]))
-  return run_lib.training_config(cfg, system.config_class.from_dict(cfg.model.to_dict()))
+    return run_lib.training_config(cfg, system, system.config_class.from_dict(meta[system.model_type]))
+  return run_lib.training_config(cfg, system, system.config_class.from_dict(cfg.model.to_dict()))
 
 
 @dataclasses.dataclass

@@ -89,10 +89,11 @@ def with_compute_dtype(config, dtype: str):
   return dataclasses.replace(config, **changes)
 
 
-def training_config(cfg, config):
-  """The model config a run of `cfg` builds from `config` (`init_from`'s or the recipe's): with
-  the recipe's LoRA adapters and `compute_dtype`."""
-  config = with_recipe_lora(cfg, config)
+def training_config(cfg, system, config):
+  """The model config a run of `cfg` builds from `config` (`init_from`'s or the recipe's): the
+  stage's model (`System.stage_config`: no branch the stage neither feeds nor trains), with the
+  recipe's LoRA adapters and `compute_dtype`."""
+  config = with_recipe_lora(cfg, system.stage_config(cfg, config))
   return with_compute_dtype(config, cfg.compute_dtype) if cfg.get("compute_dtype") else config
 
 
@@ -102,10 +103,14 @@ def load_model(cfg, mesh, system) -> tuple[Any, Any, str]:
   random init and `data.tokenizer`, whose placeholder ids become the model's."""
   if cfg.init_from:
     loaded = system.load(cfg.init_from, mesh=mesh)
-    return training_config(cfg, loaded.config), loaded.params, os.path.join(cfg.init_from, "tokenizer")
+    config = training_config(cfg, system, loaded.config)
+    branches = nn.meta.unbox(system.abstract_params(config))
+    params = {name: tree for name, tree in loaded.params.items() if name in branches}
+    return config, params, os.path.join(cfg.init_from, "tokenizer")
   if not cfg.data.tokenizer:
     raise ValueError("set init_from (a converted model folder) or data.tokenizer (for a random init)")
-  return training_config(cfg, system.prepare_init(cfg, load_tokenizer(cfg.data.tokenizer))), None, cfg.data.tokenizer
+  config = system.prepare_init(cfg, load_tokenizer(cfg.data.tokenizer))
+  return training_config(cfg, system, config), None, cfg.data.tokenizer
 
 
 def write_run_file(cfg) -> None:
@@ -174,7 +179,7 @@ def trained_model(workdir: str, step: int | None = None):
     config = with_recipe_lora(cfg, model.config)
   elif cfg.train.save_frozen:
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-    config = system.prepare_init(cfg, tokenizer)
+    config = with_recipe_lora(cfg, system.stage_config(cfg, system.prepare_init(cfg, tokenizer)))
     model = system(config, None, tokenizer)
     if cfg.data.get("instruction_tokenizer"):  # LLaMA-VID's Q-Former reads with a tokenizer of its own
       model.instruction_tokenizer = load_instruction_tokenizer(cfg.data.instruction_tokenizer)

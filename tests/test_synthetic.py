@@ -90,3 +90,33 @@ def test_pixels_and_sound_match_the_caption(dataset):
       assert sharpness < 1.0, sharpness
     else:
       assert sharpness > 1.0 and (peak < 40) == (row["sound"] == "low tone"), (peak, sharpness)
+
+
+def test_parse_caption_rejects_repeated_mentions():
+  caption = synthetic.caption("yellow", "circle", "right", "low tone")
+  assert synthetic.parse_caption(caption.upper() + ".") == dict(colour="yellow", shape="circle", direction="right",
+                                                                 sound="low tone")
+  # A caption that starts over names colour, shape and direction twice: none of them counts.
+  repeated = caption.replace(" with ", " with " + caption.removesuffix(" with a low tone") + " with ", 1)
+  assert synthetic.parse_caption(repeated) == dict(colour=None, shape=None, direction=None, sound="low tone")
+  assert synthetic.parse_caption("a red or blue square")["colour"] is None
+  assert synthetic.parse_caption("a yellow square")["sound"] is None  # "low" inside "yellow" is no sound
+
+
+def test_eval_items_and_scores(dataset):
+  from vllm_jax.eval import synthetic as eval_synthetic
+  items = eval_synthetic.load(dataset["val_csv"])
+  rows = synthetic.read_split(dataset["val_csv"])
+  assert [i.id for i in items] == [r["videoid"] for r in rows] and all(os.path.isfile(i.media) for i in items)
+  # Another media root: the same layout under it.
+  moved = eval_synthetic.load(dataset["val_csv"], "/elsewhere")[0].media
+  assert moved == f"/elsewhere/videos/val/{rows[0]['videoid']}.mp4"
+  item = items[0]
+  assert item.question == synthetic.QUESTIONS[0] and item.answer == rows[0]["name"]
+  assert item.truth == {name: rows[0][name] for name in synthetic.ATTRIBUTES}
+  right = dict.fromkeys(eval_synthetic.METRICS, 1.0)
+  assert eval_synthetic.score(item, " " + item.answer.capitalize() + ". ") == right
+  wrong = synthetic.caption(**{**item.truth, "sound": next(s for s in synthetic.SOUNDS if s != item.truth["sound"])})
+  assert eval_synthetic.score(item, wrong) == {**dict.fromkeys(synthetic.ATTRIBUTES, 1.0), "sound": 0.0, "exact": 0.0}
+  longer = item.answer + " and " + item.answer
+  assert eval_synthetic.score(item, longer) == dict.fromkeys(eval_synthetic.METRICS, 0.0)

@@ -6,8 +6,9 @@
   3. training:  `vllm_jax.train.run.train` (what `vllm-jax train` runs) on the captions and
                 conversations; orbax checkpoints in {workdir}/train, then the model folder that
                 `vllm-jax chat` reads in {workdir}/model
-  4. evaluation: `vllm-jax infer` asks about every held-out video; the four attributes parsed from
-                each answer give the accuracy table ({workdir}/accuracy.json)
+  4. evaluation: `vllm-jax eval --format synthetic` (`vllm_jax.eval.synthetic`) asks for every held-out
+                video's caption; the exact captions and the four attributes parsed from each answer
+                give the accuracy table ({workdir}/accuracy.json; answers and scores in {workdir}/eval)
   5. {workdir}/report.png: loss curve, accuracy bars, held-out frames with the model's answers
   6. one question about a held-out video, answered by `vllm-jax chat`
 """
@@ -15,66 +16,80 @@
 import json
 import logging
 import os
+import re
 import shutil
 import sys
+import textwrap
 import time
 
 import numpy as np
 
 from vllm_jax.data import synthetic
 
-EVAL_QUESTION = synthetic.QUESTIONS[0]
 CHANCE = {name: 1 / len(values) for name, values in synthetic.ATTRIBUTES.items()}
+CHANCE["exact"] = float(np.prod(list(CHANCE.values())))  # all four right
+LINE_BREAK = "¶"  # stands for "\n" in the tokenizer's training text (see `tokenizer_texts`)
+FRAME_TIMES = [0.0, 0.4, 0.8, 1.1, 1.5, 1.9, 2.2, 2.6]  # the 8 frames sampled from every (3 s) video
 
 
-def tokenizer_texts(dataset: dict[str, str]) -> list[str]:
-  """Every text the model reads or writes: the conversations and the chat template's turns."""
+def tokenizer_texts(dataset: dict[str, str], template: str = "vicuna_v0", end_sym: str = "\n",
+                    with_audio: bool = True) -> list[str]:
+  """The text the model is trained on, cut at the media placeholders as its tokenization cuts it: the
+  captions, and the conversations in the training layout of `template` (the media turn with or
+  without audio, as the model is trained).
+
+  Nothing else: a piece learned only from other text (say "▁###" from an inference prompt's opening
+  "###Human:", or "▁Describe" from the question after the media turn, where training has "heard.Describe")
+  would have an embedding that no training step updates, random input wherever a prompt holds it.
+  """
   from vllm_jax.data import conversation as conv_lib
+  placeholders = re.compile("|".join(map(re.escape, (conv_lib.IMAGE_TOKEN, conv_lib.AUDIO_TOKEN))))
+  texts = [row["name"] + end_sym for row in synthetic.read_split(dataset["train_csv"])]
   with open(dataset["train_json"]) as f:
-    said = [turn["value"].replace("<video>", "") for record in json.load(f) for turn in record["conversations"]]
-  media = [conv_lib.AUDIO_VIDEO_TURN, conv_lib.video_turn([0.0, 0.4, 0.8, 1.1, 1.5, 1.9, 2.2, 2.6])]
-  media = [m.replace(conv_lib.IMAGE_TOKEN, " ").replace(conv_lib.AUDIO_TOKEN, " ") for m in media]
-  turns = [f"###Human: {m} {q}\n###Assistant: " for m in media for q in synthetic.QUESTIONS]
-  return said + turns
+    conversations = [conv_lib.conversation_turns(record["conversations"]) for record in json.load(f)]
+  media = conv_lib.media_turn(FRAME_TIMES, with_audio=with_audio)
+  for turns in conversations:
+    turns = [(media + turns[0][0], turns[0][1])] + turns[1:]  # as the system's training examples open
+    pieces = conv_lib.training_pieces(conv_lib.get_template(template), turns)
+    texts += [t for t in placeholders.split("".join(text for text, _ in pieces)) if t]
+  # sentencepiece's trainer reads a line break as a space, the tokenizer then encodes it as a byte:
+  # "\n###Assistant" would teach it "▁###", a piece the model reads only at a prompt's start.
+  return [t.replace("\n", LINE_BREAK) for t in texts]
 
 
-def evaluate(model_dir: str, dataset: dict[str, str], out_dir: str, batch_size: int) -> list[dict]:
-  """`vllm-jax infer` on the held-out videos -> rows: the CSV row, "answer" and "parsed" attributes."""
-  from vllm_jax import cli
-  rows = synthetic.read_split(dataset["val_csv"])
-  questions, answers = os.path.join(out_dir, "val_questions.jsonl"), os.path.join(out_dir, "val_answers.jsonl")
-  with open(questions, "w") as f:
-    for row in rows:
-      video = os.path.join(dataset["videos"], row["page_dir"], row["videoid"] + ".mp4")
-      video = os.path.relpath(video, out_dir)  # infer reads media paths from the questions' folder
-      f.write(json.dumps(dict(id=row["videoid"], video=video, question=EVAL_QUESTION)) + "\n")
-  if os.path.exists(answers):
-    os.remove(answers)
-  if cli.main(["infer", "--model", model_dir, "--input", questions, "--output", answers,
-               "--batch-size", str(batch_size), "--max-new-tokens", "24"]):
-    raise RuntimeError("vllm-jax infer failed on the held-out videos")
-  with open(answers) as f:
-    by_id = {r["id"]: r for r in map(json.loads, f)}
-  for row in rows:
-    row["answer"] = by_id[row["videoid"]].get("answer", "")
-    row["parsed"] = synthetic.parse_caption(row["answer"])
-  return rows
-
-
-def accuracy(rows: list[dict]) -> dict[str, float]:
-  return {name: float(np.mean([r["parsed"][name] == r[name] for r in rows])) for name in synthetic.ATTRIBUTES}
+def evaluate(model_dir: str, dataset: dict[str, str], out_dir: str, batch_size: int) -> tuple[dict, list[dict]]:
+  """`vllm-jax eval --format synthetic` on the held-out videos -> (its summary, rows: "item", "answer",
+  "scores" per video). The answers are in {out_dir}/answers.jsonl, the scores in {out_dir}/results.json."""
+  from vllm_jax.eval import run as eval_run
+  from vllm_jax.eval import synthetic as eval_synthetic
+  from vllm_jax.systems.video_llama import VideoLlamaSystem
+  shutil.rmtree(out_dir, ignore_errors=True)  # the answers of an earlier model would be resumed
+  items = eval_synthetic.load(dataset["val_csv"])
+  system = VideoLlamaSystem.load(model_dir)
+  summary = eval_run.evaluate(system, "synthetic", items, out_dir, batch_size=batch_size, use_audio=system.has_audio,
+                              max_new_tokens=24, settings={"model": model_dir, "annotations": dataset["val_csv"]})
+  if summary["settings"]["errors"]:
+    raise RuntimeError(f"the evaluation failed on {summary['settings']['errors']} held-out videos: "
+                       f"{summary['settings']['error_items']}")
+  with open(os.path.join(out_dir, "answers.jsonl")) as f:
+    answers = {r["id"]: r["answer"] for r in map(json.loads, f)}
+  return summary, [dict(item=item, answer=answers[item.id], scores=eval_synthetic.score(item, answers[item.id]))
+                   for item in items]
 
 
 def format_table(acc: dict[str, float], num_videos: int) -> str:
-  lines = [f"held-out accuracy ({num_videos} videos)", f"  {'attribute':<10} {'accuracy':>8}  {'chance':>6}"]
-  lines += [f"  {name:<10} {100 * acc[name]:7.1f}%  {100 * CHANCE[name]:5.0f}%" for name in synthetic.ATTRIBUTES]
+  """Each attribute's accuracy (named once, and rightly) and the exact captions' share, beside chance."""
+  lines = [f"held-out accuracy ({num_videos} videos)", f"  {'':<10} {'accuracy':>8}  {'chance':>6}"]
+  lines += [f"  {name:<10} {100 * acc[name]:7.1f}%  {100 * CHANCE[name]:5.1f}%" for name in synthetic.ATTRIBUTES]
+  lines.append(f"  {'exact':<10} {100 * acc['exact']:7.1f}%  {100 * CHANCE['exact']:5.1f}%  "
+               f"({round(acc['exact'] * num_videos)}/{num_videos} captions word for word)")
   return "\n".join(lines)
 
 
-def write_report(path: str, losses: list[float], acc: dict[str, float], rows: list[dict], video_dir: str,
-                 title: str, num_examples: int = 4) -> None:
-  """PNG: training loss, per-attribute accuracy, and three frames of a few held-out videos with
-  the generated answer under the true caption."""
+def report_figure(losses: list[float], acc: dict[str, float], rows: list[dict], title: str, num_examples: int = 4):
+  """Training loss, accuracy bars, and three frames of a few held-out videos with the generated answer
+  under the true caption: green and ✓ when it is the exact caption, red and ✗ when not (half of the
+  examples shown are such misses when there are some)."""
   import decord
   import matplotlib
   matplotlib.use("Agg")
@@ -85,13 +100,16 @@ def write_report(path: str, losses: list[float], acc: dict[str, float], rows: li
   ax.plot(np.arange(1, len(losses) + 1), losses)
   ax.set(xlabel="step", ylabel="loss", title="training loss", yscale="log")
   ax = fig.add_subplot(grid[0, 3:])
-  names = list(synthetic.ATTRIBUTES)
-  ax.bar(names, [100 * acc[n] for n in names], color="tab:green")
+  names = list(CHANCE)
+  ax.bar(names, [100 * acc[n] for n in names], color=["tab:green"] * (len(names) - 1) + ["tab:blue"])
   ax.scatter(names, [100 * CHANCE[n] for n in names], marker="_", s=900, color="k", label="chance")
-  ax.set(ylim=(0, 105), ylabel="%", title="held-out accuracy")
-  ax.legend(loc="lower right")
-  for i, row in enumerate(rows[:num_examples]):
-    reader = decord.VideoReader(os.path.join(video_dir, row["page_dir"], row["videoid"] + ".mp4"))
+  ax.set(ylim=(0, 118), ylabel="%", title="held-out accuracy (exact: the whole caption)")
+  ax.legend(loc="upper right")  # above the bars, which end at 100
+  misses = [r for r in rows if not r["scores"]["exact"]][:num_examples // 2]
+  shown = sorted(misses + [r for r in rows if r["scores"]["exact"]][:num_examples - len(misses)],
+                 key=lambda r: r["item"].id)
+  for i, row in enumerate(shown):
+    reader = decord.VideoReader(row["item"].media)
     frames = reader.get_batch([0, len(reader) // 2, len(reader) - 1]).asnumpy()
     for j, frame in enumerate(frames):
       ax = fig.add_subplot(grid[1 + i, j])
@@ -99,11 +117,20 @@ def write_report(path: str, losses: list[float], acc: dict[str, float], rows: li
       ax.axis("off")
     ax = fig.add_subplot(grid[1 + i, 3:])
     ax.axis("off")
-    ax.text(0, 0.6, f"true:  {row['name']}", fontsize=11)
-    ax.text(0, 0.3, f"model: {row['answer']}", fontsize=11,
-            color="tab:green" if row["parsed"] == {n: row[n] for n in names} else "tab:red")
+    exact = row["scores"]["exact"]
+    ax.text(0, 0.8, textwrap.fill(f"true:  {row['item'].answer}", 60), fontsize=11, va="top")
+    # Wrapped: a model that repeats itself writes up to 24 tokens, more than the half figure holds in a line.
+    ax.text(0, 0.5, textwrap.fill(f"{'✓' if exact else '✗'} model: {row['answer']}", 60), fontsize=11, va="top",
+            color="tab:green" if exact else "tab:red")
   fig.suptitle(title)
   fig.tight_layout()
+  return fig
+
+
+def write_report(path: str, *args, **kwargs) -> None:
+  """`report_figure(*args, **kwargs)` as a PNG."""
+  import matplotlib.pyplot as plt
+  fig = report_figure(*args, **kwargs)
   fig.savefig(path, dpi=80)
   plt.close(fig)
 
@@ -125,7 +152,8 @@ def run(cfg) -> dict:
                                    seed=cfg.seed)
   tokenizer_dir = os.path.join(workdir, "tokenizer")
   shutil.rmtree(tokenizer_dir, ignore_errors=True)  # else the old tokenizer.json would win
-  tokenizer = train_tokenizer(tokenizer_texts(dataset), tokenizer_dir, vocab_size=cfg.model.llama.vocab_size)
+  texts = tokenizer_texts(dataset, cfg.model.template, cfg.data.end_sym, cfg.data.with_audio)
+  tokenizer = train_tokenizer(texts, tokenizer_dir, vocab_size=cfg.model.llama.vocab_size)
   train_dir, model_dir = os.path.join(workdir, "train"), os.path.join(workdir, "model")
   shutil.rmtree(train_dir, ignore_errors=True)  # a demo trains from scratch
   cfg.data.update(webvid_csv=dataset["train_csv"], webvid_dir=dataset["videos"], instruct_json=dataset["train_json"],
@@ -144,22 +172,22 @@ def run(cfg) -> dict:
   VideoLlamaSystem(config, params, tokenizer).save(model_dir)
   del result, params
 
-  rows = evaluate(model_dir, dataset, workdir, cfg.demo.eval_batch_size)
-  acc = accuracy(rows)
+  summary, rows = evaluate(model_dir, dataset, os.path.join(workdir, "eval"), cfg.demo.eval_batch_size)
+  acc = {name: summary["overall"][name] for name in CHANCE}
   table = format_table(acc, len(rows))
   print(table)
   with open(os.path.join(workdir, "accuracy.json"), "w") as f:
     json.dump(acc, f, indent=1)
   report = os.path.join(workdir, "report.png")
-  write_report(report, losses, acc, rows, dataset["videos"],
+  write_report(report, losses, acc, rows,
                title=f"Video-LLaMA demo: {len(losses)} steps on {cfg.demo.num_train} synthetic videos")
   print(f"report: {report}")
 
-  video = os.path.join(dataset["videos"], rows[0]["page_dir"], rows[0]["videoid"] + ".mp4")
+  video = rows[0]["item"].media
   print(f"\n$ vllm-jax chat --model {model_dir} --video {video} --question {json.dumps(cfg.demo.question)}")
   cli.main(["chat", "--model", model_dir, "--video", video, "--question", cfg.demo.question,
             "--max-new-tokens", "24"])
-  print(f"(true caption: {rows[0]['name']})")
+  print(f"(true caption: {rows[0]['item'].answer})")
   seconds = time.perf_counter() - start
   print(f"demo done in {seconds / 60:.1f} min; everything is in {workdir}")
   return dict(accuracy=acc, seconds=seconds, report=report, model=model_dir, dataset=dataset,

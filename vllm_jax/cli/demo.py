@@ -20,8 +20,9 @@ def add_parser(commands) -> None:
   demo = commands.add_parser(
       "demo", help="train a tiny audio-visual Video-LLaMA on synthetic videos, evaluate it and chat",
       description="Generate the synthetic dataset (cached), train a tiny Video-LLaMA with `vllm-jax train`'s "
-                  "code, save the model, caption the held-out videos with `vllm-jax infer`, print the "
-                  "per-attribute accuracy, write report.png and answer a question with `vllm-jax chat`. "
+                  "code, save the model, caption the held-out videos with `vllm-jax eval --format "
+                  "synthetic`, print the exact-caption and per-attribute accuracy, write report.png and answer "
+                  "a question with `vllm-jax chat`. "
                   "Ablations: --config.model.use_frame_pos=False, --config.model.use_audio=False; other "
                   "--config.a.b=VALUE flags as for `train` (e.g. --config.demo.workdir=DIR, "
                   "--config.train.steps=N).",

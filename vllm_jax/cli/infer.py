@@ -37,6 +37,7 @@ def run(args) -> int:
   from tqdm import tqdm
 
   from vllm_jax.data.media import MediaError
+  from vllm_jax.eval.run import load_answers
   system = flags.load_system(args)
   use_audio = flags.use_audio(args, system)
   if use_audio is None:
@@ -47,7 +48,7 @@ def run(args) -> int:
     lines = f.read().splitlines()
   keys = item_keys(lines)
   media_root = args.media_root or os.path.dirname(os.path.abspath(args.input))
-  done = _answered(args.output)
+  done = load_answers(args.output, needs=("answer",))  # errors and torn lines are retried
   items = [i for i, line in enumerate(lines) if line.strip()]
   pending = [i for i in items if keys[i] not in done]
   print(f"{len(items) - len(pending)} of {len(items)} lines already answered; {len(pending)} to go", file=sys.stderr)
@@ -110,24 +111,3 @@ def item_keys(lines: list[str]) -> list[str]:
   if repeated:
     print(f"warning: ids on more than one line (each line is answered): {', '.join(repeated)}", file=sys.stderr)
   return keys
-
-
-def _answered(path: str) -> set[str]:
-  """Keys of the items with an answer in `path`; other records (errors, a torn last line) are
-  dropped from the file, so those items are tried again."""
-  if not os.path.exists(path):
-    return set()
-  keep, done = [], set()
-  with open(path) as f:
-    for line in f:
-      try:
-        record = json.loads(line)
-      except ValueError:
-        continue
-      if "answer" in record and "key" in record and record["key"] not in done:
-        done.add(record["key"])
-        keep.append(json.dumps(record) + "\n")
-  with open(path + ".tmp", "w") as f:
-    f.writelines(keep)
-  os.replace(path + ".tmp", path)
-  return done

@@ -21,6 +21,7 @@ import fractions
 import itertools
 import json
 import os
+import re
 
 import numpy as np
 
@@ -62,10 +63,12 @@ def conversation(question: str, attributes: dict[str, str], rng: np.random.Gener
 
 
 def parse_caption(text: str) -> dict[str, str | None]:
-  """The attribute values a caption names (None where it names none or several)."""
+  """The attribute values a caption names (None where it names none, or more than one: also the same
+  value twice, so that a caption that repeats itself does not pass for a right one)."""
+  text = text.lower()
   found = {}
   for name, values in ATTRIBUTES.items():
-    hits = [v for v in values if f" {v} " in f" {text.lower().replace('.', ' ')} "]
+    hits = [v for v in values for _ in re.finditer(rf"\b{v}\b", text)]
     found[name] = hits[0] if len(hits) == 1 else None
   return found
 

@@ -105,7 +105,13 @@ def write_case(case, folder, shape):
     return save(Image.frombytes("CMYK", (width, height), cmyk.tobytes()), tif), expected, ("CMYK",)
   if case == "YCbCr":
     ycc = rng.integers(0, 256, (*shape, 3), np.uint8)
-    return save(Image.frombytes("YCbCr", (width, height), ycc.tobytes()), tif), ycbcr_to_rgb(ycc), ("YCbCr",)
+    save(Image.frombytes("YCbCr", (width, height), ycc.tobytes()), tif)
+    try:
+      with Image.open(tif) as image:
+        image.load()
+    except OSError:  # Pillow 12 writes a YCbCr TIFF it cannot read back ("image file is truncated")
+      pytest.skip("this Pillow cannot read the YCbCr TIFF it writes")
+    return tif, ycbcr_to_rgb(ycc), ("YCbCr",)
   raise ValueError(case)
 
 

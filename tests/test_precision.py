@@ -59,3 +59,6 @@ def test_full_size_recipes_compute_in_bfloat16():
     cfg = importlib.import_module(f"vllm_jax.configs.{module}").get_config(stage)
     config = plan.model_config(cfg, systems.get(cfg.system))
     assert config.llama.dtype == "bfloat16" and config.llama.param_dtype == "float32", module
+    # The recipe's LLM remat policy applies over the model's (an init_from folder's too).
+    want = "dots_with_no_batch_dims_saveable" if module == "video_llama" else "nothing_saveable"
+    assert config.llama.remat_policy == want, module

@@ -92,8 +92,11 @@ def with_compute_dtype(config, dtype: str):
 def training_config(cfg, system, config):
   """The model config a run of `cfg` builds from `config` (`init_from`'s or the recipe's): the
   stage's model (`System.stage_config`: no branch the stage neither feeds nor trains), with the
-  recipe's LoRA adapters and `compute_dtype`."""
+  recipe's LoRA adapters, `compute_dtype` and `llm_remat_policy` (what the LLM's layers keep for
+  the backward pass, a jax.checkpoint_policies name)."""
   config = with_recipe_lora(cfg, system.stage_config(cfg, config))
+  if cfg.get("llm_remat_policy"):
+    config = config.replace(llama=config.llama.replace(remat_policy=cfg.llm_remat_policy))
   return with_compute_dtype(config, cfg.compute_dtype) if cfg.get("compute_dtype") else config
 
 

@@ -37,7 +37,8 @@ the instructions; "" = random init of `model` with `data.tokenizer` and `data.in
           PEFT adapter.
 Stages 2 and 3 (LoRA too) shard the parameters and optimizer state over every device (FSDP:
 mesh.fsdp=-1, data 1), as the reference shards them with DeepSpeed ZeRO: a 7B LLM with fp32 AdamW
-state outgrows one GPU, and a replicated bf16 one alone fills a 16 GiB TPU chip. Tiny recipes train data parallel (their widths do not divide over many devices).
+state outgrows one GPU, and a replicated bf16 one alone fills a 16 GiB TPU chip. Tiny recipes
+train data parallel (their widths do not divide over many devices).
 All: frames at 1 per second (at most `data.max_frames`, evenly spread), AdamW b=(0.9, 0.999), no
 weight decay, linear warm-up from 0 over 3% of the steps, then cosine decay to 0 at the last step
 (both follow `train.steps`), gradient clipping at norm 1 (the transformers Trainer's default), text

@@ -15,7 +15,7 @@ from test_video_loading import write_video
 from vllm_jax import cli, serve, systems
 from vllm_jax.configs.video_llama import model_config
 from vllm_jax.data.tokenizer import train_tokenizer
-from vllm_jax.eval import Item, formats, likelihood, metrics
+from vllm_jax.eval import formats, likelihood, metrics
 from vllm_jax.eval import run as eval_run
 from vllm_jax.eval.judge import Judge, parse_verdict
 from vllm_jax.models.llama import Llama

@@ -9,8 +9,8 @@ def add_parser(commands) -> None:
       "make-dataset", help="write the synthetic shapes-and-sounds video dataset (mp4 + WebVid CSV + JSON)",
       description="Short mp4 videos (H.264 + AAC) of a coloured shape moving left/right/up/down while a low "
                   "tone, a high tone or noise plays, captioned with all four; train and val splits from "
-                  "different seeds, as WebVid-style CSVs and LLaVA-style conversation JSON. Reproducible from the seed; "
-                  "an existing identical dataset is kept.")
+                  "different seeds, as WebVid-style CSVs and LLaVA-style conversation JSON. Reproducible from "
+                  "the seed; an existing identical dataset is kept.")
   make.add_argument("--out", required=True, help="output folder")
   make.add_argument("--num-train", type=int, default=480)
   make.add_argument("--num-val", type=int, default=96)

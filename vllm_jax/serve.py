@@ -242,7 +242,7 @@ class Model:
     if any(s in text for s in stops):
       reason = "stop"
       tokens = tokens[:next(k for k in range(1, len(tokens) + 1) if any(s in self._decode(tokens[:k]) for s in stops))]
-    return self._clean(_cut(text, stops)), reason, len(tokens)
+    return self._clean(conv_lib.cut_at_stops(text, stops)), reason, len(tokens)
 
   def visible(self, job: Job, tokens: list[int]) -> str:
     """The part of a streaming row's answer that is final: cut as `finish` cuts it, without a tail
@@ -258,12 +258,6 @@ class Model:
 
   def _clean(self, text: str) -> str:
     return text.strip() if self.chat_template else conv_lib.clean_answer(self.template, text)
-
-
-def _cut(text: str, stops) -> str:
-  for s in stops:
-    text = text.split(s)[0]
-  return text
 
 
 def _field(body: dict, key: str, kind, default, low=None, high=None, low_open=False):

@@ -223,18 +223,22 @@ class Conversation:
     return out
 
 
+def cut_at_stops(text: str, stop_strings: Sequence[str]) -> str:
+  """`text` before the first occurrence of any stop string."""
+  for stop in stop_strings:
+    text = text.split(stop)[0]
+  return text
+
+
 def clean_answer(template: Template, text: str) -> str:
   """A generated answer as the demo keeps it: cut at a stop string, without a role header."""
-  for stop in template.stop_strings:
-    text = text.split(stop)[0]
-  return text.split(template.roles[1] + ":")[-1].strip()
+  return cut_at_stops(text, template.stop_strings).split(template.roles[1] + ":")[-1].strip()
 
 
 def visible_prefix(text: str, stop_strings: Sequence[str]) -> str:
   """The part of a partial answer that is safe to show: before any stop string, and without a
   tail that may be the start of one."""
-  for stop in stop_strings:
-    text = text.split(stop)[0]
+  text = cut_at_stops(text, stop_strings)
   hold = max((k for stop in stop_strings for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
   return text[:len(text) - hold]
 

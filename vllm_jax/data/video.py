@@ -265,10 +265,14 @@ class FrameStream:
 
   def chunks(self, size: int, image_size: int = 224):
     """Yields the frames [<= size, image_size, image_size, 3] float32, normalised, in order."""
-    from PIL import Image
     for start in range(0, len(self.indices), size):
-      pixels = _decode(self.reader, self.path, self.indices[start:start + size])
-      yield normalize(np.stack([_clip_image_resize(Image.fromarray(p), image_size) for p in pixels]))
+      yield self.frames(np.arange(start, min(start + size, len(self.indices))), image_size)
+
+  def frames(self, positions, image_size: int = 224) -> np.ndarray:
+    """The stream's frames at `positions` (indices into it) [N, image_size, image_size, 3]."""
+    from PIL import Image
+    pixels = _decode(self.reader, self.path, self.indices[positions])
+    return normalize(np.stack([_clip_image_resize(Image.fromarray(p), image_size) for p in pixels]))
 
 
 def _has_audio_only(path: str) -> bool:

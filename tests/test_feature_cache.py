@@ -13,22 +13,18 @@ import jax
 import numpy as np
 import pytest
 
+from test_train_video_llama import CAPTIONS, tiny_video_llama
 from test_video_loading import write_video
 from vllm_jax import cli
 from vllm_jax.cli.cache_features import cache_features
 from vllm_jax.configs.video_llama import AUDIO_CONNECTOR, VISION_CONNECTOR, get_config, model_config
-from vllm_jax.data import conversation as C
 from vllm_jax.data import feature_cache
-from vllm_jax.data.tokenizer import train_tokenizer
 from vllm_jax.models.video_llama import VideoLlama, abstract_params
 from vllm_jax.systems import video_llama as vl
 from vllm_jax.train import optim
 from vllm_jax.train import run as run_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CAPTIONS = ["a red circle moves to the left", "a dog runs on the beach at sunset", "two people talk in a kitchen",
-            "waves crash on rocks", "a car drives down an empty road", "snow falls over a quiet town",
-            "a cat sleeps on a sofa", "fireworks light up the night sky over the river and the old bridge"]
 
 
 def save_model(path, config, params, tokenizer):
@@ -41,12 +37,7 @@ def setup(tmp_path_factory):
   (its weights, 3 frames per video); a WebVid-style CSV over 8 mp4s (the last without sound)
   and one missing video."""
   root = tmp_path_factory.mktemp("feature_cache")
-  tokenizer = train_tokenizer(CAPTIONS * 10, str(root / "tokenizer"), vocab_size=300)
-  video_id, audio_id = C.add_media_tokens(tokenizer)
-  config = model_config("tiny").replace(video_token_id=video_id, audio_token_id=audio_id)
-  rng = np.random.default_rng(0)
-  params = jax.tree.map(lambda a: (rng.normal(size=a.shape) * 0.1).astype(a.dtype),
-                        nn.meta.unbox(abstract_params(config)))
+  config, params, tokenizer = tiny_video_llama(root)
   save_model(root / "model", config, params, tokenizer)
   flat = optim.flatten(params)
   key = "vision/visual_encoder/blocks/attn/query/kernel"

@@ -32,17 +32,23 @@ CAPTIONS = ["a red circle moves to the left", "a dog runs on the beach at sunset
             "a cat sleeps on a sofa", "fireworks light up the night sky over the river and the old bridge"]
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-  """A tiny Video-LLaMA folder (random weights, trained tokenizer) and a WebVid-style CSV over
-  8 mp4s with sound, plus one row whose video is missing."""
-  root = tmp_path_factory.mktemp("train_vl")
+def tiny_video_llama(root):
+  """-> (config, random params, tokenizer trained on CAPTIONS in root/tokenizer with the placeholders)."""
   tokenizer = train_tokenizer(CAPTIONS * 10, str(root / "tokenizer"), vocab_size=300)
   video_id, audio_id = C.add_media_tokens(tokenizer)
   config = model_config("tiny").replace(video_token_id=video_id, audio_token_id=audio_id)
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda a: (rng.normal(size=a.shape) * 0.1).astype(a.dtype),
                         nn.meta.unbox(abstract_params(config)))
+  return config, params, tokenizer
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  """A tiny Video-LLaMA folder (random weights, trained tokenizer) and a WebVid-style CSV over
+  8 mp4s with sound, plus one row whose video is missing."""
+  root = tmp_path_factory.mktemp("train_vl")
+  config, params, tokenizer = tiny_video_llama(root)
   train_lib.VideoLlamaSystem(config, params, tokenizer).save(str(root / "model"))
 
   videos = root / "videos"

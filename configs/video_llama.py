@@ -123,6 +123,8 @@ def train_config(cfg: ml_collections.ConfigDict, stage: str, tiny: bool = False)
   # Full-size models compute in bfloat16 (fp32 master weights of the trained parameters, fp32 loss,
   # softmax and norms); the tiny ones in float32, as their parity tests do.
   cfg.compute_dtype = "float32" if tiny else "bfloat16"
+  # The LLM's attention kernel: splash on TPU, cuDNN on GPU in bfloat16, XLA otherwise.
+  cfg.attention_impl = "auto"
   # The frozen LLM of the connector stages keeps its matmul outputs for the backward pass (input
   # gradients only) instead of recomputing its layers: stage 1 at 256 on v5e:2x4 peaks at 9.8 GiB
   # instead of 9.1 and needs 10% fewer FLOPs (`vllm-jax plan`; nothing kept at all: 18 GiB).

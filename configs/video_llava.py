@@ -107,6 +107,8 @@ def train_config(cfg: ml_collections.ConfigDict, stage: str, tiny: bool = False)
   # Full-size models compute in bfloat16 (fp32 master weights of the trained parameters, fp32 loss,
   # softmax and norms); the tiny ones in float32, as their parity tests do.
   cfg.compute_dtype = "float32" if tiny else "bfloat16"
+  # The LLM's attention kernel: splash on TPU, cuDNN on GPU in bfloat16, XLA otherwise.
+  cfg.attention_impl = "auto"
   cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: the remaining devices
   lr = {"stage1": 1e-3, "stage2": 2e-5, "stage2_lora": 2e-4}[stage]
   cfg.optim = optim_config(trainable=tuple(cfg.trainable[stage]), lr=lr, min_lr=0.0,

@@ -163,3 +163,27 @@ def test_logged_mfu_uses_the_count(monkeypatch):
   assert len(logged) == 3
   for entry in logged:
     np.testing.assert_allclose(entry["mfu"], t.flops_per_step / entry["step_time"] / 1e9, rtol=1e-12)
+
+
+@pytest.mark.parametrize("impl,backward_units", [("splash", 3.5), ("cudnn", 2.5)])
+def test_fused_attention_kernels_are_counted(monkeypatch, impl, backward_units):
+  """A fused kernel counts its matmuls over the whole score matrix: the forward as XLA's attention;
+  the backward as it runs (flash kernels recompute the scores: splash's dQ and dK/dV kernels 1.5 + 2
+  score-sized units, cuDNN's 2.5) against XLA's 2. cuDNN is traced, not run: its version check is
+  the only part that needs a GPU."""
+  from jax._src.cudnn import fused_attention_stablehlo
+  from vllm_jax.nn.attention import causal_attention
+  monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: 91000)
+  monkeypatch.setattr(fused_attention_stablehlo, "check_compute_capability", lambda capability: True)
+  b, t, h, d = 2, 1024, 4, 64
+  q = jax.ShapeDtypeStruct((b, t, h, d), jnp.bfloat16)
+  valid = jnp.ones((b, t), bool)
+  unit = 4 * b * h * t * t * d  # QKᵀ and PV
+
+  def attend(impl):
+    return lambda q, k, v: causal_attention(q, k, v, valid, jnp.arange(t), impl).astype(jnp.float32).sum()
+
+  grad = lambda impl: jax.grad(attend(impl), argnums=(0, 1, 2))
+  assert flops.count(attend("xla"), q, q, q) == flops.count(attend(impl), q, q, q) == unit
+  assert flops.count(grad("xla"), q, q, q) == 3 * unit
+  assert flops.count(grad(impl), q, q, q) == pytest.approx((1 + backward_units) * unit, rel=1e-3)

@@ -70,13 +70,24 @@ def load_instruction_tokenizer(path: str):
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int = 0,
              multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
   """Token lists -> (ids [B, T], mask [B, T]) padded on the left, T rounded up to `multiple`
-  (bucketed lengths let compiled functions be reused across batches)."""
+  (bucketed lengths let compiled functions be reused across batches): prompts to generate from."""
+  return _pad(sequences, pad_id, multiple, left=True)
+
+
+def right_pad(sequences: Sequence[Sequence[int]], pad_id: int = 0,
+              multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
+  """As `left_pad`, the padding on the right: rows scored whole, as training lays them out."""
+  return _pad(sequences, pad_id, multiple, left=False)
+
+
+def _pad(sequences, pad_id, multiple, left):
   length = max(len(s) for s in sequences)
   length = -(-length // multiple) * multiple
   ids = np.full((len(sequences), length), pad_id, np.int32)
   mask = np.zeros((len(sequences), length), np.int32)
   for row, seq in enumerate(sequences):
     if len(seq):
-      ids[row, length - len(seq):] = seq
-      mask[row, length - len(seq):] = 1
+      span = slice(length - len(seq), length) if left else slice(0, len(seq))
+      ids[row, span] = seq
+      mask[row, span] = 1
   return ids, mask

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vllm_jax.data.media import Media
-from vllm_jax.data.tokenizer import left_pad
+from vllm_jax.data.tokenizer import right_pad
 from vllm_jax.models.llama import Llama, LlamaConfig
 
 
@@ -54,14 +54,14 @@ def option_logprobs(system, media: Sequence[Media], conversations: Sequence, opt
       spans.append(answer_ids(system, conversation, m, text))
       owner.append(i)
   fill = max(0, (rows or len(spans)) - len(spans))
-  ids, mask = left_pad([s for s, _ in spans] + [spans[0][0]] * fill, multiple=32)
+  # Right-padded, as training batches are: the fused attention kernels take that layout.
+  ids, mask = right_pad([s for s, _ in spans] + [spans[0][0]] * fill, multiple=32)
   owner += [0] * fill
   tokens = take_rows(system.encode_media(list(media), use_audio=use_audio), owner)
   embeds = system.embed(ids, tokens, [conversations[i] for i in owner])
   logp = np.asarray(token_logprobs(system.config.llama, system.params["llm"], embeds, jnp.asarray(mask),
                                    jnp.asarray(ids)))
-  length = ids.shape[1]
-  # Row r holds its ids at [length - len, length); the answer's token at position p is scored by logp[r, p - 1].
-  totals = np.array([logp[r, length - len(s) + start - 1:].sum() for r, (s, start) in enumerate(spans)])
+  # Row r holds its ids at [0, len); the answer's token at position p is scored by logp[r, p - 1].
+  totals = np.array([logp[r, start - 1:len(s) - 1].sum() for r, (s, start) in enumerate(spans)])
   bounds = np.cumsum([0] + [len(t) for t in options])
   return [totals[a:b] for a, b in zip(bounds[:-1], bounds[1:])]

@@ -16,7 +16,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from vllm_jax.nn.attention import causal_mask, dot_product_attention
+from vllm_jax.nn.attention import causal_attention
 from vllm_jax.nn.config import ConfigBase
 from vllm_jax.nn.layers import Dense, Embed, RMSNorm, constrain
 from vllm_jax.nn.lora import LoraConfig
@@ -44,7 +44,7 @@ class LlamaConfig(ConfigBase):
   dtype: str = "float32"         # compute dtype
   param_dtype: str = "float32"
   remat_policy: str = "nothing_saveable"  # a jax.checkpoint_policies name, or "none"
-  attention_impl: str | None = None       # None (XLA) or "cudnn"
+  attention_impl: str | None = None       # the kernel without a cache: None (XLA), cudnn, splash, auto
   lora: LoraConfig | None = None          # low-rank adapters on the projections `lora.targets` name
 
 
@@ -78,12 +78,14 @@ class Attention(nn.Module):
   """Grouped-query self-attention with RoPE; x: [B, T, E] -> [B, T, E].
 
   With a cache ((k, v), each [L, B, S, K, D] for all layers) the new keys/values are written in
-  place at (`layer`, `index`) and the queries attend over this layer's whole cache.
+  place at (`layer`, `index`) and the queries attend over this layer's whole cache, by XLA (a
+  decode step's scores are small); without one `config.attention_impl` picks the kernel.
+  key_valid: [B, S] bool; query_slots: [T], the cache slot of each query.
   """
   config: LlamaConfig
 
   @nn.compact
-  def __call__(self, x, cache, layer, mask, cos, sin, index):
+  def __call__(self, x, cache, layer, key_valid, query_slots, cos, sin, index):
     cfg = self.config
     dense = lambda heads, name: Dense((heads, cfg.head_dim), ("embed", heads_axis(heads, cfg), "head_dim"),
                                       use_bias=cfg.attention_bias, dtype=cfg.dtype,
@@ -99,7 +101,8 @@ class Attention(nn.Module):
       cache = (cache_k, cache_v)
     k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
     v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
-    y = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, cfg.attention_impl)
+    y = causal_attention(q, k.astype(q.dtype), v.astype(q.dtype), key_valid, query_slots,
+                         cfg.attention_impl if cache is None else "xla")
     out = Dense(x.shape[-1], ("heads", "head_dim", "embed"), in_dims=2, use_bias=cfg.attention_bias,
                 dtype=cfg.dtype, param_dtype=cfg.param_dtype, lora=lora_for(cfg, "o"), name="o")(y)
     return out, cache
@@ -134,11 +137,12 @@ class DecoderLayer(nn.Module):
   config: LlamaConfig
 
   @nn.compact
-  def __call__(self, carry, layer, mask, cos, sin, index):
+  def __call__(self, carry, layer, key_valid, query_slots, cos, sin, index):
     cfg = self.config
     x, cache = carry
     norm = lambda name: RMSNorm(cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
-    h, cache = Attention(cfg, name="attn")(norm("input_norm")(x), cache, layer, mask, cos, sin, index)
+    h, cache = Attention(cfg, name="attn")(norm("input_norm")(x), cache, layer, key_valid, query_slots, cos, sin,
+                                           index)
     x = x + h
     x = x + SwiGLU(cfg, name="mlp")(norm("post_attention_norm")(x))
     return (constrain(x, ("batch", "length", "act_embed")), cache), None
@@ -156,7 +160,7 @@ class Llama(nn.Module):
       layer = nn.remat(layer, policy=getattr(jax.checkpoint_policies, cfg.remat_policy), prevent_cse=False)
     self.layers = nn.scan(
         layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
         length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
     self.norm = RMSNorm(cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     if not cfg.tie_word_embeddings:
@@ -193,9 +197,8 @@ class Llama(nn.Module):
     if positions is None:
       positions = jnp.maximum(past + jnp.cumsum(attention_mask, axis=-1, dtype=jnp.int32) - 1, 0)
     cos, sin = rope_angles(cfg.rope, cfg.head_dim, positions)
-    mask = causal_mask(key_valid, index + jnp.arange(length))
-
-    (x, layer_cache), _ = self.layers((x, layer_cache), jnp.arange(cfg.num_layers), mask, cos, sin, index)
+    (x, layer_cache), _ = self.layers((x, layer_cache), jnp.arange(cfg.num_layers), key_valid,
+                                      index + jnp.arange(length), cos, sin, index)
     x = self.norm(x)
     logits = self.embed_tokens.attend(x) if cfg.tie_word_embeddings else self.lm_head(x)
     logits = constrain(logits, ("batch", "length", "vocab"))

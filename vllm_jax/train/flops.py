@@ -10,6 +10,11 @@ once per iteration, so a scanned layer stack comes out low by the number of laye
   conv_general_dilated: 2 x output elements x kernel elements per output feature
                         (window size x input features / feature_group_count)
 
+Fused attention kernels count the matmuls they run over the whole T x S score matrix (masked blocks
+too, as XLA's attention computes them): a Pallas kernel (splash) its body's matmuls once per step of
+its grid, so its backward's recomputed scores count; cuDNN's opaque kernels as flash attention does
+them, QKᵀ and PV forward (4·B·H·T·S·D), the backward recomputing QKᵀ then dV, dP, dQ and dK (10·…).
+
 Sub-jaxprs are counted where they run: `scan` bodies `length` times, `shard_map` bodies once per
 shard of the axes they make manual (the body sees per-shard shapes), pjit / closed_call / remat
 (checkpoint) / custom_jvp / custom_vjp bodies once. `cond` counts its most expensive branch: an
@@ -65,6 +70,8 @@ def count_jaxpr(jaxpr: jcore.ClosedJaxpr | jcore.Jaxpr) -> Count:
       out_feature_dim = eqn.params["dimension_numbers"].rhs_spec[0]
       total.add_matmul(2 * math.prod(eqn.outvars[0].aval.shape) * (math.prod(kernel) // kernel[out_feature_dim]),
                        eqn.invars[0].aval.dtype)
+    elif name in CUDNN_ATTENTION:
+      total.add_matmul(cudnn_attention_flops(eqn), eqn.invars[0].aval.dtype)
     elif name == "cond":
       total.add(max((count_jaxpr(b) for b in eqn.params["branches"]), key=lambda c: c.flops))
     else:
@@ -74,12 +81,27 @@ def count_jaxpr(jaxpr: jcore.ClosedJaxpr | jcore.Jaxpr) -> Count:
       elif name == "shard_map":
         mesh = eqn.params["mesh"]
         times = math.prod(mesh.shape[a] for a in eqn.params["newly_manual_axes"])
+      elif name == "pallas_call":  # a Pallas kernel's body runs once per step of its grid
+        times = math.prod(eqn.params["grid_mapping"].grid)
       elif name == "while":
         total.while_loops += 1
       for sub in jcore.jaxprs_in_params(eqn.params):
         total.add(count_jaxpr(sub), times)
   return total
 
+
+
+# jax's cuDNN attention primitives -> score-sized matmuls each runs (see the module docstring).
+CUDNN_ATTENTION = {"dot_product_attention_fwd_wrapper": 2, "dot_product_attention_fwd": 2,
+                   "dot_product_attention_bwd_wrapper": 5, "dot_product_attention_bwd": 5}
+
+
+def cudnn_attention_flops(eqn) -> float:
+  """2 x B x H x T x S x D per score-sized matmul: q [B, T, H, D] and k [B, S, K, D] (layout BTNH),
+  or [B, H, T, D] / [B, K, S, D] (BNTH)."""
+  q, k = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
+  (b, t, h, d), s = (q, k[1]) if eqn.params["layout"] == 0 else ((q[0], q[2], q[1], q[3]), k[2])
+  return CUDNN_ATTENTION[eqn.primitive.name] * 2 * b * h * t * s * d
 
 
 def llama_forward_flops(config, batch: int, seq_len: int) -> float:

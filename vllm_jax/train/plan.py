@@ -85,6 +85,7 @@ class Plan:
   chip: Chip | None
   suggestions: list[str]
   remat_policy: str | None
+  attention: str | None = None        # the LLM's attention kernel, as `attention_impl` resolves here
   compiler_error: str | None = None  # the compiler's out-of-memory line, when it refused the step
 
 
@@ -111,6 +112,7 @@ def _stat(stats, name: str) -> int:
 def make_plan(cfg, system, devices: Sequence[Any], chip: Chip | None = None) -> Plan:
   """Compile `cfg`'s train step for `devices` (mesh from `cfg.mesh`) and measure it."""
   import jax  # pylint: disable=g-import-not-at-top
+  from vllm_jax.nn.attention import resolve_implementation  # pylint: disable=g-import-not-at-top
   from vllm_jax.train import run as run_lib  # pylint: disable=g-import-not-at-top
   from vllm_jax.train import sharding  # pylint: disable=g-import-not-at-top
 
@@ -142,11 +144,18 @@ def make_plan(cfg, system, devices: Sequence[Any], chip: Chip | None = None) -> 
     temp = int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2))) if m else 0
     peak, cost = argument + temp, {}
   llama = getattr(config, "llama", None)
+  attention = None
+  if llama is not None and "input_ids" in spec:  # the LLM's sequence: the text with its media tokens
+    with sharding.mesh_context(mesh):
+      length = spec["input_ids"].shape[1]
+      chosen = resolve_implementation(llama.attention_impl, jax.ShapeDtypeStruct((1, length), llama.dtype))
+    attention = f"{chosen} (attention_impl {llama.attention_impl or 'xla'}; {length} tokens)"
   plan = Plan(devices=len(devices), device_kind=devices[0].device_kind, mesh=dict(mesh.shape),
               batch={k: (tuple(v.shape), str(v.dtype)) for k, v in spec.items()},
               argument=argument, output=output, alias=alias, temp=temp, code=code, peak=peak,
               flops=t.step_flops(batch), xla_flops=cost.get("flops"), xla_bytes=cost.get("bytes accessed"),
-              chip=chip, suggestions=[], remat_policy=getattr(llama, "remat_policy", None), compiler_error=over)
+              chip=chip, suggestions=[], remat_policy=getattr(llama, "remat_policy", None), attention=attention,
+              compiler_error=over)
   plan.suggestions = suggest(plan, cfg)
   return plan
 
@@ -197,8 +206,10 @@ def format_plan(plan: Plan) -> str:
   chip = plan.chip
   mesh = " x ".join(f"{k} {v}" for k, v in plan.mesh.items())
   lines = [f"devices   {plan.devices} x {plan.device_kind}   mesh {mesh}",
-           "batch     " + ", ".join(f"{k} {list(s)} {d}" for k, (s, d) in plan.batch.items()),
-           "", "memory per device"]
+           "batch     " + ", ".join(f"{k} {list(s)} {d}" for k, (s, d) in plan.batch.items())]
+  if plan.attention:
+    lines.append(f"attention {plan.attention}")
+  lines += ["", "memory per device"]
   hbm = chip.hbm_bytes if chip else None
   if plan.compiler_error:
     lines += [f"  the compiler refused the step: {plan.compiler_error}",

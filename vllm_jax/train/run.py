@@ -92,11 +92,14 @@ def with_compute_dtype(config, dtype: str):
 def training_config(cfg, system, config):
   """The model config a run of `cfg` builds from `config` (`init_from`'s or the recipe's): the
   stage's model (`System.stage_config`: no branch the stage neither feeds nor trains), with the
-  recipe's LoRA adapters, `compute_dtype` and `llm_remat_policy` (what the LLM's layers keep for
-  the backward pass, a jax.checkpoint_policies name)."""
+  recipe's LoRA adapters, `compute_dtype`, `llm_remat_policy` (what the LLM's layers keep for
+  the backward pass, a jax.checkpoint_policies name) and `attention_impl` (the LLM's attention
+  kernel: "auto" takes the platform's fused one, see `vllm_jax.nn.attention`)."""
   config = with_recipe_lora(cfg, system.stage_config(cfg, config))
-  if cfg.get("llm_remat_policy"):
-    config = config.replace(llama=config.llama.replace(remat_policy=cfg.llm_remat_policy))
+  llama = {"remat_policy": cfg.get("llm_remat_policy"), "attention_impl": cfg.get("attention_impl")}
+  llama = {key: value for key, value in llama.items() if value}
+  if llama:
+    config = config.replace(llama=config.llama.replace(**llama))
   return with_compute_dtype(config, cfg.compute_dtype) if cfg.get("compute_dtype") else config
 
 

@@ -43,6 +43,7 @@ def test_plan_prints_memory_and_flops(capsys, recipe, flags):
   assert float(flops) > 0, out
   if "video_llava" in recipe:
     assert "mesh data 4 x fsdp 2 x tensor 1" in out and "input_ids [16, 320] int32" in out
+    assert "attention xla (attention_impl auto; 320 tokens)" in out  # auto on CPU devices
 
 
 def test_plan_errors_are_one_line(capsys, tmp_path):
@@ -82,3 +83,29 @@ def test_batch_spec_matches_a_decoded_batch(tmp_path):
   assert {k: (v.shape, np.dtype(v.dtype)) for k, v in spec.items()} == \
          {k: (v.shape, v.dtype) for k, v in batch.items()}
   assert set(spec) == {"frames", "frame_mask", "input_ids", "labels", "attention_mask", "audio"}
+
+
+def test_plan_generate_compiles_prefill_and_decode(capsys):
+  status, out, err = plan(capsys, "video_llava.py:tiny_stage2", "--mesh", "2,2,2", "--generate", "--batch", "4",
+                          "--context", "1024")
+  assert status == 0, err
+  assert "generation  4 rows, a 1024-slot KV cache each, float32 weights" in out
+  for row in ("weights", "KV cache"):
+    assert figure(out, row) > 0, out
+  from vllm_jax.configs.video_llava import model_config as llava_model
+  from vllm_jax.train.flops import llama_forward_flops
+  c = llava_model("tiny").llama
+  # The KV cache: K and V of every layer, 4 rows over data x fsdp, heads over tensor, fp32 (the
+  # table rounds to 0.001 MiB).
+  kv = 2 * c.num_layers * 4 * 1024 * c.num_kv_heads * c.head_dim * 4 / 8
+  assert figure(out, "KV cache") == pytest.approx(kv, abs=1024)
+  # Against the analytic count: the attention of each query spans the whole cache; a prefill piece
+  # computes no logits.
+  attention = lambda rows, queries, keys: 4 * rows * queries * keys * c.num_heads * c.head_dim * c.num_layers
+  logits = lambda rows, queries: 2 * rows * queries * c.hidden_size * c.vocab_size
+  prefill = llama_forward_flops(c, 4, 512) - attention(4, 512, 512) + attention(4, 512, 1024) - logits(4, 512)
+  decode = llama_forward_flops(c, 4, 1) - attention(4, 1, 1) + attention(4, 1, 1024)
+  found = re.search(r"prefill piece (\S+), decode step (\S+) ", out)
+  assert (float(found.group(1)), float(found.group(2))) == pytest.approx((prefill, decode), rel=1e-3), out
+  status, out, err = plan(capsys, "video_llava.py:tiny_stage2", "--cpu-devices", "8", "--generate", "--batch", "3")
+  assert status == 2 and "3 rows do not divide over the mesh's 8 data-parallel devices" in err

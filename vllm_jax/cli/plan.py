@@ -10,7 +10,8 @@ from vllm_jax.cli import flags
 CHILD = "VLLM_JAX_PLAN_CHILD"  # set in the subprocess that compiles for a TPU topology
 DEFAULT_LIBTPU_DIR = "~/.cache/vllm_jax/libtpu"
 
-HELP = """Will a recipe's train step fit the chips, and how fast could it go? Builds the trainer of
+HELP = """Will a recipe's train step (or, with --generate, its model's generation) fit the chips, and
+how fast could it go? Builds the trainer of
 `--config FILE:ARG` (with `--config.a.b=VALUE` overrides, as `vllm-jax train`) WITHOUT weights
 (abstract parameters; with init_from set only its config.json is read), lowers the real jitted
 train step on a global batch of the system's example shapes, compiles it for the target devices
@@ -38,6 +39,13 @@ Targets:
 The mesh is the recipe's `mesh` (or --mesh); the global batch is train.batch_size (or --batch),
 which must divide over data x fsdp (x optim.grad_accum).
 
+--generate: instead of the train step, compile generation with the recipe's LLM (weights, KV cache
+and compute in its compute_dtype): one prefill piece (512 prompt tokens of every row into the
+cache) and one decode step, for --batch rows (default 8) of a --context-slot cache (default the
+LLM's max_position_embeddings), sharded as `vllm-jax infer --mesh` shards them. Prints weights and
+cache per device, each step's temporaries and peak, and the decode-speed bound (a decode step reads
+every weight and the whole cache from HBM).
+
 Reading the table: memory is XLA's per-device analysis of the compiled step (the state is
 donated, so outputs alias arguments); peak is the compiler's own figure on TPU. When the TPU
 compiler refuses the step for want of HBM, the arguments come from the shard shapes and the
@@ -54,7 +62,8 @@ def add_parser(commands) -> None:
                                        "step-time bound",
                           description=HELP, formatter_class=flags.argparse.RawDescriptionHelpFormatter,
                           usage="vllm-jax plan --config FILE[:ARG] [--config.a.b=VALUE ...] "
-                                "[--topology v5e:2x4 | --cpu-devices N] [--mesh DATA,FSDP,TENSOR] [--batch N]")
+                                "[--topology v5e:2x4 | --cpu-devices N] [--mesh DATA,FSDP,TENSOR] [--batch N] "
+                                "[--generate [--context N]]")
   p.add_argument("--config", required=True, metavar="FILE[:ARG]",
                  help="config file and its get_config argument, e.g. configs/video_llama.py:stage1")
   target = p.add_mutually_exclusive_group()
@@ -63,7 +72,11 @@ def add_parser(commands) -> None:
   target.add_argument("--cpu-devices", type=flags.number(int, 1), metavar="N", help="N fake CPU devices")
   p.add_argument("--mesh", metavar="DATA,FSDP,TENSOR",
                  help="mesh sizes (-1: the remaining devices), replacing the recipe's mesh section")
-  p.add_argument("--batch", type=flags.number(int, 1), metavar="N", help="global batch (train.batch_size)")
+  p.add_argument("--batch", type=flags.number(int, 1), metavar="N",
+                 help="global batch (train.batch_size); with --generate, the rows decoded together (default 8)")
+  p.add_argument("--generate", action="store_true", help="plan generation (prefill and decode) instead of training")
+  p.add_argument("--context", type=flags.number(int, 1), metavar="N",
+                 help="with --generate: KV cache slots per row (default the LLM's max_position_embeddings)")
   p.add_argument("--libtpu-dir", default=DEFAULT_LIBTPU_DIR,
                  help=f"the `pip install --target` folder holding libtpu (default {DEFAULT_LIBTPU_DIR})")
   p.set_defaults(run=run, takes_overrides=True)
@@ -78,7 +91,7 @@ def _config(args, overrides):
     except ValueError:
       raise ValueError(f"--mesh {args.mesh!r}: expected DATA,FSDP,TENSOR, e.g. 1,8,1") from None
     cfg.mesh.update(data=data, fsdp=fsdp, tensor=tensor)
-  if args.batch:
+  if args.batch and not args.generate:
     cfg.train.batch_size = args.batch
   return cfg, systems.get(cfg.system)
 
@@ -86,10 +99,11 @@ def _config(args, overrides):
 def _child_argv(args, overrides) -> list[str]:
   argv = ["plan", "--config", args.config, *overrides]
   for flag, value in (("--topology", args.topology), ("--cpu-devices", args.cpu_devices),
-                      ("--mesh", args.mesh), ("--batch", args.batch), ("--libtpu-dir", args.libtpu_dir)):
+                      ("--mesh", args.mesh), ("--batch", args.batch), ("--context", args.context),
+                      ("--libtpu-dir", args.libtpu_dir)):
     if value is not None:
       argv += [flag, str(value)]
-  return argv
+  return argv + (["--generate"] if args.generate else [])
 
 
 def run(args, overrides: list[str]) -> int:
@@ -128,10 +142,17 @@ def run(args, overrides: list[str]) -> int:
       devices = jax.devices("cpu")[:args.cpu_devices]
     else:
       devices = jax.devices()
-    plan = plan_lib.make_plan(cfg, system, devices, chip)
+    if args.generate:
+      llama = plan_lib.model_config(cfg, system).llama
+      mesh = (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+      plan = plan_lib.make_generation_plan(llama, devices, mesh, args.batch or 8,
+                                           args.context or llama.max_position_embeddings, chip)
+      text = plan_lib.format_generation_plan(plan)
+    else:
+      text = plan_lib.format_plan(plan_lib.make_plan(cfg, system, devices, chip))
   except (ValueError, KeyError, FileNotFoundError) as e:
     return flags.error(str(e))
   print(f"plan for {args.config}{' ' + ' '.join(overrides) if overrides else ''}"
         f"{f' on {args.topology}' if args.topology else ''}")
-  print(plan_lib.format_plan(plan))
+  print(text)
   return 0

@@ -16,11 +16,17 @@ from vllm_jax.models.llama import Llama, LlamaConfig
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def token_logprobs(config: LlamaConfig, params, inputs_embeds: jax.Array, attention_mask: jax.Array,
-                   input_ids: jax.Array) -> jax.Array:
-  """embeddings [B, T, E], mask [B, T], ids [B, T] -> [B, T - 1]: log p(ids[:, t + 1] | up to t)."""
-  logits, _ = Llama(config).apply({"params": params}, inputs_embeds=inputs_embeds, attention_mask=attention_mask)
-  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-  return jnp.take_along_axis(logp, input_ids[:, 1:, None], axis=-1)[..., 0]
+                   positions: jax.Array, targets: jax.Array) -> jax.Array:
+  """embeddings [B, T, E], mask [B, T]; positions, targets [B, A] -> [B, A]: log p(targets[b, a] |
+  the tokens up to positions[b, a]). The vocabulary is projected at those positions only, not at
+  all T (a video prompt's [B, T, V] logits would be most of the memory)."""
+  model = Llama(config)
+  hidden, _ = model.apply({"params": params}, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                          method=Llama.hidden_states)
+  hidden = jnp.take_along_axis(hidden, positions[..., None], axis=1)
+  logits = model.apply({"params": params}, hidden, method=Llama.logits)
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
 
 
 def answer_ids(system, conversation, media: Media, text: str) -> tuple[list[int], int]:
@@ -59,9 +65,14 @@ def option_logprobs(system, media: Sequence[Media], conversations: Sequence, opt
   owner += [0] * fill
   tokens = take_rows(system.encode_media(list(media), use_audio=use_audio), owner)
   embeds = system.embed(ids, tokens, [conversations[i] for i in owner])
+  # Row r holds its ids at [0, len); the answer's token at position p is predicted at p - 1.
+  shape = (ids.shape[0], max(len(s) - start for s, start in spans))  # the fill rows score nothing
+  positions, targets, scored = np.zeros(shape, np.int32), np.zeros(shape, np.int32), np.zeros(shape, bool)
+  for r, (s, start) in enumerate(spans):
+    n = len(s) - start
+    positions[r, :n], targets[r, :n], scored[r, :n] = np.arange(start - 1, len(s) - 1), s[start:], True
   logp = np.asarray(token_logprobs(system.config.llama, system.params["llm"], embeds, jnp.asarray(mask),
-                                   jnp.asarray(ids)))
-  # Row r holds its ids at [0, len); the answer's token at position p is scored by logp[r, p - 1].
-  totals = np.array([logp[r, start - 1:len(s) - 1].sum() for r, (s, start) in enumerate(spans)])
+                                   jnp.asarray(positions), jnp.asarray(targets)))
+  totals = np.where(scored, logp, 0.0).sum(axis=1)[:len(spans)]
   bounds = np.cumsum([0] + [len(t) for t in options])
   return [totals[a:b] for a, b in zip(bounds[:-1], bounds[1:])]

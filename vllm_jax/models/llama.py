@@ -176,9 +176,24 @@ class Llama(nn.Module):
     """Run the decoder on token ids or embeddings.
 
     input_ids: [B, T] or inputs_embeds: [B, T, E]; attention_mask: [B, T] (1 = token,
-    0 = left padding); positions: [B, T] RoPE positions (by default counted over the unmasked
+    0 = padding); positions: [B, T] RoPE positions (by default counted over the unmasked
     tokens, continuing from the cache). With `cache`, the tokens are appended to it.
     """
+    x, cache = self.hidden_states(input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                  positions=positions, cache=cache)
+    return self.logits(x), cache
+
+  def logits(self, x: jax.Array) -> jax.Array:
+    """Final hidden states [..., E] -> logits [..., V]."""
+    cfg = self.config
+    logits = self.embed_tokens.attend(x) if cfg.tie_word_embeddings else self.lm_head(x)
+    return constrain(logits, ("batch", "length", "vocab")) if logits.ndim == 3 else logits
+
+  def hidden_states(self, input_ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
+                    attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
+                    cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+    """As `__call__`, stopping before the vocabulary: (final normed states [B, T, E], cache), for
+    callers that need logits at a few positions or none (a prompt piece filling the cache)."""
     cfg = self.config
     x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(cfg.dtype)
     batch, length = x.shape[:2]
@@ -199,9 +214,6 @@ class Llama(nn.Module):
     cos, sin = rope_angles(cfg.rope, cfg.head_dim, positions)
     (x, layer_cache), _ = self.layers((x, layer_cache), jnp.arange(cfg.num_layers), key_valid,
                                       index + jnp.arange(length), cos, sin, index)
-    x = self.norm(x)
-    logits = self.embed_tokens.attend(x) if cfg.tie_word_embeddings else self.lm_head(x)
-    logits = constrain(logits, ("batch", "length", "vocab"))
     if cache is not None:
       cache = KVCache(k=layer_cache[0], v=layer_cache[1], valid=key_valid, index=index + length)
-    return logits, cache
+    return self.norm(x), cache

@@ -248,6 +248,130 @@ def format_plan(plan: Plan) -> str:
   return "\n".join(lines)
 
 
+@dataclasses.dataclass
+class Compiled:
+  """Per-device memory of one compiled function (bytes), and its matmul FLOPs on all devices."""
+  argument: int
+  temp: int
+  peak: int
+  flops: float
+  compiler_error: str | None = None
+
+
+@dataclasses.dataclass
+class GenerationPlan:
+  devices: int
+  device_kind: str
+  mesh: dict[str, int]
+  rows: int                       # prompts decoded together
+  context: int                    # KV cache slots per row
+  dtype: str                      # weights, cache and compute
+  weights: int                    # bytes per device
+  cache: int                      # bytes per device
+  prefill: Compiled               # one PREFILL_CHUNK-token piece of the prompts into the cache
+  decode: Compiled                # one decode step (a token per row)
+  chip: Chip | None
+
+
+def _compile(fn, *args) -> Compiled:
+  """Trace, lower and compile the jitted `fn(*args)` (static arguments and ShapeDtypeStructs) and
+  read its memory; the compiler's out-of-memory message when it refuses."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from vllm_jax.train import flops  # pylint: disable=g-import-not-at-top
+  lowered = fn.trace(*args)
+  count = flops.count_jaxpr(lowered.jaxpr).flops
+  argument = _shard_bytes([a for a in jax.tree.leaves(args) if isinstance(a, jax.ShapeDtypeStruct)])
+  try:
+    stats = lowered.lower().compile().memory_analysis()
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    over = str(e).strip().splitlines()[0]
+    m = re.search(r"temporaries \(([\d.]+)([KMGT])\)", over)
+    temp = int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2))) if m else 0
+    return Compiled(argument, temp, argument + temp, count, over)
+  temp = _stat(stats, "temp_size_in_bytes")
+  # the cache and state are donated: their outputs reuse the arguments' buffers
+  return Compiled(argument, temp, max(_stat(stats, "peak_memory_in_bytes"), argument + temp), count)
+
+
+def make_generation_plan(config, devices: Sequence[Any], mesh_shape: Sequence[int], rows: int, context: int,
+                         chip: Chip | None = None) -> GenerationPlan:
+  """Compile generation with the LLM of `config` (a LlamaConfig; weights, cache and compute in its
+  `dtype`) for `devices`: a prefill piece and a decode step for `rows` prompts in a `context`-slot
+  cache, sharded as `vllm-jax infer --mesh` shards them (weights by their logical axes, the cache's
+  rows over data x fsdp and its heads over tensor)."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jax.sharding import PartitionSpec  # pylint: disable=g-import-not-at-top
+  from vllm_jax import generate  # pylint: disable=g-import-not-at-top
+  from vllm_jax.converters import llama as llama_conv  # pylint: disable=g-import-not-at-top
+  from vllm_jax.models.llama import KVCache  # pylint: disable=g-import-not-at-top
+  from vllm_jax.train import sharding  # pylint: disable=g-import-not-at-top
+
+  config = config.replace(param_dtype=config.dtype)
+  mesh = sharding.make_mesh(mesh_shape, devices=devices)
+  dp = mesh.shape["data"] * mesh.shape["fsdp"]
+  if rows % dp:
+    raise ValueError(f"{rows} rows do not divide over the mesh's {dp} data-parallel devices: use a multiple of {dp}")
+  if context <= generate.PREFILL_CHUNK:
+    raise ValueError(f"--context {context}: the cache must hold more than one {generate.PREFILL_CHUNK}-token piece")
+  boxed = llama_conv.abstract_params(config)
+  params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.meta.unbox(boxed),
+                        sharding.param_shardings(boxed, mesh))
+  spec = lambda *axes: sharding.logical_to_sharding(PartitionSpec(*axes), mesh)
+  struct = lambda shape, dtype, *axes: jax.ShapeDtypeStruct(shape, dtype, sharding=spec(*axes))
+  kv = (config.num_layers, rows, context, config.num_kv_heads, config.head_dim)
+  cache = KVCache(k=struct(kv, config.dtype, "layers", "batch", "length", "kv_heads", "head_dim"),
+                  v=struct(kv, config.dtype, "layers", "batch", "length", "kv_heads", "head_dim"),
+                  valid=struct((rows, context), bool, "batch", "length"), index=struct((), jnp.int32))
+  chunk = generate.PREFILL_CHUNK
+  new_tokens = 128
+  sampling = generate.SamplingConfig()
+  state = generate.DecodeState(cache=cache, tokens=struct((rows, new_tokens), jnp.int32, "batch", None),
+                               step=struct((), jnp.int32), done=struct((rows,), bool, "batch"),
+                               rng=jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
+                                                        sharding=spec()))
+  scalar = struct((), jnp.int32)
+  with sharding.mesh_context(mesh):
+    prefill = _compile(generate.extend, config, params, cache,
+                       struct((rows, chunk, config.hidden_size), config.dtype, "batch", "length", "act_embed"),
+                       struct((rows, chunk), jnp.int32, "batch", "length"))
+    decode = _compile(generate.decode, config, sampling, params, state, scalar, struct((1,), jnp.int32), scalar)
+  return GenerationPlan(devices=len(devices), device_kind=devices[0].device_kind, mesh=dict(mesh.shape),
+                        rows=rows, context=context, dtype=config.dtype, weights=_shard_bytes(params),
+                        cache=_shard_bytes(cache), prefill=prefill, decode=decode, chip=chip)
+
+
+def format_generation_plan(plan: GenerationPlan) -> str:
+  chip = plan.chip
+  mesh = " x ".join(f"{k} {v}" for k, v in plan.mesh.items())
+  lines = [f"devices   {plan.devices} x {plan.device_kind}   mesh {mesh}",
+           f"generation  {plan.rows} rows, a {plan.context}-slot KV cache each, {plan.dtype} weights, cache "
+           "and compute", "",
+           "memory per device",
+           f"  {'weights':<26} {_gib(plan.weights)}", f"  {'KV cache':<26} {_gib(plan.cache)}"]
+  hbm = chip.hbm_bytes if chip else None
+  for name, c in ((f"prefill ({plan.rows} x 512 tokens)", plan.prefill), ("decode step", plan.decode)):
+    verdict = ""
+    if c.compiler_error:
+      verdict = f"  refused by the compiler: {c.compiler_error}"
+    elif hbm:
+      verdict = (f"  fits, {_gib(hbm - c.peak).strip()} to spare" if c.peak <= hbm else
+                 f"  DOES NOT FIT: {_gib(c.peak - hbm).strip()} over")
+    lines.append(f"  {name:<26} temporaries {_gib(c.temp).strip()}, peak {_gib(c.peak).strip()}{verdict}")
+  lines += ["", f"FLOPs     prefill piece {plan.prefill.flops:.4g}, decode step {plan.decode.flops:.4g} "
+                "(matmuls, all devices)"]
+  if chip:
+    # A decode step reads every weight and the whole cache once: at best HBM-bandwidth bound.
+    step = max((plan.weights + plan.cache) / chip.hbm_bandwidth, plan.decode.flops / plan.devices / chip.peak_flops)
+    lines += [f"decode    step time >= {_seconds(step)} (weights + cache at {chip.hbm_bandwidth / 1e9:.0f} GB/s, or "
+              f"FLOPs at {chip.peak_flops / 1e12:.0f} TFLOP/s): at most {plan.rows / step:.0f} tokens/s "
+              f"for the {plan.rows} rows"]
+  return "\n".join(lines)
+
+
 def tpu_devices(topology: str):
   """The devices of a TPU `topology` (e.g. 'v5e:2x4'), compiled for ahead of time: needs libtpu
   importable and JAX_PLATFORMS=cpu (no TPU attached)."""

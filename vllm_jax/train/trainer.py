@@ -192,6 +192,11 @@ class Trainer:
         self.flops_per_step = flops.count_jaxpr(traced.jaxpr).flops / self.mesh.size
       return self._compiled(state, batch)
 
+  @property
+  def compiled_step(self):
+    """The compiled train step (`memory_analysis()`, `cost_analysis()`), once a step has run."""
+    return self._compiled
+
   def eval_loss(self, state: TrainState, batches: Iterable[dict[str, jax.Array]]) -> float:
     """Token-mean loss over global batches."""
     total, count = 0.0, 0.0

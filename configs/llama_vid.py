@@ -27,7 +27,9 @@ the instructions; "" = random init of `model` with `data.tokenizer` and `data.in
   stage2: conversations (LLaVA-665K + Video-ChatGPT: about 763 K, one epoch at 128), lr 2e-5, in
           the reference's imgsp_v1 format (the vicuna_v1 template: llava_v1's separators, Vicuna
           v1's system prompt), every question carrying the media, read with that question. Trains
-          everything but the ViT.
+          everything but the ViT. The text-guided part is recomputed in the backward pass
+          (`context_remat_policy`) and a step accumulates 16 micro-batches of 8, so that it fits
+          v5p:2x2x1 (76 GiB of 95 per chip, `vllm-jax plan`).
   stage3: long videos (about 9 K movie conversations, one epoch at 8), lr 2e-5, up to 65536 tokens
           (the 7b-long context). Trains the LLM and the projector; the context path stays frozen.
   stage2_lora: stage 2 with LoRA adapters on the LLM in its place (`model.llama.lora`: rank 128,
@@ -121,13 +123,24 @@ def train_config(cfg: ml_collections.ConfigDict, stage: str, tiny: bool = False)
   # Full-size models compute in bfloat16 (fp32 master weights of the trained parameters, fp32 loss,
   # softmax and norms); the tiny ones in float32, as their parity tests do.
   cfg.compute_dtype = "float32" if tiny else "bfloat16"
+  # The LLM's attention kernel: splash on TPU, cuDNN on GPU in bfloat16, XLA otherwise.
+  cfg.attention_impl = "auto"
   cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: the remaining devices
+  # What the text-guided part keeps for the backward pass (`LlamaVidSystem.stage_config`, over
+  # init_from's config too; "" = the model's). Stage 2 trains the Q-Former, which runs once per
+  # (question, frame): 2,400 passes an example, whose activations outgrow any chip unless each
+  # question's pass and each Q-Former layer are recomputed in the backward pass.
+  cfg.context_remat_policy = "nothing_saveable" if stage == "stage2" and not tiny else ""
   cfg.optim = optim_config(trainable=trainable, lr=1e-3 if stage1 else 2e-4 if lora else 2e-5, min_lr=0.0,
                            warmup_start_lr=0.0, warmup_steps=0, warmup_ratio=0.03, weight_decay=0.0, clip_norm=1.0)
   if lora:
     cfg.model.llama.lora = ml_collections.ConfigDict(LORA.to_dict())
   if not stage1:
     cfg.mesh.update(data=1, fsdp=-1)
+  if stage == "stage2" and not tiny:
+    # Micro-batches of 8 (2 examples per chip on a v5p:2x2x1): with the context remat one example
+    # still holds about 25 GiB of temporaries, and 4 per chip outgrow its 95 GiB (`vllm-jax plan`).
+    cfg.optim.grad_accum = 16
   cfg.train = train_section(steps=math.ceil(EXAMPLES[stage] / BATCH[stage]), batch_size=BATCH[stage],
                             log_every=50, checkpoint_every=1000 if stage != "stage3" else 200)
   # Examples have fixed shapes: every video is padded to max_frames frames and every text to

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import transformers as T
 
 from vllm_jax import generate as gen
+from vllm_jax.configs import llama_vid as recipes
 from vllm_jax.converters import blip2 as blip2_format
 from vllm_jax.converters import eva_vit as eva_vit_format
 from vllm_jax.converters import llama as llama_format
@@ -32,7 +33,9 @@ from vllm_jax.data.tokenizer import train_wordpiece_tokenizer
 from vllm_jax.models.llama_vid import LlamaVid, LlamaVidConfig, abstract_params
 from vllm_jax.models.qformer import QFormer, QFormerConfig
 from vllm_jax.models.vit import ViTConfig
-from vllm_jax.train import sharding
+from vllm_jax.systems.llama_vid import LlamaVidSystem
+from vllm_jax.train import optim, sharding
+from vllm_jax.train import run as run_lib
 
 VIT = ViTConfig(image_size=56, patch_size=14, width=48, depth=2, num_heads=4, mlp_dim=96)  # a 4 x 4 grid
 QUERIES = 8
@@ -264,3 +267,49 @@ def test_sharded_mesh_matches_single_device(setup):
     err = rel_err(sharded, single)
     print(f"llama-vid sharded {what}: max rel err {err:.2e}")
     assert err <= 1e-5
+
+
+def remat_batch(tokenizer, tokens_per_frame: int) -> dict:
+  """Two videos of 3 and 2 frames (zeros after), two turns each: BOS, text and a placeholder run
+  per turn, the text learned; right-padded to one length."""
+  rng = np.random.default_rng(4)
+  num_frames = np.asarray([FRAMES, 2], np.int32)
+  rows = [sum(([1] + rng.integers(3, LLM_VOCAB, 4).tolist() + [IMAGE_ID] * n * tokens_per_frame
+               for _ in range(2)), []) + rng.integers(3, LLM_VOCAB, 6).tolist() for n in num_frames]
+  length = max(map(len, rows))
+  ids = np.asarray([r + [0] * (length - len(r)) for r in rows], np.int32)
+  mask = np.asarray([[1] * len(r) + [0] * (length - len(r)) for r in rows], np.int32)
+  pixels = rng.normal(size=(2, FRAMES, VIT.image_size, VIT.image_size, 3)).astype(np.float32)
+  pixels[1, 2:] = 0
+  text_ids, text_mask = instructions(tokenizer, INSTRUCTIONS, pad_to=16)
+  return dict(pixels=pixels, num_frames=num_frames, instruction_ids=text_ids.reshape(2, 2, -1),
+              instruction_mask=text_mask.reshape(2, 2, -1), input_ids=ids, attention_mask=mask,
+              labels=np.where((ids == IMAGE_ID) | (mask == 0), -100, ids).astype(np.int32))
+
+
+def test_context_remat_keeps_loss_and_gradients(setup):
+  """Rematerialising the text-guided part (each turn's pass and each Q-Former layer) changes
+  neither the training loss nor any parameter's gradient (fp32)."""
+  s = setup
+  batch = remat_batch(s.tokenizer, s.config.tokens_per_frame)
+  remat = s.config.replace(context_remat_policy="nothing_saveable",
+                           qformer=s.config.qformer.replace(remat_policy="nothing_saveable"))
+  def loss_and_grads(config):
+    loss = LlamaVidSystem.loss_fn(config)
+    return jax.jit(jax.value_and_grad(lambda p: loss(p, batch, None)[0]))(s.params)
+
+  (plain_loss, plain_grads), (remat_loss, remat_grads) = loss_and_grads(s.config), loss_and_grads(remat)
+  np.testing.assert_allclose(remat_loss, plain_loss, rtol=1e-6)
+  scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(plain_grads))
+  assert float(np.abs(plain_grads["qformer"]["layer_0"]["self_attention"]["query"]["kernel"]).max()) > 0
+  for path, want in optim.flatten(plain_grads).items():
+    np.testing.assert_allclose(optim.flatten(remat_grads)[path], want, rtol=1e-6, atol=1e-6 * scale, err_msg=path)
+
+
+def test_recipe_context_remat_applies_over_a_loaded_config(setup):
+  """The full-size stage-2 recipes set the context remat over a model folder's config (whose own
+  is off); the tiny recipes and the other stages leave it."""
+  for name, want in (("stage2", "nothing_saveable"), ("stage2_lora", "nothing_saveable"), ("stage1", "none"),
+                     ("stage3", "none"), ("tiny_stage2", "none")):
+    config = run_lib.training_config(recipes.get_config(name), LlamaVidSystem, setup.config)
+    assert (config.context_remat_policy, config.qformer.remat_policy) == (want, want), name

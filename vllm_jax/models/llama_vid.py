@@ -51,6 +51,10 @@ class LlamaVidConfig(ConfigBase):
   max_instruction_len: int = 256    # BERT tokens of an instruction (cut from the left, as the reference)
   chunk_frames: int = 64            # frames encoded at once (long videos run chunk by chunk)
   template: str = "vicuna_v1"       # conversation template (`vllm_jax.data.conversation`): LLaMA-VID's
+  # Training (`systems.llama_vid.media_tokens`): what each question's pass of the text-guided part
+  # over a batch's frames keeps for the backward pass, a jax.checkpoint_policies name ("none": all
+  # of it). "nothing_saveable" keeps its inputs and reruns one question at a time in the backward.
+  context_remat_policy: str = "none"
 
   def __post_init__(self):
     if self.qformer.encoder_width != self.vit.width:

@@ -136,8 +136,10 @@ class QFormer(nn.Module):
     mask = None if memory_mask is None else padding_mask(memory_mask)
     layer = QFormerLayer
     if cfg.remat_policy != "none":
+      # The layers are unrolled, and may be recomputed inside an outer remat (LLaMA-VID's turns):
+      # without the barrier XLA merges a layer's rerun with the outer one and keeps its activations.
       layer = nn.remat(layer, policy=getattr(jax.checkpoint_policies, cfg.remat_policy),
-                       prevent_cse=False, static_argnums=(5,))
+                       prevent_cse=True, static_argnums=(5,))
     for i in range(cfg.num_layers):
       x = layer(cfg, cfg.has_cross_attention(i), name=f"layer_{i}")(x, memory, mask, self_mask, num_queries)
     return x[:, :num_queries]

@@ -182,6 +182,16 @@ class LlamaVidSystem(System):
   # --- training -----------------------------------------------------------------------------
 
   @classmethod
+  def stage_config(cls, cfg, config):
+    """The recipe's `context_remat_policy` (a jax.checkpoint_policies name, set over `init_from`'s
+    config too) for the trained text-guided part: each turn's pass over the frames, and each
+    Q-Former layer within it, keeps only what it saves for the backward pass."""
+    policy = cfg.get("context_remat_policy")
+    if not policy:
+      return config
+    return config.replace(context_remat_policy=policy, qformer=config.qformer.replace(remat_policy=policy))
+
+  @classmethod
   def loss_fn(cls, config) -> trainer.LossFn:
     """Each row's media tokens (`media_tokens`) spliced into its text, then the LLM."""
     model = LlamaVid(config)
@@ -246,17 +256,25 @@ def media_tokens(model: LlamaVid, params, batch: dict[str, jax.Array]) -> jax.Ar
   """A batch of training examples (see `Decode`) -> the media tokens [B, R*F*T, E] that its
   placeholders take, in order (`pack_turn_tokens`): the ViT runs once per frame, the text-guided
   part once per (turn, frame) with that turn's instruction. When every row is a one-frame item
-  (an image batch), only frame 0 runs; the tokens of the other frames are zeros, never read."""
+  (an image batch), only frame 0 runs; the tokens of the other frames are zeros, never read.
+  The config's `context_remat_policy` says what each turn's pass keeps for the backward pass."""
   pixels, text_ids, text_mask = batch["pixels"], batch["instruction_ids"], batch["instruction_mask"]
   b, max_frames = pixels.shape[:2]
   run = functools.partial(model.apply, {"params": params})
+
+  def one_turn(features, ids, mask):  # [B*f, 1+G*G, D], [B, L_t] x 2 -> [B*f, T, E]
+    f = features.shape[0] // b
+    return run(features, jnp.repeat(ids, f, 0), jnp.repeat(mask, f, 0), method="frame_tokens")
+
+  policy = model.config.context_remat_policy
+  if policy != "none":  # no barrier needed: in the turns' loop the rerun cannot merge with the forward
+    one_turn = jax.checkpoint(one_turn, policy=getattr(jax.checkpoint_policies, policy), prevent_cse=False)
 
   def turn_tokens(frames):  # [B, f, S, S, 3] -> [B, R, max_frames, T, E]
     f = frames.shape[1]
     features = run(frames.reshape(b * f, *frames.shape[2:]), method="encode_frames")  # [B*f, 1+G*G, D]
     # Turn by turn, so that the features are read by each instruction rather than copied R times.
-    tokens = jax.lax.map(lambda text: run(features, jnp.repeat(text[0], f, 0), jnp.repeat(text[1], f, 0),
-                                          method="frame_tokens"),
+    tokens = jax.lax.map(lambda text: one_turn(features, *text),
                          (jnp.swapaxes(text_ids, 0, 1), jnp.swapaxes(text_mask, 0, 1)))  # [R, B*f, T, E]
     tokens = jnp.swapaxes(tokens.reshape(tokens.shape[0], b, f, *tokens.shape[2:]), 0, 1)
     return jnp.pad(tokens, ((0, 0), (0, 0), (0, max_frames - f), (0, 0), (0, 0)))

@@ -4,22 +4,26 @@ Both sides do the same work on the same 16 kHz waveform: ImageBind's 8 clips of 
 mean removal, Kaldi fbank (128 bins), pad/crop to 204 frames, normalisation. The reference runs
 kaldi-native-fbank (C++) once per clip; Kaldi refuses ImageBind's 128 bins at 20 Hz (one filter
 is empty), so it starts its bank at 30 Hz: the same amount of work. Throughput is seconds of
-audio per second of process CPU time (all threads). The last line is JSON.
+audio per second of process CPU time (all threads), the best of `--rounds` rounds of `--repeats`
+calls in which the sides take turns (thread modes: common.py). The last line is JSON.
 
-  python benchmarks/audio_features.py [--seconds 16] [--repeats 50]
+  python benchmarks/audio_features.py [--seconds 16] [--repeats 10] [--rounds 5] [--threads 1|all]
 """
 
-import argparse
-import json
-import os
-import tempfile
-import time
+from common import add_arguments, interleaved, setup
 
-import av
-import kaldi_native_fbank as knf
-import numpy as np
+RUN = setup()
 
-from vllm_jax.data import audio as A
+import argparse  # noqa: E402
+import os  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import av  # noqa: E402
+import kaldi_native_fbank as knf  # noqa: E402
+import numpy as np  # noqa: E402
+
+from vllm_jax.data import audio as A  # noqa: E402
 
 
 def synthetic_audio(seconds: float, rate: int = A.SAMPLE_RATE) -> np.ndarray:
@@ -61,35 +65,35 @@ def write_mp4(path: str, waveform: np.ndarray, rate: int = 44100) -> None:
     container.mux(stream.encode())
 
 
-def throughput(fn, audio_seconds: float, repeats: int) -> float:
-  fn()  # warm-up (caches, allocator)
-  start = time.process_time()
-  for _ in range(repeats):
-    fn()
-  return audio_seconds * repeats / (time.process_time() - start)
+def repeated(fn, repeats: int):
+  return lambda: [fn() for _ in range(repeats)]
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--seconds", type=float, default=16.0, help="length of the audio track")
-  parser.add_argument("--repeats", type=int, default=50)
+  parser.add_argument("--repeats", type=int, default=10, help="calls per timed round")
+  parser.add_argument("--rounds", type=int, default=5)
+  add_arguments(parser)
   args = parser.parse_args()
   config = A.AudioClipConfig()
   waveform = synthetic_audio(args.seconds)
 
-  ours = throughput(lambda: A.audio_clips(waveform, config), args.seconds, args.repeats)
-  reference = throughput(lambda: reference_clips(waveform, config), args.seconds, args.repeats)
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, "audio.mp4")
     write_mp4(path, synthetic_audio(args.seconds, 44100))
-    end_to_end = throughput(lambda: A.load_audio_clips(path, config), args.seconds, max(args.repeats // 5, 1))
+    e2e_repeats = max(args.repeats // 5, 1)
+    times = interleaved(args.rounds, repeated(lambda: A.audio_clips(waveform, config), args.repeats),
+                        repeated(lambda: reference_clips(waveform, config), args.repeats),
+                        repeated(lambda: A.load_audio_clips(path, config), e2e_repeats), clock=time.process_time)
+  ours, reference, end_to_end = (args.seconds * n / t for n, t in zip((args.repeats, args.repeats, e2e_repeats), times))
 
   print(f"{'pipeline':<48}{'audio s / CPU s':>18}")
   print(f"{'ours: waveform -> clips (numpy, batched)':<48}{ours:>18.0f}")
   print(f"{'reference: kaldi-native-fbank per clip':<48}{reference:>18.0f}")
   print(f"{'ours: AAC mp4 (44.1 kHz) -> decode+resample+clips':<48}{end_to_end:>18.0f}")
-  print(json.dumps({"benchmark": "audio_features", "ours": round(ours, 1), "reference": round(reference, 1),
-                    "unit": "audio_s_per_cpu_s", "ratio": round(ours / reference, 3)}))
+  RUN.report([{"benchmark": "audio_features", "ours": round(ours, 1), "reference": round(reference, 1),
+               "unit": "audio_s_per_cpu_s", "ratio": round(ours / reference, 2)}])
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Video-LLaMA stage-1 train steps from a frozen-feature cache against the same steps from the videos:
 steps/s of both, on the same model, data, seed and device, one process.
 
-    python benchmarks/cached_step.py [--batch 2] [--frames 8] [--videos 16] [--steps 3] [--rounds 2]
+    python benchmarks/cached_step.py [--batch 2] [--frames 8] [--videos 16] [--steps 3] [--rounds 2] [--threads 1|all]
 
 Model: the ViT-S-sized vision branch of benchmarks/train_step.py (ViT 384 x 12 at 112 px, BLIP-2's
 12-layer Q-Former shape at 384 wide) and a 4-layer, 512-wide LLaMA, random init, fp32; captions of
@@ -13,17 +13,16 @@ Two measures, each side's best round (the sides take turns, so load from other p
   step:       the train step alone, on one batch already in memory;
   with data:  next batch from the training pipeline (decoding videos, or reading the cache; in this
               process, data.worker_count 0) + the train step.
-Both sides run on one pinned thread (XLA's CPU client without its multi-threaded Eigen). Prints the
-load average and JSON lines {"benchmark", "ours": cached, "reference": uncached, "unit", "ratio"}.
+The headline has both sides on one core and thread (see common.py). Prints JSON lines
+{"benchmark", "ours": cached, "reference": uncached, "unit", "ratio"}.
 """
 
-import os
+from common import add_arguments, interleaved, setup
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
+RUN = setup()
 
 import argparse  # noqa: E402
-import json  # noqa: E402
+import os  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -57,6 +56,7 @@ def main():
   parser.add_argument("--videos", type=int, default=16)
   parser.add_argument("--steps", type=int, default=3, help="steps per timed round")
   parser.add_argument("--rounds", type=int, default=2)
+  add_arguments(parser)
   args = parser.parse_args()
 
   tmp = tempfile.mkdtemp(prefix="cached_step_")
@@ -76,7 +76,7 @@ def main():
   print(f"stage-1 step: ViT {vit.width} x {vit.depth} at {vit.image_size} px, Q-Former "
         f"{config.vision.qformer.hidden_size} x {config.vision.qformer.num_layers}, LLaMA "
         f"{config.llama.hidden_size} x {config.llama.num_layers}; batch {args.batch} x {args.frames} frames, "
-        f"fp32, one thread; jax devices {jax.devices()}")
+        f"fp32; jax devices {jax.devices()}")
 
   start = time.perf_counter()
   cache_features(cfg, os.path.join(tmp, "cache"), batch_size=args.batch, progress=False)
@@ -110,27 +110,17 @@ def main():
 
   results = {}
   for with_data in (False, True):
-    for side in sides:
-      run(side, with_data)  # warm-up
-    best = {side: float("inf") for side in sides}
-    for _ in range(args.rounds):
-      for side in sides:
-        start = time.perf_counter()
-        run(side, with_data)
-        best[side] = min(best[side], (time.perf_counter() - start) / args.steps)
-    results["with data" if with_data else "step"] = best
+    times = interleaved(args.rounds, *(lambda side=side: run(side, with_data) for side in sides))
+    results["with data" if with_data else "step"] = {side: t / args.steps for side, t in zip(sides, times)}
 
-  load = os.getloadavg()
   print(f"\n{'measure':>10} {'cached ms':>10} {'uncached ms':>12} {'ratio':>6}")
   for measure, best in results.items():
     print(f"{measure:>10} {best['cached'] * 1e3:>10.1f} {best['uncached'] * 1e3:>12.1f} "
           f"{best['uncached'] / best['cached']:>6.2f}")
-  print(f"compile s: cached {sides['cached']['compile_s']:.1f}, uncached {sides['uncached']['compile_s']:.1f}; "
-        f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, {os.cpu_count()} cores")
-  for measure, best in results.items():
-    print(json.dumps({"benchmark": f"cached_step ({measure})", "ours": round(1 / best["cached"], 3),
-                      "reference": round(1 / best["uncached"], 3), "unit": "steps/s",
-                      "ratio": round(best["uncached"] / best["cached"], 2), "load_average": round(load[0], 2)}))
+  print(f"compile s: cached {sides['cached']['compile_s']:.1f}, uncached {sides['uncached']['compile_s']:.1f}")
+  RUN.report([{"benchmark": f"cached_step ({measure})", "ours": round(1 / best["cached"], 3),
+               "reference": round(1 / best["uncached"], 3), "unit": "steps/s",
+               "ratio": round(best["uncached"] / best["cached"], 2)} for measure, best in results.items()])
   shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -1,37 +1,30 @@
 """Greedy decoding speed: vllm_jax against transformers' `generate`, same weights, same CPU.
 
-    python benchmarks/decode.py [--new-tokens 128] [--batches 1,8]
+    python benchmarks/decode.py [--new-tokens 128] [--batches 1,8] [--threads 1|all]
 
-Both sides decode exactly `--new-tokens` tokens (no early stop) from the same random prompts.
-Compile time is reported apart; steady-state numbers are the best of `--repeats` runs.
+Both sides decode exactly `--new-tokens` tokens (no early stop) from the same random prompts; the
+time to the first token (the prompt, one sampled token) and compile time are reported apart. After
+a warm-up the sides run in turn and each keeps its best of `--repeats` (thread modes: common.py).
 Prints a table and one JSON line per batch size: ratio > 1 means vllm_jax is faster.
 """
 
-import argparse
-import json
-import tempfile
-import time
+from common import add_arguments, interleaved, setup
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import torch
-from transformers import LlamaConfig as HFLlamaConfig
-from transformers import LlamaForCausalLM
+RUN = setup()
 
-from vllm_jax import generate as gen
-from vllm_jax.converters import llama as llama_conv
-from vllm_jax.data.tokenizer import left_pad
-from vllm_jax.models.llama import KVCache
+import argparse  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
 
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from transformers import LlamaConfig as HFLlamaConfig  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
 
-def best_of(repeats, fn):
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return min(times)
+from vllm_jax import generate as gen  # noqa: E402
+from vllm_jax.converters import llama as llama_conv  # noqa: E402
+from vllm_jax.data.tokenizer import left_pad  # noqa: E402
 
 
 def main():
@@ -43,6 +36,7 @@ def main():
   parser.add_argument("--new-tokens", type=int, default=128)
   parser.add_argument("--batches", default="1,8")
   parser.add_argument("--repeats", type=int, default=3)
+  add_arguments(parser)
   args = parser.parse_args()
 
   torch.manual_seed(0)
@@ -64,36 +58,31 @@ def main():
     ids, mask = left_pad([rng.randint(3, args.vocab, args.prompt_len - i % 4).tolist() for i in range(batch)])
     run = lambda: gen.generate(config, params, input_ids=ids, attention_mask=mask,
                                max_new_tokens=args.new_tokens)
-    compile_s = best_of(1, run)
-    ours = best_of(args.repeats, run)
-    embeds = gen.embed_tokens(config, params, jnp.asarray(ids))
-    prefill = lambda: jax.block_until_ready(gen.prefill(
-        config, gen.SamplingConfig(), args.new_tokens, params,
-        KVCache.init(config, batch, ids.shape[1] + args.new_tokens), embeds, jnp.asarray(mask),
-        jnp.asarray([-1], jnp.int32), jax.random.key(0), jnp.asarray(0, jnp.int32)).tokens)
-    ours_prefill = best_of(args.repeats, prefill)
+    start = time.perf_counter()
+    run()
+    compile_s = time.perf_counter() - start
+    first = lambda: gen.generate(config, params, input_ids=ids, attention_mask=mask, max_new_tokens=1)
 
     t_ids, t_mask = torch.tensor(ids, dtype=torch.long), torch.tensor(mask)
     with torch.inference_mode():
       hf_run = lambda: hf.generate(t_ids, attention_mask=t_mask, max_new_tokens=args.new_tokens,
                                    min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
-      hf_run()  # warm-up
-      ref = best_of(args.repeats, hf_run)
-      ref_prefill = best_of(args.repeats, lambda: hf(t_ids, attention_mask=t_mask))
+      ours, ref = interleaved(args.repeats, run, hf_run)
+      ours_first, ref_first = interleaved(args.repeats, first, lambda: hf.generate(
+          t_ids, attention_mask=t_mask, max_new_tokens=1, do_sample=False, pad_token_id=0))
       same = np.array_equal(hf_run()[:, ids.shape[1]:].numpy(), run().tokens)
 
     tokens = batch * args.new_tokens
-    rows.append((batch, compile_s, ours_prefill * 1e3, ref_prefill * 1e3, tokens / ours, tokens / ref, same))
+    rows.append((batch, compile_s, ours_first * 1e3, ref_first * 1e3, tokens / ours, tokens / ref, same))
     results.append({"benchmark": f"decode_batch{batch}", "ours": round(tokens / ours, 1),
                     "reference": round(tokens / ref, 1), "unit": "tokens/s", "ratio": round(ref / ours, 2)})
 
-  print(f"\n{'batch':>5} {'compile s':>9} {'prefill ms':>10} {'HF prefill ms':>13} "
+  print(f"\n{'batch':>5} {'compile s':>9} {'1st token ms':>12} {'HF 1st token ms':>15} "
         f"{'tokens/s':>9} {'HF tokens/s':>11} {'ratio':>6} {'same tokens':>11}")
   for batch, compile_s, p, hp, ours, ref, same in rows:
-    print(f"{batch:>5} {compile_s:>9.2f} {p:>10.1f} {hp:>13.1f} {ours:>9.0f} {ref:>11.0f} "
+    print(f"{batch:>5} {compile_s:>9.2f} {p:>12.1f} {hp:>15.1f} {ours:>9.0f} {ref:>11.0f} "
           f"{ours / ref:>6.2f} {str(same):>11}")
-  for result in results:
-    print(json.dumps(result))
+  RUN.report(results)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,9 @@ FLOPs per step are the matmul FLOPs of the step's jaxpr (`vllm_jax.train.flops`:
 stack counted times its depth, rematerialised forward passes included), so
 MFU = FLOPs per step / step time / peak, against the chip's dense bf16 datasheet peak and against
 large bf16 matmuls measured on the same device first. A flash kernel's count includes the scores it
-recomputes in its backward pass (what runs), so its MFU is not all useful work: compare step times. Step times are medians of `--steps` steps after
-two warm-up steps; compile time is reported apart. `--tiny` shrinks every model so that the script
-can be checked on a CPU: its numbers measure nothing.
+recomputes in its backward pass (what runs), so its MFU is not all useful work: compare step times.
+Step times are medians of `--steps` steps after two warm-up steps; compile time is reported apart.
+`--tiny` shrinks every model so that the script can be checked on a CPU: its numbers measure nothing.
 """
 
 import argparse

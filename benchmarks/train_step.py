@@ -2,39 +2,43 @@
 from transformers modules (Blip2VisionModel + Blip2QFormerModel x2 + frame positions + projection
 + LlamaForCausalLM), the same frozen/trainable split on both sides.
 
-    python benchmarks/train_step.py [--batch 2] [--frames 4] [--steps 5] [--rounds 3]
+    python benchmarks/train_step.py [--batch 2] [--frames 4] [--steps 5] [--rounds 3] [--threads 1|all]
 
 Frozen: ViT, ln_vision, image Q-Former, LLM (PyTorch: requires_grad=False, the encoder part under
 torch.no_grad as Video-LLaMA runs it). Trained with AdamW (wd 0.05, none on 1-D tensors): video
 Q-Former, video queries, frame positions, llama_proj. Same weights (converted from the PyTorch
 modules), fp32, same CPU, same batch: [BOS, 32 query placeholders, 32 caption tokens].
 Compile time is reported apart; after warm-up steps the sides run `--rounds` rounds of `--steps`
-steps in turn (so load from other processes hits both alike) and each keeps its best round.
+steps in turn (so load from other processes hits both alike) and each keeps its best round
+(thread modes: common.py).
 Prints the first-step losses of both, a table, and one JSON line: ratio > 1 means vllm_jax is faster.
 """
 
-import argparse
-import json
-import time
+from common import add_arguments, interleaved, setup
 
-import flax.linen as nn
-import jax
-import numpy as np
-import torch
-import torch.nn.functional as F
-from transformers import LlamaConfig as HFLlamaConfig
-from transformers import LlamaForCausalLM
+RUN = setup()
 
-from vision_branch import TorchBranch, rules
-from vllm_jax.configs.video_llama import VISION_CONNECTOR, get_config
-from vllm_jax.configs.video_llama_vision import branch_config
-from vllm_jax.converters import llama as llama_conv
-from vllm_jax.converters.core import DictReader, convert
-from vllm_jax.models.llama import LlamaConfig
-from vllm_jax.models.video_llama import VideoLlamaConfig, abstract_params
-from vllm_jax.train import sharding
-from vllm_jax.systems.video_llama import VideoLlamaSystem
-from vllm_jax.train import run as train_lib
+import argparse  # noqa: E402
+import time  # noqa: E402
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from transformers import LlamaConfig as HFLlamaConfig  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
+
+from vision_branch import TorchBranch, rules  # noqa: E402
+from vllm_jax.configs.video_llama import VISION_CONNECTOR, get_config  # noqa: E402
+from vllm_jax.configs.video_llama_vision import branch_config  # noqa: E402
+from vllm_jax.converters import llama as llama_conv  # noqa: E402
+from vllm_jax.converters.core import DictReader, convert  # noqa: E402
+from vllm_jax.models.llama import LlamaConfig  # noqa: E402
+from vllm_jax.models.video_llama import VideoLlamaConfig, abstract_params  # noqa: E402
+from vllm_jax.train import sharding  # noqa: E402
+from vllm_jax.systems.video_llama import VideoLlamaSystem  # noqa: E402
+from vllm_jax.train import run as train_lib  # noqa: E402
 
 TEXT_LEN = 32
 
@@ -98,6 +102,7 @@ def main():
   parser.add_argument("--frames", type=int, default=4)
   parser.add_argument("--steps", type=int, default=5, help="steps per timed round")
   parser.add_argument("--rounds", type=int, default=3)
+  add_arguments(parser)
   args = parser.parse_args()
 
   config = model_config(args.frames)
@@ -148,18 +153,12 @@ def main():
     for _ in range(args.steps):
       ref.step(*torch_args)
 
-  run_ours(), run_ref()  # warm-up
-  best = [float("inf"), float("inf")]
-  for _ in range(args.rounds):
-    for i, fn in enumerate((run_ours, run_ref)):
-      start = time.perf_counter()
-      fn()
-      best[i] = min(best[i], (time.perf_counter() - start) / args.steps)
+  best = [t / args.steps for t in interleaved(args.rounds, run_ours, run_ref)]
   ours, reference = 1 / best[0], 1 / best[1]
   print(f"\n{'compile s':>9} {'ours ms':>9} {'torch ms':>9} {'ratio':>6}")
   print(f"{compile_s:>9.2f} {best[0] * 1e3:>9.1f} {best[1] * 1e3:>9.1f} {ours / reference:>6.2f}")
-  print(json.dumps({"benchmark": "train_step", "ours": round(ours, 3), "reference": round(reference, 3),
-                    "unit": "steps/s", "ratio": round(ours / reference, 2)}))
+  RUN.report([{"benchmark": "train_step", "ours": round(ours, 3), "reference": round(reference, 3),
+               "unit": "steps/s", "ratio": round(ours / reference, 2)}])
 
 
 if __name__ == "__main__":

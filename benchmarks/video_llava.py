@@ -1,22 +1,18 @@
 """Forward time of Video-LLaVA on one video prompt (towers, projector, LLaMA over ~2.1k tokens):
 vllm_jax against transformers' VideoLlavaForConditionalGeneration with the same weights.
 
-    taskset -c 0 python benchmarks/video_llava.py [--width 256] [--layers 4] [--repeats 5]
+    python benchmarks/video_llava.py [--width 256] [--layers 4] [--repeats 5] [--threads 1|all]
 
-Both sides are pinned to one thread (torch.set_num_threads(1); XLA's CPU client without its
-multi-threaded Eigen), so that the ratio measures the implementations rather than the machine's
-load; run under `taskset -c 0` to pin the core too. fp32, same inputs. Compile time is reported
-apart; after a warm-up the two sides run alternately and each reports its best of `--repeats`.
-Prints a table, the load average, and one JSON line: ratio > 1 means vllm_jax is faster.
+fp32, same inputs. Compile time is reported apart; after a warm-up the two sides run alternately
+and each reports its best of `--repeats`; the headline is both sides on one core and thread (see
+common.py). Prints a table and one JSON line: ratio > 1 means vllm_jax is faster.
 """
 
-import os
+from common import add_arguments, interleaved, setup
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
+RUN = setup()
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
@@ -25,7 +21,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers as T  # noqa: E402
 
-from vision_branch import best_alternating  # noqa: E402
 from vllm_jax.converters import video_llava as video_llava_format  # noqa: E402
 from vllm_jax.models.video_llava import VideoLlava  # noqa: E402
 
@@ -36,8 +31,8 @@ def main():
   parser.add_argument("--layers", type=int, default=4, help="tower layers used (ViT-L: 23) and LLaMA layers")
   parser.add_argument("--hidden", type=int, default=512, help="LLaMA width (7B: 4096)")
   parser.add_argument("--repeats", type=int, default=5)
+  add_arguments(parser)
   args = parser.parse_args()
-  torch.set_num_threads(1)
 
   frames, text = 8, 40
   vision = T.CLIPVisionConfig(hidden_size=args.width, intermediate_size=4 * args.width,
@@ -62,8 +57,8 @@ def main():
   torch_ids = torch.from_numpy(ids).long()
   torch_videos = torch.from_numpy(np.ascontiguousarray(videos.transpose(0, 1, 4, 2, 3)))
   print(f"Video-LLaVA forward: towers {args.width} wide x {args.layers} layers at 224 px, {frames} frames; "
-        f"LLaMA {args.hidden} x {args.layers}; {ids.shape[1]} tokens; fp32, one thread each side; "
-        f"jax devices {jax.devices()}")
+        f"LLaMA {args.hidden} x {args.layers}; {ids.shape[1]} tokens; fp32; "
+        f"torch threads {torch.get_num_threads()}, jax devices {jax.devices()}")
 
   forward = jax.jit(lambda p, i, v: VideoLlava(config).apply({"params": p}, i, videos=v)[0])
   start = time.perf_counter()
@@ -75,16 +70,13 @@ def main():
     with torch.no_grad():
       return ref(input_ids=torch_ids, pixel_values_videos=torch_videos).logits
 
-  best_alternating(1, run, ref_run)  # warm-up
-  ours, reference = best_alternating(args.repeats, run, ref_run)
+  ours, reference = interleaved(args.repeats, run, ref_run)
   out, want = np.asarray(run(), np.float64), ref_run().numpy().astype(np.float64)
   error = np.abs(out - want).max() / np.abs(want).max()
-  load = os.getloadavg()
   print(f"\n{'compile s':>9} {'ours ms':>9} {'torch ms':>9} {'ratio':>6} {'max rel err':>11}")
   print(f"{compile_s:>9.2f} {ours * 1e3:>9.1f} {reference * 1e3:>9.1f} {reference / ours:>6.2f} {error:>11.1e}")
-  print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-  print(json.dumps({"benchmark": "video_llava_forward", "ours": round(ours * 1e3, 1),
-                    "reference": round(reference * 1e3, 1), "unit": "ms", "ratio": round(reference / ours, 2)}))
+  RUN.report([{"benchmark": "video_llava_forward", "ours": round(ours * 1e3, 1),
+               "reference": round(reference * 1e3, 1), "unit": "ms", "ratio": round(reference / ours, 2)}])
 
 
 if __name__ == "__main__":

@@ -1,31 +1,34 @@
 """Forward time of Video-LLaMA's vision-language branch: vllm_jax against a PyTorch composition
 of transformers' Blip2VisionModel + Blip2QFormerModel (x2) + frame positions + projection.
 
-    python benchmarks/vision_branch.py [--size mid] [--frames 8] [--batch 1] [--repeats 5]
+    python benchmarks/vision_branch.py [--size mid] [--frames 8] [--batch 1] [--repeats 5] [--threads 1|all]
 
 Same weights on both sides (converted from the PyTorch modules), fp32, same CPU. Compile time
 is reported apart; after a warm-up the two sides run alternately (so that load from other
-processes hits both alike) and each reports its best of `--repeats` runs.
+processes hits both alike) and each reports its best of `--repeats` runs (thread modes: common.py).
 Prints a table and one JSON line: ratio > 1 means vllm_jax is faster.
 """
 
-import argparse
-import json
-import time
+from common import add_arguments, interleaved, setup
 
-import flax.linen as nn
-import jax
-import numpy as np
-import torch
-import torch.nn.functional as F
-from transformers import Blip2QFormerConfig, Blip2QFormerModel, Blip2VisionConfig, Blip2VisionModel
+RUN = setup()
 
-from vllm_jax.configs.video_llama_vision import branch_config
-from vllm_jax.converters import blip2 as blip2_format
-from vllm_jax.converters.core import DictReader, Rule, convert, dense
-from vllm_jax.converters.video_llama import abstract_params, hf_blip2_rules
-from vllm_jax.models.qformer import QFormerConfig
-from vllm_jax.models.video_branch import VideoBranch, VideoBranchConfig
+import argparse  # noqa: E402
+import time  # noqa: E402
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from transformers import Blip2QFormerConfig, Blip2QFormerModel, Blip2VisionConfig, Blip2VisionModel  # noqa: E402
+
+from vllm_jax.configs.video_llama_vision import branch_config  # noqa: E402
+from vllm_jax.converters import blip2 as blip2_format  # noqa: E402
+from vllm_jax.converters.core import DictReader, Rule, convert, dense  # noqa: E402
+from vllm_jax.converters.video_llama import abstract_params, hf_blip2_rules  # noqa: E402
+from vllm_jax.models.qformer import QFormerConfig  # noqa: E402
+from vllm_jax.models.video_branch import VideoBranch, VideoBranchConfig  # noqa: E402
 
 
 def qformer(q: QFormerConfig) -> Blip2QFormerModel:
@@ -81,23 +84,13 @@ def rules(cfg: VideoBranchConfig) -> list[Rule]:
           Rule("llama_proj.bias", "llama_proj/bias")]
 
 
-def best_alternating(repeats, *fns):
-  """Best wall time of each function over `repeats` rounds that run them in turn."""
-  best = [float("inf")] * len(fns)
-  for _ in range(repeats):
-    for i, fn in enumerate(fns):
-      start = time.perf_counter()
-      fn()
-      best[i] = min(best[i], time.perf_counter() - start)
-  return best
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--size", default="mid", choices=("tiny", "mid", "full"))
   parser.add_argument("--frames", type=int, default=8)
   parser.add_argument("--batch", type=int, default=1)
   parser.add_argument("--repeats", type=int, default=5)
+  add_arguments(parser)
   args = parser.parse_args()
 
   cfg = branch_config(args.size)
@@ -118,15 +111,14 @@ def main():
   compile_s = time.perf_counter() - start
   run = lambda: jax.block_until_ready(compiled({"params": params}, frames))
   ref_run = lambda: ref(pixels, args.batch)
-  best_alternating(1, run, ref_run)  # warm-up
-  ours, reference = best_alternating(args.repeats, run, ref_run)
+  ours, reference = interleaved(args.repeats, run, ref_run)
 
   out, want = np.asarray(run(), np.float64), ref_run().numpy().astype(np.float64)
   error = np.abs(out - want).max() / np.abs(want).max()
   print(f"\n{'compile s':>9} {'ours ms':>9} {'torch ms':>9} {'ratio':>6} {'max rel err':>11}")
   print(f"{compile_s:>9.2f} {ours * 1e3:>9.1f} {reference * 1e3:>9.1f} {reference / ours:>6.2f} {error:>11.1e}")
-  print(json.dumps({"benchmark": "vision_branch", "ours": round(ours * 1e3, 1),
-                    "reference": round(reference * 1e3, 1), "unit": "ms", "ratio": round(reference / ours, 2)}))
+  RUN.report([{"benchmark": "vision_branch", "ours": round(ours * 1e3, 1), "reference": round(reference * 1e3, 1),
+               "unit": "ms", "ratio": round(reference / ours, 2)}])
 
 
 if __name__ == "__main__":

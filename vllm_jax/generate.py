@@ -76,18 +76,20 @@ PREFILL_CHUNK = 512  # prompt tokens run at once: attention holds [heads, chunk,
 def extend(config: LlamaConfig, params, cache: KVCache, inputs_embeds: jax.Array, attention_mask: jax.Array) -> KVCache:
   """Append a piece of the prompt to the cache (its logits are never computed)."""
   return Llama(config).apply({"params": params}, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                             cache=cache)[1]
+                             cache=cache, method=Llama.hidden_states)[1]
 
 
 @functools.partial(jax.jit, static_argnames=("config", "sampling", "max_new_tokens"), donate_argnames=("cache",))
 def prefill(config: LlamaConfig, sampling: SamplingConfig, max_new_tokens: int, params, cache: KVCache,
             inputs_embeds: jax.Array, attention_mask: jax.Array, stop_ids: jax.Array,
             rng: jax.Array, pad_id: jax.Array) -> DecodeState:
-  """Run the prompt through the model and sample the first new token."""
-  logits, cache = Llama(config).apply({"params": params}, inputs_embeds=inputs_embeds,
-                                      attention_mask=attention_mask, cache=cache)
+  """Run the prompt through the model and sample the first new token. Logits at the last position
+  only: the LM head over the whole prompt ([T, vocab]) would be most of a short prompt's time."""
+  model = Llama(config)
+  hidden, cache = model.apply({"params": params}, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                              cache=cache, method=Llama.hidden_states)
   rng, key = jax.random.split(rng)
-  first = sample_logits(logits[:, -1], key, sampling)
+  first = sample_logits(model.apply({"params": params}, hidden[:, -1], method=Llama.logits), key, sampling)
   batch = first.shape[0]
   tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
   return DecodeState(cache=cache, tokens=tokens, step=jnp.ones((), jnp.int32),

@@ -55,7 +55,9 @@ class LlamaConfig(ConfigBase):
 class KVCache:
   """Keys and values of every layer, written left to right at `index`.
 
-  k, v: [L, B, S, K, D]; valid: [B, S] bool (False for padding and unwritten slots);
+  k, v: [L, B, K, S, D], heads before slots so that a decode step reads each head's keys as one
+  contiguous block (slots-first made XLA:CPU transpose the layer's whole cache every step: 2x
+  slower decoding at batch 8); valid: [B, S] bool (False for padding and unwritten slots);
   index: [] int32, the next slot to write (the same for the whole batch: prompts are left-padded).
   """
   k: jax.Array
@@ -65,7 +67,7 @@ class KVCache:
 
   @classmethod
   def init(cls, config: LlamaConfig, batch: int, max_len: int) -> "KVCache":
-    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+    shape = (config.num_layers, batch, config.num_kv_heads, max_len, config.head_dim)
     return cls(k=jnp.zeros(shape, config.dtype), v=jnp.zeros(shape, config.dtype),
                valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
 
@@ -77,7 +79,7 @@ class KVCache:
 class Attention(nn.Module):
   """Grouped-query self-attention with RoPE; x: [B, T, E] -> [B, T, E].
 
-  With a cache ((k, v), each [L, B, S, K, D] for all layers) the new keys/values are written in
+  With a cache ((k, v), each [L, B, K, S, D] for all layers) the new keys/values are written in
   place at (`layer`, `index`) and the queries attend over this layer's whole cache, by XLA (a
   decode step's scores are small); without one `config.attention_impl` picks the kernel.
   key_valid: [B, S] bool; query_slots: [T], the cache slot of each query.
@@ -94,9 +96,10 @@ class Attention(nn.Module):
     k = apply_rope(dense(cfg.num_kv_heads, "k")(x), cos, sin)
     v = dense(cfg.num_kv_heads, "v")(x)
     if cache is not None:
-      def write(buffer, new):
-        buffer = jax.lax.dynamic_update_slice(buffer, new[None].astype(buffer.dtype), (layer, 0, index, 0, 0))
-        return buffer, jax.lax.dynamic_index_in_dim(buffer, layer, keepdims=False)
+      def write(buffer, new):  # new: [B, T, K, D] into [L, B, K, S, D]; -> this layer's [B, S, K, D]
+        new = new.swapaxes(1, 2)[None].astype(buffer.dtype)
+        buffer = jax.lax.dynamic_update_slice(buffer, new, (layer, 0, 0, index, 0))
+        return buffer, jax.lax.dynamic_index_in_dim(buffer, layer, keepdims=False).swapaxes(1, 2)
       (cache_k, k), (cache_v, v) = write(cache[0], k), write(cache[1], v)
       cache = (cache_k, cache_v)
     k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))

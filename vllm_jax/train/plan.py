@@ -322,9 +322,9 @@ def make_generation_plan(config, devices: Sequence[Any], mesh_shape: Sequence[in
                         sharding.param_shardings(boxed, mesh))
   spec = lambda *axes: sharding.logical_to_sharding(PartitionSpec(*axes), mesh)
   struct = lambda shape, dtype, *axes: jax.ShapeDtypeStruct(shape, dtype, sharding=spec(*axes))
-  kv = (config.num_layers, rows, context, config.num_kv_heads, config.head_dim)
-  cache = KVCache(k=struct(kv, config.dtype, "layers", "batch", "length", "kv_heads", "head_dim"),
-                  v=struct(kv, config.dtype, "layers", "batch", "length", "kv_heads", "head_dim"),
+  kv = (config.num_layers, rows, config.num_kv_heads, context, config.head_dim)
+  cache = KVCache(k=struct(kv, config.dtype, "layers", "batch", "kv_heads", "length", "head_dim"),
+                  v=struct(kv, config.dtype, "layers", "batch", "kv_heads", "length", "head_dim"),
                   valid=struct((rows, context), bool, "batch", "length"), index=struct((), jnp.int32))
   chunk = generate.PREFILL_CHUNK
   new_tokens = 128

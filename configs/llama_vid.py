@@ -37,10 +37,11 @@ the instructions; "" = random init of `model` with `data.tokenizer` and `data.in
           setting) trained with the projectors and the context path, the base LLM frozen; lr 2e-4,
           LLaVA's LoRA rate. `vllm-jax export` turns its checkpoints into a model folder or a
           PEFT adapter.
-Stages 2 and 3 (LoRA too) shard the parameters and optimizer state over every device (FSDP:
-mesh.fsdp=-1, data 1), as the reference shards them with DeepSpeed ZeRO: a 7B LLM with fp32 AdamW
-state outgrows one GPU, and a replicated bf16 one alone fills a 16 GiB TPU chip. Tiny recipes
-train data parallel (their widths do not divide over many devices).
+Every stage shards the parameters and optimizer state over every device (FSDP: mesh.fsdp=-1,
+data 1), as the reference shards stages 2 and 3 with DeepSpeed ZeRO: a 7B LLM with fp32 AdamW state
+outgrows one GPU, and a replicated bf16 one alone fills a 16 GiB TPU chip (stage 1 too, which
+also takes 8 micro-batches: 11.6 GiB per v5e:2x4 chip). Tiny recipes train data parallel (their
+widths do not divide over many devices).
 All: frames at 1 per second (at most `data.max_frames`, evenly spread), AdamW b=(0.9, 0.999), no
 weight decay, linear warm-up from 0 over 3% of the steps, then cosine decay to 0 at the last step
 (both follow `train.steps`), gradient clipping at norm 1 (the transformers Trainer's default), text
@@ -125,7 +126,8 @@ def train_config(cfg: ml_collections.ConfigDict, stage: str, tiny: bool = False)
   cfg.compute_dtype = "float32" if tiny else "bfloat16"
   # The LLM's attention kernel: splash on TPU, cuDNN on GPU in bfloat16, XLA otherwise.
   cfg.attention_impl = "auto"
-  cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: the remaining devices
+  # FSDP (see the docstring). -1: the remaining devices.
+  cfg.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
   # What the text-guided part keeps for the backward pass (`LlamaVidSystem.stage_config`, over
   # init_from's config too; "" = the model's). Stage 2 trains the Q-Former, which runs once per
   # (question, frame): 2,400 passes an example, whose activations outgrow any chip unless each
@@ -135,8 +137,10 @@ def train_config(cfg: ml_collections.ConfigDict, stage: str, tiny: bool = False)
                            warmup_start_lr=0.0, warmup_steps=0, warmup_ratio=0.03, weight_decay=0.0, clip_norm=1.0)
   if lora:
     cfg.model.llama.lora = ml_collections.ConfigDict(LORA.to_dict())
-  if not stage1:
-    cfg.mesh.update(data=1, fsdp=-1)
+  if stage1 and not tiny:
+    # Micro-batches of 32 (4 examples of 64 frames per chip on v5e:2x4: 11.6 GiB of 16, `vllm-jax plan`;
+    # all 256 at once need 37 GiB of temporaries per chip).
+    cfg.optim.grad_accum = 8
   if stage == "stage2" and not tiny:
     # Micro-batches of 8 (2 examples per chip on a v5p:2x2x1): with the context remat one example
     # still holds about 25 GiB of temporaries, and 4 per chip outgrow its 95 GiB (`vllm-jax plan`).

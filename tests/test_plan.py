@@ -109,3 +109,5 @@ def test_plan_generate_compiles_prefill_and_decode(capsys):
   assert (float(found.group(1)), float(found.group(2))) == pytest.approx((prefill, decode), rel=1e-3), out
   status, out, err = plan(capsys, "video_llava.py:tiny_stage2", "--cpu-devices", "8", "--generate", "--batch", "3")
   assert status == 2 and "3 rows do not divide over the mesh's 8 data-parallel devices" in err
+  status, out, err = plan(capsys, "video_llava.py:tiny_stage2", "--context", "1024")
+  assert status == 2 and err.strip() == "error: --context sizes the KV cache of --generate: add --generate"

@@ -24,8 +24,7 @@ def add_parser(commands) -> None:
   parser = commands.add_parser("cache-features", help="run the frozen encoders once; write a feature cache",
                                description=HELP, formatter_class=flags.argparse.RawDescriptionHelpFormatter,
                                usage="vllm-jax cache-features --config FILE[:ARG] [--config.a.b=VALUE ...] --out DIR")
-  parser.add_argument("--config", required=True, metavar="FILE[:ARG]",
-                      help="training config and its get_config argument, e.g. configs/video_llama.py:stage1")
+  flags.recipe_flag(parser)
   parser.add_argument("--out", required=True, metavar="DIR", help="the cache folder (created; resumed if present)")
   parser.add_argument("--batch-size", type=flags.number(int, 1), default=32,
                       help="examples per encoder batch on each process (rounded up to its device count)")

@@ -43,6 +43,12 @@ QUIET_ENVIRONMENT = {
 NOISY_MODULES = ("jax", "jaxlib", "flax", "orbax", "optax", "grain", "tensorflow_datasets", "transformers", "torch")
 
 
+def recipe_flag(parser) -> None:
+  """`--config FILE[:ARG]`: a training recipe (the commands that take `--config.a.b=VALUE` overrides)."""
+  parser.add_argument("--config", required=True, metavar="FILE[:ARG]",
+                      help="training config and its get_config argument, e.g. configs/video_llama.py:stage1")
+
+
 def quiet_flag(parser, default=False) -> None:
   parser.add_argument("-q", "--quiet", action="store_true", default=default,
                       help="only answers, notes and errors: no progress bars, no log lines from XLA, libtpu, "

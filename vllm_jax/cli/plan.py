@@ -64,8 +64,7 @@ def add_parser(commands) -> None:
                           usage="vllm-jax plan --config FILE[:ARG] [--config.a.b=VALUE ...] "
                                 "[--topology v5e:2x4 | --cpu-devices N] [--mesh DATA,FSDP,TENSOR] [--batch N] "
                                 "[--generate [--context N]]")
-  p.add_argument("--config", required=True, metavar="FILE[:ARG]",
-                 help="config file and its get_config argument, e.g. configs/video_llama.py:stage1")
+  flags.recipe_flag(p)
   target = p.add_mutually_exclusive_group()
   target.add_argument("--topology", metavar="CHIP:AxB[xC]",
                       help="a TPU slice to compile for: v4, v5e, v5p or v6e, e.g. v5e:2x4 (8 chips)")
@@ -108,6 +107,8 @@ def _child_argv(args, overrides) -> list[str]:
 
 def run(args, overrides: list[str]) -> int:
   from vllm_jax.train import plan as plan_lib
+  if args.context and not args.generate:
+    return flags.error("--context sizes the KV cache of --generate: add --generate")
   try:
     cfg, system = _config(args, overrides)
     chip, chips = plan_lib.parse_topology(args.topology) if args.topology else (None, 0)

@@ -28,8 +28,7 @@ def add_parser(commands) -> None:
   train = commands.add_parser("train", help="train a model (sharded, checkpointed, resumable)",
                               description=HELP, formatter_class=flags.argparse.RawDescriptionHelpFormatter,
                               usage="vllm-jax train --config FILE[:ARG] [--config.a.b=VALUE ...]")
-  train.add_argument("--config", required=True, metavar="FILE[:ARG]",
-                     help="config file and its get_config argument, e.g. configs/video_llama.py:stage1")
+  flags.recipe_flag(train)
   train.add_argument("--print-config", action="store_true",
                      help="print the effective config, each value with where it came from, and exit")
   train.set_defaults(run=run, takes_overrides=True)

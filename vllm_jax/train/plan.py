@@ -278,11 +278,11 @@ def _compile(fn, *args) -> Compiled:
   read its memory; the compiler's out-of-memory message when it refuses."""
   import jax  # pylint: disable=g-import-not-at-top
   from vllm_jax.train import flops  # pylint: disable=g-import-not-at-top
-  lowered = fn.trace(*args)
-  count = flops.count_jaxpr(lowered.jaxpr).flops
+  traced = fn.trace(*args)
+  count = flops.count_jaxpr(traced.jaxpr).flops
   argument = _shard_bytes([a for a in jax.tree.leaves(args) if isinstance(a, jax.ShapeDtypeStruct)])
   try:
-    stats = lowered.lower().compile().memory_analysis()
+    stats = traced.lower().compile().memory_analysis()
   except jax.errors.JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise

@@ -131,9 +131,8 @@ def main():
         f"{ids.shape[1]} tokens, fp32; torch threads {torch.get_num_threads()}, jax devices {jax.devices()}")
 
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-  params = jax.device_put(params)
-  t_ours = train_lib.make_trainer(cfg, mesh, VideoLlamaSystem, config, params)
-  state = t_ours.init()
+  t_ours = train_lib.make_trainer(cfg, mesh, VideoLlamaSystem, config)
+  state = t_ours.init(jax.device_put(params))
   global_batch = sharding.make_global_batch(batch, mesh)
   start = time.perf_counter()
   state, metrics = t_ours.train_step(state, global_batch)

@@ -29,9 +29,11 @@ the instructions; "" = random init of `model` with `data.tokenizer` and `data.in
           v1's system prompt), every question carrying the media, read with that question. Trains
           everything but the ViT. The text-guided part is recomputed in the backward pass
           (`context_remat_policy`) and a step accumulates 16 micro-batches of 8, so that it fits
-          v5p:2x2x1 (76 GiB of 95 per chip, `vllm-jax plan`).
+          v5p:2x2x1 (61 GiB of 95 per chip, `vllm-jax plan`).
   stage3: long videos (about 9 K movie conversations, one epoch at 8), lr 2e-5, up to 65536 tokens
           (the 7b-long context). Trains the LLM and the projector; the context path stays frozen.
+          The loss projects the vocabulary 4096 positions at a time (`loss_chunk`) and a step
+          accumulates 2 micro-batches, one row per chip on v5p:2x2x1 (82 GiB of 95, `vllm-jax plan`).
   stage2_lora: stage 2 with LoRA adapters on the LLM in its place (`model.llama.lora`: rank 128,
           alpha 256, dropout 0.05 on all seven projections, the LLaVA family's published LoRA
           setting) trained with the projectors and the context path, the base LLM frozen; lr 2e-4,
@@ -133,6 +135,9 @@ def train_config(cfg: ml_collections.ConfigDict, stage: str, tiny: bool = False)
   # (question, frame): 2,400 passes an example, whose activations outgrow any chip unless each
   # question's pass and each Q-Former layer are recomputed in the backward pass.
   cfg.context_remat_policy = "nothing_saveable" if stage == "stage2" and not tiny else ""
+  # Positions the loss projects to the vocabulary at once (0: all). A 65,536-token row's float32
+  # logits are 8 GiB, and their gradient as much again.
+  cfg.loss_chunk = 4096 if stage == "stage3" and not tiny else 0
   cfg.optim = optim_config(trainable=trainable, lr=1e-3 if stage1 else 2e-4 if lora else 2e-5, min_lr=0.0,
                            warmup_start_lr=0.0, warmup_steps=0, warmup_ratio=0.03, weight_decay=0.0, clip_norm=1.0)
   if lora:
@@ -141,9 +146,12 @@ def train_config(cfg: ml_collections.ConfigDict, stage: str, tiny: bool = False)
     # Micro-batches of 32 (4 examples of 64 frames per chip on v5e:2x4: 11.6 GiB of 16, `vllm-jax plan`;
     # all 256 at once need 37 GiB of temporaries per chip).
     cfg.optim.grad_accum = 8
+  if stage == "stage3" and not tiny:
+    # Micro-batches of 4: one row per chip on a v5p:2x2x1 (on 8 chips pass --config.optim.grad_accum=1).
+    cfg.optim.grad_accum = 2
   if stage == "stage2" and not tiny:
     # Micro-batches of 8 (2 examples per chip on a v5p:2x2x1): with the context remat one example
-    # still holds about 25 GiB of temporaries, and 4 per chip outgrow its 95 GiB (`vllm-jax plan`).
+    # still holds about 18 GiB of temporaries, and 4 per chip outgrow its 95 GiB (`vllm-jax plan`).
     cfg.optim.grad_accum = 16
   cfg.train = train_section(steps=math.ceil(EXAMPLES[stage] / BATCH[stage]), batch_size=BATCH[stage],
                             log_every=50, checkpoint_every=1000 if stage != "stage3" else 200)

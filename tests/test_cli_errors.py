@@ -39,8 +39,8 @@ def folders(tmp_path_factory):
   return root
 
 
-def run(*args):
-  env = dict(os.environ, XLA_FLAGS=FAST)
+def run(*args, devices: int = 1):
+  env = dict(os.environ, XLA_FLAGS=f"{FAST} --xla_force_host_platform_device_count={devices}")
   proc = subprocess.run([sys.executable, "-m", "vllm_jax.cli", *map(str, args)], capture_output=True, text=True,
                         timeout=300, env=env)
   return proc.returncode, proc.stderr
@@ -92,6 +92,17 @@ def test_bad_invocation_is_one_error_line(folders, tmp_path, case, message):
   assert status == 2, err
   assert "Traceback" not in err and message in err, err
   assert sum(line.startswith("error:") or ": error: " in line for line in err.splitlines()) == 1, err
+
+
+def test_a_mesh_that_does_not_divide_the_model_names_its_parameters(folders, tmp_path):
+  """2 attention heads over a tensor axis of 4: refused before any tensor is read."""
+  model = tmp_path / "llama"
+  status, err = run("convert", "llama", "--hf-dir", folders / "hf", "--out", model)
+  assert status == 0, err
+  status, err = run("chat", "--model", model, "--mesh", "1,1,4", "--question", "hi", devices=4)
+  assert status == 2 and "Traceback" not in err, err
+  assert ("error: the mesh (data 1 x fsdp 1 x tensor 4) does not divide" in err
+          and "layers/attn/q/kernel [1, 16, 2, 8] (axis 2 over tensor = 4)" in err), err
 
 
 def test_version():

@@ -7,6 +7,7 @@ interrupted cache write resumes where it stopped and ends as an uninterrupted on
 import csv
 import os
 import shutil
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -21,7 +22,7 @@ from vllm_jax.configs.video_llama import AUDIO_CONNECTOR, VISION_CONNECTOR, get_
 from vllm_jax.data import feature_cache
 from vllm_jax.models.video_llama import VideoLlama, abstract_params
 from vllm_jax.systems import video_llama as vl
-from vllm_jax.train import optim
+from vllm_jax.train import optim, sharding
 from vllm_jax.train import run as run_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,6 +123,26 @@ def test_training_from_the_cache_gives_the_same_losses(setup, tmp_path, audio):
   print(f"{'audio-visual' if audio else 'vision'} stage 1, cached vs uncached losses: max rel diff {rel:.1e}")
   assert len(ref) == 6 and np.isfinite(ref).all() and rel <= 1e-5
   assert np.abs(np.diff(ref)).max() > 1e-3  # the steps train: equal losses are not one constant
+
+
+@pytest.mark.parametrize("audio", [False, True], ids=["vision", "audio_visual"])
+def test_a_cached_run_keeps_no_encoder_in_its_state(audio):
+  """From a cache the loss reads neither the ViT, ln_vision and image Q-Former nor the ImageBind
+  encoder: they stay out of the train state (as the trainable connectors and the LLM do not),
+  unless train.save_frozen asks checkpoints to hold a whole model."""
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  cfg = train_config(Path("/unused"), audio=audio, feature_cache="/unused")
+  config = vl.VideoLlamaSystem.stage_config(cfg, model_config("tiny"))
+  encoders = ("vision/visual_encoder/", "vision/ln_vision/", "vision/qformer/", "audio/encoder/")
+  state = lambda t: set(optim.flatten(optim.merge(t.abstract_state.params, t.abstract_state.frozen)))
+  model = set(optim.flatten(nn.meta.unbox(vl.VideoLlamaSystem.abstract_params(config))))
+  kept = state(run_lib.make_trainer(cfg, mesh, vl.VideoLlamaSystem, config))
+  assert kept == {k for k in model if not k.startswith(encoders)} and len(kept) < len(model)
+  assert any(k.startswith("audio/") for k in kept) == audio
+  cfg.train.save_frozen = True
+  assert state(run_lib.make_trainer(cfg, mesh, vl.VideoLlamaSystem, config)) == model
+  cfg.train.save_frozen, cfg.data.feature_cache = False, ""  # from frames: every encoder is read
+  assert state(run_lib.make_trainer(cfg, mesh, vl.VideoLlamaSystem, config)) == model
 
 
 def test_a_cache_made_otherwise_is_refused(setup, tmp_path):

@@ -118,6 +118,20 @@ def test_convert_and_chat_commands(tiny, capsys):
   assert "holds no tokenizer" in capsys.readouterr().err
 
 
+def test_budgets_in_one_power_of_two_share_the_compiled_steps(tiny):
+  """max_new_tokens 20 and 30 both get room for 32: the second request compiles nothing (a server
+  would otherwise compile per distinct max_tokens), and its first 20 tokens are the first's."""
+  _, config, params, tokenizer = tiny
+  ids, mask = left_pad([tokenizer(p).input_ids for p in ["hello there", "a red circle"]])
+  short = gen.generate(config, params, input_ids=ids, attention_mask=mask, max_new_tokens=20)
+  compiled = gen.prefill._cache_size(), gen.decode._cache_size()
+  long = gen.generate(config, params, input_ids=ids, attention_mask=mask, max_new_tokens=30)
+  assert (gen.prefill._cache_size(), gen.decode._cache_size()) == compiled
+  assert short.tokens.shape == (2, 20) and long.tokens.shape == (2, 30)
+  np.testing.assert_array_equal(long.tokens[:, :20], short.tokens)
+  assert (long.lengths == 30).all() and (short.lengths == 20).all()
+
+
 def test_long_prompts_prefill_in_pieces_as_one(tiny, monkeypatch):
   """A prompt run PREFILL_CHUNK tokens at a time (left padding inside the first piece) leaves
   the cache and the sampled tokens of one whole prefill."""

@@ -288,11 +288,12 @@ def remat_batch(tokenizer, tokens_per_frame: int) -> dict:
 
 
 def test_context_remat_keeps_loss_and_gradients(setup):
-  """Rematerialising the text-guided part (each turn's pass and each Q-Former layer) changes
-  neither the training loss nor any parameter's gradient (fp32)."""
+  """Rematerialising the text-guided part (each turn's pass and each Q-Former layer), with the
+  frames passing 2 at a time (3 = 2 + a remainder), changes neither the training loss nor any
+  parameter's gradient (fp32)."""
   s = setup
   batch = remat_batch(s.tokenizer, s.config.tokens_per_frame)
-  remat = s.config.replace(context_remat_policy="nothing_saveable",
+  remat = s.config.replace(context_remat_policy="nothing_saveable", chunk_frames=2,
                            qformer=s.config.qformer.replace(remat_policy="nothing_saveable"))
   def loss_and_grads(config):
     loss = LlamaVidSystem.loss_fn(config)
@@ -308,8 +309,9 @@ def test_context_remat_keeps_loss_and_gradients(setup):
 
 def test_recipe_context_remat_applies_over_a_loaded_config(setup):
   """The full-size stage-2 recipes set the context remat over a model folder's config (whose own
-  is off); the tiny recipes and the other stages leave it."""
+  is off), stage 3 the sliced loss; the tiny recipes and the other stages leave them."""
   for name, want in (("stage2", "nothing_saveable"), ("stage2_lora", "nothing_saveable"), ("stage1", "none"),
                      ("stage3", "none"), ("tiny_stage2", "none")):
     config = run_lib.training_config(recipes.get_config(name), LlamaVidSystem, setup.config)
     assert (config.context_remat_policy, config.qformer.remat_policy) == (want, want), name
+    assert config.llama.loss_chunk == (4096 if name == "stage3" else 0), name

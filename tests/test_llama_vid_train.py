@@ -239,12 +239,15 @@ def direct_tokens(config, params, example) -> np.ndarray:
   return np.concatenate([np.asarray(r).reshape(n * config.tokens_per_frame, -1) for r in rows])
 
 
-def test_packed_media_tokens_match_direct_rows(files):
+@pytest.mark.parametrize("chunk_frames,loss_chunk", [(64, 0), (3, 37)])
+def test_packed_media_tokens_match_direct_rows(files, chunk_frames, loss_chunk):
   """Mixed rows (videos of 3 and 4 frames, images; 1 to 3 turns) run every frame; an image batch
   runs frame 0 only. Either way row b's k-th placeholder gets its turn's token of its frame, and
-  the loss is the model's on those embeddings."""
+  the loss is the model's on those embeddings: also with the ViT taking 3 frames of a row at a
+  time (4 = 3 + a remainder) and the loss projecting 37 positions at a time."""
   root, config, params = files
   decode, by_name = decoder(root, config), records(root)
+  config = config.replace(chunk_frames=chunk_frames, llama=config.llama.replace(loss_chunk=loss_chunk))
   clip = next(name for name in by_name if name.startswith("train"))
   model = LlamaVid(config)
   packed = jax.jit(lambda p, b: media_tokens(model, p, b))
@@ -301,8 +304,8 @@ def test_sharded_stage1_step_matches_single_device(files):
   results = {}
   for name, mesh in (("single", sharding.make_mesh((1, 1, 1), jax.devices()[:1])),
                      ("sharded", sharding.make_mesh((2, 2, 2)))):
-    t = run_lib.make_trainer(cfg, mesh, LlamaVidSystem, config, jax.device_put(params))
-    state, losses = t.init(), []
+    t = run_lib.make_trainer(cfg, mesh, LlamaVidSystem, config)
+    state, losses = t.init(jax.tree.map(jnp.copy, params)), []
     for batch in batches.values():
       state, metrics = t.train_step(state, sharding.make_global_batch(batch, mesh))
       losses.append(float(metrics["loss"]))

@@ -95,7 +95,8 @@ def test_lora_run_trains_adapters_and_projector_and_exports(files, tmp_path, cap
   # What trained: the adapters and the projector, each moved from its start (A random, B zero);
   # everything else is the base, bit for bit (kept in float32 here).
   initial = optim.flatten(jax.device_get(run_lib.make_trainer(
-      cfg, sharding.make_mesh((1, 1, 1), jax.devices()[:1]), VideoLlavaSystem, config, base.params).init().params))
+      cfg, sharding.make_mesh((1, 1, 1), jax.devices()[:1]), VideoLlavaSystem, config).init(
+          jax.tree.map(jnp.copy, base.params)).params))
   trained = optim.flatten(jax.device_get(result.state.params))
   frozen = optim.flatten(jax.device_get(result.state.frozen))
   assert set(trained) == adapters | {k for k in paths if k.startswith("projector/")} == set(initial)
@@ -190,8 +191,8 @@ def test_sharded_lora_steps_match_single_device(files):
   for name, mesh in (("single", sharding.make_mesh((1, 1, 1), jax.devices()[:1])),
                      ("sharded", sharding.make_mesh((2, 2, 2)))):
     config, params, _ = run_lib.load_model(cfg, mesh, VideoLlavaSystem)
-    t = run_lib.make_trainer(cfg, mesh, VideoLlavaSystem, config, params)
-    state, losses = t.init(), []
+    t = run_lib.make_trainer(cfg, mesh, VideoLlavaSystem, config)
+    state, losses = t.init(params), []
     for batch in two_batches(cfg, config, str(files / "model")):
       state, metrics = t.train_step(state, sharding.make_global_batch(batch, mesh))
       losses.append(float(metrics["loss"]))
@@ -279,8 +280,7 @@ def test_recipe_lora_on_a_loaded_config():
   plain = load_config(os.path.join(ROOT, "configs/video_llava.py:tiny_stage2"), [])
   assert run_lib.recipe_lora(plain) is None and run_lib.with_recipe_lora(plain, config) == config
 
-  fresh = {"llm": {"q": {"kernel": 1, "lora_a": 2, "lora_b": 3}}, "projector": {"kernel": 4}}
-  assert run_lib._with_fresh_adapters({"llm": {"q": {"kernel": 5}}, "projector": {"kernel": 6}}, fresh) == {
-      "llm": {"q": {"kernel": 5, "lora_a": 2, "lora_b": 3}}, "projector": {"kernel": 6}}
+  model = {"llm": {"q": {"kernel": 1, "lora_a": 2, "lora_b": 3}}, "projector": {"kernel": 4}}
+  run_lib.check_loaded({"llm": {"q": {"kernel": 5}}, "projector": {"kernel": 6}}, model)  # adapters: made fresh
   with pytest.raises(ValueError, match="do not fit the model: projector/kernel"):
-    run_lib._with_fresh_adapters({"llm": {"q": {"kernel": 5}}}, fresh)
+    run_lib.check_loaded({"llm": {"q": {"kernel": 5}}}, model)

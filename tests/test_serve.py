@@ -276,9 +276,14 @@ def test_serve_command_answers_text_prompts_of_a_plain_llama_until_ctrl_c(files,
     finally:
       os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C
 
-  threading.Thread(target=client, daemon=True).start()
-  assert cli.main(["serve", "--model", llama_dir, "--port", str(port), "--max-batch", "1",
-                   "--max-new-tokens", "6"]) == 0
+  # A shell's background job inherits SIGINT ignored: give this process Python's Ctrl-C handler.
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    threading.Thread(target=client, daemon=True).start()
+    assert cli.main(["serve", "--model", llama_dir, "--port", str(port), "--max-batch", "1",
+                     "--max-new-tokens", "6"]) == 0
+  finally:
+    signal.signal(signal.SIGINT, previous)
   out, err = capsys.readouterr()
   assert f"serving llama at {url}/v1" in out and "stopped" in err
   status, answer, _ = results["text"]

@@ -25,6 +25,8 @@ TINY_LLAMA = types.SimpleNamespace(
     init_inputs=lambda config: {"input_ids": IDS},
     abstract_params=lambda config: jax.eval_shape(lambda k: Llama(config).init(k, IDS)["params"], jax.random.key(0)),
     loss_fn=lambda config: trainer.causal_lm_loss(Llama(config)),
+    batch_spec=lambda cfg, config: {k: jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len), jnp.int32)
+                                    for k in ("input_ids", "attention_mask", "labels")},
     dataset=lambda cfg, config, tokenizer_dir: datasets.examples(
         [{"seed": i} for i in range(256)], train_tiny.SyntheticTokens(cfg.data.seq_len, config.vocab_size),
         seed=cfg.seed, shuffle=cfg.data.shuffle))

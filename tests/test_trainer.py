@@ -28,6 +28,43 @@ def test_cross_entropy_matches_torch():
   np.testing.assert_allclose(float(loss_sum / count), float(ref), rtol=1e-6)
 
 
+@pytest.mark.parametrize("chunk", [4, 5, 9])
+def test_chunked_next_token_loss_matches_whole_sequence(chunk):
+  """Slices of 4 (dividing the 12 positions), 5 (padded to 15) and 9: the loss, its count and the
+  gradients of the hidden states and the vocabulary projection equal the unsliced loss's."""
+  rng = np.random.RandomState(0)
+  hidden = jnp.asarray(rng.randn(2, 12, 6), jnp.float32)
+  kernel = jnp.asarray(rng.randn(6, 11), jnp.float32)
+  labels = rng.randint(0, 11, (2, 12))
+  labels[0, :3] = labels[1, 7] = -100
+  labels = jnp.asarray(labels)
+
+  def loss(hidden, kernel, chunk):
+    return trainer.next_token_loss(hidden, labels, lambda x: x @ kernel, chunk)
+
+  grads = jax.grad(lambda h, k, c: loss(h, k, c)[0], (0, 1))
+  want, want_count = loss(hidden, kernel, 0)
+  got, got_count = loss(hidden, kernel, chunk)
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+  assert float(got_count) == float(want_count) == 9 + 10
+  for got, want in zip(grads(hidden, kernel, chunk), grads(hidden, kernel, 0)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+def test_init_from_loaded_parameters_consumes_them():
+  """`init(base)` on a (2, 2, 2) mesh: the state holds base's values (the frozen ones in bfloat16)
+  and base's arrays are gone, as a loaded 7B model must not stay beside its copy in the state."""
+  t = train_tiny.make_trainer(train_tiny.config(), sharding.make_mesh((2, 2, 2)))
+  base = jax.jit(lambda k: nn.meta.unbox(t.params_fn(k)))(jax.random.key(1))
+  want = optim.flatten(jax.device_get(base))
+  state = t.init(base)
+  assert all(x.is_deleted() for x in jax.tree.leaves(base))
+  got = optim.flatten(jax.device_get(optim.merge(state.params, state.frozen)))
+  assert set(got) == set(want)
+  for path, value in got.items():
+    np.testing.assert_array_equal(value, want[path].astype(value.dtype), err_msg=path)
+
+
 def losses(result):
   return np.array([m["loss"] for m in result.history])
 

@@ -24,8 +24,9 @@ from vllm_jax.data import conversation as C
 from vllm_jax.data.media import load_media
 from vllm_jax.data.tokenizer import left_pad, load_tokenizer, train_tokenizer
 from vllm_jax.models.llama import Llama, LlamaConfig
-from vllm_jax.models.video_llama import VideoLlama, VideoLlamaConfig, abstract_params, lm_loss
+from vllm_jax.models.video_llama import VideoLlama, VideoLlamaConfig, abstract_params
 from vllm_jax.systems import video_llama as video_llama_system
+from vllm_jax.train import trainer
 
 CORPUS = ["###Human: What is moving in the video?\n###Assistant: A red circle moves left.\n",
           "The video contains 4 frames sampled at 0.0, 1.5 seconds. Close your eyes, open your ears"] * 20
@@ -199,7 +200,8 @@ def test_loss_matches_torch_with_masked_labels(setup):
     embeds = VideoLlama(config).apply({"params": params}, batch["input_ids"], video_tokens, method="embed")
     logits = Llama(config.llama).apply({"params": params["llm"]}, inputs_embeds=embeds,
                                        attention_mask=batch["attention_mask"])[0]
-    return lm_loss(logits, batch["labels"])
+    loss_sum, count = trainer.cross_entropy(logits, batch["labels"])
+    return loss_sum / count, count
 
   (loss, count), grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(video)
   assert int(count) == (np.asarray(labels[1:]) != -100).sum()

@@ -250,8 +250,8 @@ def test_sharded_forward_and_stage1_step_match_single_device(files):
   # Two stage-1 steps (the first at the warm-up's lr 0): the same losses and projector update.
   results = {}
   for name, mesh in (("single", single), ("sharded", full)):
-    t = run_lib.make_trainer(cfg, mesh, VideoLlavaSystem, config, jax.device_put(system.params))
-    state, losses = t.init(), []
+    t = run_lib.make_trainer(cfg, mesh, VideoLlavaSystem, config)
+    state, losses = t.init(jax.tree.map(jnp.copy, system.params)), []
     for batch in batches:
       state, metrics = t.train_step(state, sharding.make_global_batch(batch, mesh))
       losses.append(float(metrics["loss"]))

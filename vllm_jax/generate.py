@@ -45,7 +45,7 @@ class Generation:
 @flax.struct.dataclass
 class DecodeState:
   cache: KVCache
-  tokens: jax.Array   # [B, N] int32
+  tokens: jax.Array   # [B, room] int32, room >= max_new_tokens
   step: jax.Array     # [] int32, tokens written so far
   done: jax.Array     # [B] bool
   rng: jax.Array
@@ -79,19 +79,20 @@ def extend(config: LlamaConfig, params, cache: KVCache, inputs_embeds: jax.Array
                              cache=cache, method=Llama.hidden_states)[1]
 
 
-@functools.partial(jax.jit, static_argnames=("config", "sampling", "max_new_tokens"), donate_argnames=("cache",))
-def prefill(config: LlamaConfig, sampling: SamplingConfig, max_new_tokens: int, params, cache: KVCache,
+@functools.partial(jax.jit, static_argnames=("config", "sampling", "room"), donate_argnames=("cache",))
+def prefill(config: LlamaConfig, sampling: SamplingConfig, room: int, params, cache: KVCache,
             inputs_embeds: jax.Array, attention_mask: jax.Array, stop_ids: jax.Array,
             rng: jax.Array, pad_id: jax.Array) -> DecodeState:
-  """Run the prompt through the model and sample the first new token. Logits at the last position
-  only: the LM head over the whole prompt ([T, vocab]) would be most of a short prompt's time."""
+  """Run the prompt through the model and sample the first new token into a buffer of `room`
+  tokens. Logits at the last position only: the LM head over the whole prompt ([T, vocab]) would
+  be most of a short prompt's time."""
   model = Llama(config)
   hidden, cache = model.apply({"params": params}, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                               cache=cache, method=Llama.hidden_states)
   rng, key = jax.random.split(rng)
   first = sample_logits(model.apply({"params": params}, hidden[:, -1], method=Llama.logits), key, sampling)
   batch = first.shape[0]
-  tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
+  tokens = jnp.full((batch, room), pad_id, jnp.int32).at[:, 0].set(first)
   return DecodeState(cache=cache, tokens=tokens, step=jnp.ones((), jnp.int32),
                      done=jnp.isin(first, stop_ids), rng=rng)
 
@@ -150,8 +151,11 @@ def generate(config: LlamaConfig, params, *, input_ids: jax.Array | np.ndarray |
   pad = config.pad_token_id if config.pad_token_id is not None else (stop_token_ids[0] if stop_token_ids else 0)
   pad_id = jnp.asarray(pad, jnp.int32)
 
+  # Room for new tokens (the token buffer, a fresh cache's slots) in powers of two: requests that
+  # differ only in max_new_tokens share the compiled steps.
+  room = max(16, 1 << (max_new_tokens - 1).bit_length())
   if cache is None:
-    cache = KVCache.init(config, batch, length + max_new_tokens)
+    cache = KVCache.init(config, batch, length + room)
   elif int(cache.index) + length + max_new_tokens > cache.max_len:
     raise ContextFullError(f"the cache holds {cache.max_len} tokens: {int(cache.index)} cached + {length} prompt + "
                      f"{max_new_tokens} new do not fit")
@@ -160,7 +164,7 @@ def generate(config: LlamaConfig, params, *, input_ids: jax.Array | np.ndarray |
   for start in range(0, last, PREFILL_CHUNK):
     piece = slice(start, start + PREFILL_CHUNK)
     cache = extend(config, params, cache, inputs_embeds[:, piece], attention_mask[:, piece])
-  state = prefill(config, sampling, max_new_tokens, params, cache, inputs_embeds[:, last:],
+  state = prefill(config, sampling, room, params, cache, inputs_embeds[:, last:],
                   attention_mask[:, last:], stop_ids, jax.random.key(seed), pad_id)
   interactive = on_tokens is not None or bool(stop_strings)
   step_size = chunk if interactive else max_new_tokens
@@ -178,7 +182,7 @@ def generate(config: LlamaConfig, params, *, input_ids: jax.Array | np.ndarray |
         state = _stop_at_strings(state, tokenizer, stop_strings, cut, step)
     if step >= max_new_tokens or bool(jnp.all(state.done)):
       break
-  return _finish(state, tokenizer, stop_token_ids, cut)
+  return _finish(state, max_new_tokens, tokenizer, stop_token_ids, cut)
 
 
 def _stop_at_strings(state: DecodeState, tokenizer, stop_strings, cut, step) -> DecodeState:
@@ -194,8 +198,8 @@ def _stop_at_strings(state: DecodeState, tokenizer, stop_strings, cut, step) -> 
   return state.replace(done=jnp.asarray(done))
 
 
-def _finish(state: DecodeState, tokenizer, stop_token_ids, cut) -> Generation:
-  tokens = np.asarray(state.tokens)
+def _finish(state: DecodeState, max_new_tokens: int, tokenizer, stop_token_ids, cut) -> Generation:
+  tokens = np.asarray(state.tokens)[:, :max_new_tokens]
   step = int(state.step)
   lengths = np.full(tokens.shape[0], step, np.int32)
   for row in range(tokens.shape[0]):

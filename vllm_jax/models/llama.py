@@ -46,9 +46,7 @@ class LlamaConfig(ConfigBase):
   remat_policy: str = "nothing_saveable"  # a jax.checkpoint_policies name, or "none"
   attention_impl: str | None = None       # the kernel without a cache: None (XLA), cudnn, splash, auto
   lora: LoraConfig | None = None          # low-rank adapters on the projections `lora.targets` name
-
-
-
+  loss_chunk: int = 0                     # training loss: positions projected to the vocabulary at once; 0: all
 
 
 @flax.struct.dataclass

@@ -31,8 +31,6 @@ from vllm_jax.models.llama import KVCache, Llama, LlamaConfig
 from vllm_jax.models.video_branch import VideoBranch, VideoBranchConfig
 from vllm_jax.nn.config import ConfigBase
 
-IGNORE_INDEX = -100
-
 
 @dataclasses.dataclass(frozen=True)
 class VideoLlamaConfig(ConfigBase):
@@ -134,6 +132,13 @@ class VideoLlama(nn.Module):
     audio: [B, N, 1, mel, frames] or None (no row has audio); attention_mask: [B, L].
     Cached media instead of frames / audio (`frozen_features`): frame_features [B, T, Q, E],
     audio_features [B, N, D]."""
+    x = self.embed_inputs(input_ids, frames, frame_mask, audio, frame_features, audio_features)
+    return self.decode(x, attention_mask, positions, cache)
+
+  def embed_inputs(self, input_ids: jax.Array, frames: jax.Array | None = None, frame_mask: jax.Array | None = None,
+                   audio: jax.Array | None = None, frame_features: jax.Array | None = None,
+                   audio_features: jax.Array | None = None) -> jax.Array:
+    """The LLM's input embeddings [B, L, E] of `__call__`'s inputs: media encoded and spliced in."""
     if frame_features is not None:
       video_tokens = self.encode_video_features(frame_features, frame_mask)
     else:
@@ -142,21 +147,7 @@ class VideoLlama(nn.Module):
       audio_tokens = self.audio.connect(audio_features)
     else:
       audio_tokens = None if audio is None else self.encode_audio(audio)
-    x = self.embed(input_ids, video_tokens, audio_tokens)
-    return self.decode(x, attention_mask, positions, cache)
-
-
-def lm_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Next-token cross-entropy, labels aligned with the inputs (-100: not learned).
-
-  logits: [B, L, V]; labels: [B, L] -> (mean loss over learned tokens, their count).
-  """
-  targets = labels[:, 1:]
-  valid = targets != IGNORE_INDEX
-  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
-  count = valid.sum()
-  return jnp.sum(nll * valid) / jnp.maximum(count, 1), count
+    return self.embed(input_ids, video_tokens, audio_tokens)
 
 
 def init_inputs(config: VideoLlamaConfig, batch: int = 1) -> dict[str, jax.ShapeDtypeStruct]:

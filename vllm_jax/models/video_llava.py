@@ -30,7 +30,7 @@ from vllm_jax.models.llama import KVCache, Llama, LlamaConfig
 from vllm_jax.models.video_llama import embed_with_media
 from vllm_jax.models.vit import CLIP_VIT_L, ViT, ViTConfig
 from vllm_jax.nn.config import ConfigBase
-from vllm_jax.nn.layers import Dense, constrain
+from vllm_jax.nn.layers import Dense, constrain, gelu
 
 # Vicuna-7B v1.5 as `LanguageBind/Video-LLaVA-7B-hf` holds it: the vocabulary grown by <image>,
 # <video>, <pad> (32000-32002) and padded to a multiple of 64.
@@ -78,7 +78,7 @@ class Projector(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     dense = lambda axes, name: Dense(self.features, axes, use_bias=True, dtype=self.dtype,
                                      param_dtype=self.param_dtype, name=name)
-    h = nn.gelu(dense(("embed", "mlp"), "fc1")(x), approximate=False)
+    h = gelu(dense(("embed", "mlp"), "fc1")(x))
     return dense(("mlp", "embed"), "fc2")(h)
 
 

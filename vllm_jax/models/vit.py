@@ -31,11 +31,11 @@ import numpy as np
 
 from vllm_jax.nn.attention import MultiHeadAttention
 from vllm_jax.nn.config import ConfigBase
-from vllm_jax.nn.layers import Dense, LayerNorm, Mlp, constrain
+from vllm_jax.nn.layers import Dense, LayerNorm, Mlp, constrain, gelu
 
 
 ACTIVATIONS = {
-    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu": gelu,
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # OpenAI CLIP
 }
 

@@ -29,8 +29,26 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
 
   q: [B, T, H, D]; k, v: [B, S, K, D] with K dividing H; mask: bool, broadcastable to
   [B, H, T, S] (True = attend). A fully masked row gives a uniform average, never NaN.
+  Scores and softmax in float32 (bf16 inputs: bf16 products, f32 sums), as
+  `jax.nn.dot_product_attention` computes them. Heads are moved before positions explicitly:
+  from the [B, T, H, D] layout, XLA:CPU ran the two batched matmuls 1.5x slower.
   """
-  return jax.nn.dot_product_attention(q, k, v, mask=mask)
+  b, t, h, d = q.shape
+  kv_heads = k.shape[2]
+  q = q.reshape(b, t, kv_heads, h // kv_heads, d).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, D]
+  k, v = (x.transpose(0, 2, 1, 3) for x in (k, v))  # [B, K, S, D]
+  precision = {jnp.bfloat16: jax.lax.DotAlgorithmPreset.BF16_BF16_F32,
+               jnp.float16: jax.lax.DotAlgorithmPreset.F16_F16_F32}.get(q.dtype.type)
+  logits = jnp.einsum("bkgtd,bksd->bkgts", q, k, precision=precision, preferred_element_type=jnp.float32)
+  logits = logits * jnp.float32(d ** -0.5)
+  if mask is not None:  # -> [B or 1, K or 1, G or 1, T or 1, S or 1], heads split as q's
+    mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    per_head = mask.shape[1] > 1
+    mask = mask.reshape(mask.shape[0], kv_heads if per_head else 1, h // kv_heads if per_head else 1, *mask.shape[2:])
+    logits = jnp.where(mask, logits, -0.7 * jnp.finfo(jnp.float32).max)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bksd->bkgtd", probs, v)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
 def resolve_implementation(implementation: str | None, q: jax.Array) -> str:

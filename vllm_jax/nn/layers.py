@@ -138,10 +138,16 @@ class LayerNorm(nn.Module):
     return y.astype(self.dtype)
 
 
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact GELU, x * Phi(x), from erf: `jax.nn.gelu(approximate=False)` goes through erfc, which
+  XLA:CPU evaluates at half the speed."""
+  return 0.5 * x * (1.0 + jax.lax.erf(x * 2 ** -0.5))
+
+
 class Mlp(nn.Module):
   """Two-layer MLP, x: [..., embed] -> [..., embed] (ViT, BERT, ImageBind)."""
   hidden: int
-  activation: Callable[[jax.Array], jax.Array] = lambda x: nn.gelu(x, approximate=False)
+  activation: Callable[[jax.Array], jax.Array] = gelu
   use_bias: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32

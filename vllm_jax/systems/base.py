@@ -31,6 +31,7 @@ from vllm_jax import pretrained
 from vllm_jax.data import conversation as conv_lib
 from vllm_jax.data.media import Media
 from vllm_jax.data.tokenizer import load_tokenizer
+from vllm_jax.models.llama import Llama, LlamaConfig
 from vllm_jax.train import trainer
 
 
@@ -38,6 +39,18 @@ from vllm_jax.train import trainer
 def apply(model: nn.Module, method: str, params, *args):
   """`model.<method>(*args)` with `params`, compiled once per model, method and input shapes."""
   return model.apply({"params": params}, *args, method=method)
+
+
+def llm_loss(config: LlamaConfig, params, embeds: jax.Array, batch: dict[str, jax.Array],
+             rng: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+  """The system's LLM (`params["llm"]`) on input embeddings [B, T, E] -> the next-token loss of
+  batch["labels"] (`trainer.next_token_loss`: summed, count), the vocabulary projected
+  `config.loss_chunk` positions at a time."""
+  llm, variables = Llama(config), {"params": params["llm"]}
+  hidden, _ = llm.apply(variables, inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                        method="hidden_states", rngs=trainer.dropout_rngs(rng))
+  logits = lambda x: llm.apply(variables, x, method="logits")
+  return trainer.next_token_loss(hidden, batch["labels"], logits, config.loss_chunk)
 
 
 class System:

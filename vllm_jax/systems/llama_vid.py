@@ -28,7 +28,7 @@ from vllm_jax.data import video as video_lib
 from vllm_jax.data.media import Media
 from vllm_jax.data.tokenizer import load_instruction_tokenizer
 from vllm_jax.models.llama_vid import LlamaVid, LlamaVidConfig, abstract_params, init_inputs, pack_turn_tokens
-from vllm_jax.systems.base import System, apply
+from vllm_jax.systems.base import System, apply, llm_loss
 from vllm_jax.train import trainer
 
 IMAGE_TOKEN = "<image>"
@@ -199,9 +199,7 @@ class LlamaVidSystem(System):
     def loss(params, batch, rng):
       embeds = model.apply({"params": params}, batch["input_ids"], media_tokens(model, params, batch),
                            method="embed")
-      logits, _ = model.apply({"params": params}, embeds, batch["attention_mask"], method="decode",
-                              rngs=trainer.dropout_rngs(rng))
-      return trainer.cross_entropy(logits, batch["labels"])
+      return llm_loss(config.llama, params, embeds, batch, rng)
     return loss
 
   @classmethod
@@ -255,29 +253,44 @@ class LlamaVidSystem(System):
 def media_tokens(model: LlamaVid, params, batch: dict[str, jax.Array]) -> jax.Array:
   """A batch of training examples (see `Decode`) -> the media tokens [B, R*F*T, E] that its
   placeholders take, in order (`pack_turn_tokens`): the ViT runs once per frame, the text-guided
-  part once per (turn, frame) with that turn's instruction. When every row is a one-frame item
+  part once per (turn, frame) with that turn's instruction. Both take `chunk_frames` frames of
+  each row at a time: for an hour of frames at once, the ViT's activations and the Q-Former's
+  scores over queries and instruction would take tens of GiB. When every row is a one-frame item
   (an image batch), only frame 0 runs; the tokens of the other frames are zeros, never read.
-  The config's `context_remat_policy` says what each turn's pass keeps for the backward pass."""
+  The config's `context_remat_policy` says what each pass of the text-guided part keeps for the
+  backward pass."""
   pixels, text_ids, text_mask = batch["pixels"], batch["instruction_ids"], batch["instruction_mask"]
   b, max_frames = pixels.shape[:2]
   run = functools.partial(model.apply, {"params": params})
+  chunk = model.config.chunk_frames
 
-  def one_turn(features, ids, mask):  # [B*f, 1+G*G, D], [B, L_t] x 2 -> [B*f, T, E]
-    f = features.shape[0] // b
-    return run(features, jnp.repeat(ids, f, 0), jnp.repeat(mask, f, 0), method="frame_tokens")
+  def by_frames(fn, frames, *args):  # fn over [B, f, ...] -> [B, f, ...], on chunk frames of each row at a time
+    if frames.shape[1] <= chunk:
+      return fn(frames, *args)
+    out = jax.lax.map(lambda x: fn(x[:, None], *args)[:, 0], jnp.swapaxes(frames, 0, 1), batch_size=chunk)
+    return jnp.swapaxes(out, 0, 1)
+
+  def encode(frames):  # [B, f, S, S, 3] -> [B, f, 1+G*G, D]
+    features = run(frames.reshape(-1, *frames.shape[2:]), method="encode_frames")
+    return features.reshape(*frames.shape[:2], *features.shape[1:])
+
+  def one_turn(features, ids, mask):  # [B, f, 1+G*G, D], [B, L_t] x 2 -> [B, f, T, E]
+    f = features.shape[1]
+    tokens = run(features.reshape(b * f, *features.shape[2:]), jnp.repeat(ids, f, 0), jnp.repeat(mask, f, 0),
+                 method="frame_tokens")
+    return tokens.reshape(b, f, *tokens.shape[1:])
 
   policy = model.config.context_remat_policy
   if policy != "none":  # no barrier needed: in the turns' loop the rerun cannot merge with the forward
     one_turn = jax.checkpoint(one_turn, policy=getattr(jax.checkpoint_policies, policy), prevent_cse=False)
 
   def turn_tokens(frames):  # [B, f, S, S, 3] -> [B, R, max_frames, T, E]
-    f = frames.shape[1]
-    features = run(frames.reshape(b * f, *frames.shape[2:]), method="encode_frames")  # [B*f, 1+G*G, D]
+    features = by_frames(encode, frames)
     # Turn by turn, so that the features are read by each instruction rather than copied R times.
-    tokens = jax.lax.map(lambda text: one_turn(features, *text),
-                         (jnp.swapaxes(text_ids, 0, 1), jnp.swapaxes(text_mask, 0, 1)))  # [R, B*f, T, E]
-    tokens = jnp.swapaxes(tokens.reshape(tokens.shape[0], b, f, *tokens.shape[2:]), 0, 1)
-    return jnp.pad(tokens, ((0, 0), (0, 0), (0, max_frames - f), (0, 0), (0, 0)))
+    tokens = jax.lax.map(lambda text: by_frames(one_turn, features, *text),
+                         (jnp.swapaxes(text_ids, 0, 1), jnp.swapaxes(text_mask, 0, 1)))  # [R, B, f, T, E]
+    tokens = jnp.swapaxes(tokens, 0, 1)
+    return jnp.pad(tokens, ((0, 0), (0, 0), (0, max_frames - frames.shape[1]), (0, 0), (0, 0)))
 
   tokens = jax.lax.cond(jnp.all(batch["num_frames"] == 1), lambda: turn_tokens(pixels[:, :1]),
                         lambda: turn_tokens(pixels))

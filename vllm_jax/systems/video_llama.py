@@ -31,7 +31,7 @@ from vllm_jax.data import feature_cache
 from vllm_jax.data.audio import AudioClipConfig
 from vllm_jax.data.media import Media, MediaError, load_media
 from vllm_jax.models.video_llama import VideoLlama, VideoLlamaConfig, abstract_params, init_inputs
-from vllm_jax.systems.base import System, apply
+from vllm_jax.systems.base import System, apply, llm_loss
 from vllm_jax.train import trainer
 
 INSTRUCTION_READERS = {"llava": datasets.llava_records, "videochat": datasets.videochat_records}
@@ -118,9 +118,9 @@ class VideoLlamaSystem(System):
         media = dict(frame_features=batch["frame_features"], audio_features=batch.get("audio_features"))
       else:
         media = dict(frames=batch["frames"], audio=batch.get("audio"))
-      logits, _ = model.apply({"params": params}, batch["input_ids"], frame_mask=batch["frame_mask"],
-                              attention_mask=batch["attention_mask"], rngs=trainer.dropout_rngs(rng), **media)
-      return trainer.cross_entropy(logits, batch["labels"])
+      embeds = model.apply({"params": params}, batch["input_ids"], frame_mask=batch["frame_mask"],
+                           method="embed_inputs", **media)
+      return llm_loss(config.llama, params, embeds, batch, rng)
     return loss
 
   @classmethod

@@ -24,7 +24,7 @@ from vllm_jax.data import conversation as conv_lib
 from vllm_jax.data import datasets
 from vllm_jax.data.media import Media, load_media
 from vllm_jax.models.video_llava import VideoLlava, VideoLlavaConfig, abstract_params, init_inputs
-from vllm_jax.systems.base import System, apply
+from vllm_jax.systems.base import System, apply, llm_loss
 from vllm_jax.train import trainer
 
 IMAGE_TOKEN = "<image>"
@@ -89,9 +89,7 @@ class VideoLlavaSystem(System):
       embeds = model.apply({"params": params}, ids,
                            tokens_if_asked("encode_images", config.image_token_id, pixels[:, 0]),
                            tokens_if_asked("encode_videos", config.video_token_id, pixels), method="embed")
-      logits, _ = model.apply({"params": params}, embeds, batch["attention_mask"], method="decode",
-                              rngs=trainer.dropout_rngs(rng))
-      return trainer.cross_entropy(logits, batch["labels"])
+      return llm_loss(config.llama, params, embeds, batch, rng)
     return loss
 
   @classmethod

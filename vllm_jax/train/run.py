@@ -33,27 +33,46 @@ RUN_FILE = "run.json"
 ADAPTERS = ("/lora_a", "/lora_b")
 
 
-def make_trainer(cfg, mesh, system, config, params=None) -> trainer.Trainer:
-  """A Trainer for `system`'s model of `config`, starting from `params` (sharded like the
-  model's parameters) or, without them, from a random init. `params` may lack the LoRA adapters
-  of `config` (a base model the recipe adds them to): those start as the init makes them."""
+def make_trainer(cfg, mesh, system, config) -> trainer.Trainer:
+  """A Trainer for `system`'s model of `config`: `init()` starts it from a random init,
+  `init(params)` from loaded parameters (see `check_loaded`). Frozen parameters the loss never
+  reads (`unread_frozen`: the encoders, in a run from a feature cache) stay out of the train
+  state, unless `train.save_frozen` asks checkpoints to hold a whole model."""
   model = system.model(config)
+  loss_fn = system.loss_fn(config)
   inputs = {k: jnp.zeros(v.shape, v.dtype) for k, v in system.init_inputs(config).items()}
   init = lambda rng: nn.meta.unbox(model.init(rng, **inputs)["params"])
-  # Inside the jitted state build, XLA drops the init of every leaf `params` already holds.
-  params_fn = init if params is None else lambda rng: _with_fresh_adapters(params, init(rng))
-  return trainer.Trainer(cfg, mesh, system.loss_fn(config), params_fn,
-                         sharding.param_shardings(system.abstract_params(config), mesh))
+  shardings = sharding.param_shardings(system.abstract_params(config), mesh)
+  unread = set() if cfg.train.get("save_frozen") else unread_frozen(cfg, system, config, loss_fn)
+  if unread:
+    log.info("%d frozen parameters the loss never reads are left out of the train state (%s, ...)",
+             len(unread), min(unread))
+    kept = lambda tree: optim.unflatten({k: v for k, v in optim.flatten(tree).items() if k not in unread})
+    init, shardings = (lambda rng, full=init: kept(full(rng))), kept(shardings)
+  return trainer.Trainer(cfg, mesh, loss_fn, init, shardings)
 
 
-def _with_fresh_adapters(params, fresh):
-  """`params` completed by the adapter leaves of `fresh` it lacks; any other difference raises."""
-  have, want = optim.flatten(params), optim.flatten(fresh)
+def unread_frozen(cfg, system, config, loss_fn) -> set[str]:
+  """The frozen parameters ('/'-joined paths outside `optim.trainable`) that no operation of the
+  loss's jaxpr reads, for a batch of `system.batch_spec`: e.g. the ViT of a run whose batches
+  hold the features it made."""
+  params = nn.meta.unbox(system.abstract_params(config))
+  frozen = set(optim.flatten(optim.partition(params, cfg.optim.trainable)[1]))
+  paths = ["/".join(str(key.key) for key in path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+  jaxpr = jax.make_jaxpr(loss_fn)(params, system.batch_spec(cfg, config), jax.random.key(0)).jaxpr
+  read = {id(v) for eqn in jaxpr.eqns for v in eqn.invars} | {id(v) for v in jaxpr.outvars}
+  return {path for path, var in zip(paths, jaxpr.invars) if path in frozen and id(var) not in read}
+
+
+def check_loaded(params, abstract) -> None:
+  """Loaded parameters must be those of the model (`abstract`, its parameters' tree), but for the
+  LoRA adapters a recipe adds to a base model (`Trainer.init` makes them fresh: A random, B zero);
+  any other difference raises."""
+  have, want = optim.flatten(params), optim.flatten(abstract)
   wrong = sorted(k for k in set(want) ^ set(have) if not (k in want and k.endswith(ADAPTERS)))
   if wrong:
     raise ValueError(f"the loaded parameters do not fit the model: {', '.join(wrong[:5])}"
                      f"{' ...' if len(wrong) > 5 else ''}")
-  return optim.unflatten({k: have.get(k, v) for k, v in want.items()})
 
 
 def recipe_lora(cfg) -> LoraConfig | None:
@@ -93,10 +112,12 @@ def training_config(cfg, system, config):
   """The model config a run of `cfg` builds from `config` (`init_from`'s or the recipe's): the
   stage's model (`System.stage_config`: no branch the stage neither feeds nor trains), with the
   recipe's LoRA adapters, `compute_dtype`, `llm_remat_policy` (what the LLM's layers keep for
-  the backward pass, a jax.checkpoint_policies name) and `attention_impl` (the LLM's attention
-  kernel: "auto" takes the platform's fused one, see `vllm_jax.nn.attention`)."""
+  the backward pass, a jax.checkpoint_policies name), `attention_impl` (the LLM's attention
+  kernel: "auto" takes the platform's fused one, see `vllm_jax.nn.attention`) and `loss_chunk`
+  (positions the loss projects to the vocabulary at once, `trainer.next_token_loss`)."""
   config = with_recipe_lora(cfg, system.stage_config(cfg, config))
-  llama = {"remat_policy": cfg.get("llm_remat_policy"), "attention_impl": cfg.get("attention_impl")}
+  llama = {"remat_policy": cfg.get("llm_remat_policy"), "attention_impl": cfg.get("attention_impl"),
+           "loss_chunk": cfg.get("loss_chunk")}
   llama = {key: value for key, value in llama.items() if value}
   if llama:
     config = config.replace(llama=config.llama.replace(**llama))
@@ -105,7 +126,7 @@ def training_config(cfg, system, config):
 
 def load_model(cfg, mesh, system) -> tuple[Any, Any, str]:
   """-> (model config, params or None, tokenizer folder). `init_from`: a model folder of the
-  system (with the recipe's LoRA, whose adapters `make_trainer` creates); else `model` with a
+  system (with the recipe's LoRA, whose adapters `Trainer.init` creates); else `model` with a
   random init and `data.tokenizer`, whose placeholder ids become the model's."""
   if cfg.init_from:
     loaded = system.load(cfg.init_from, mesh=mesh)
@@ -142,8 +163,11 @@ def train(cfg, system, progress: bool = False) -> trainer.LoopResult:
   try:
     mesh = sharding.mesh_from_config(cfg.mesh)
     config, params, tokenizer_dir = load_model(cfg, mesh, system)
-    t = make_trainer(cfg, mesh, system, config, params)
-    state = t.init()
+    t = make_trainer(cfg, mesh, system, config)
+    if params is not None:
+      check_loaded(params, nn.meta.unbox(system.abstract_params(config)))
+    state = t.init(params)  # consumes the loaded arrays: the state does not sit beside them
+    del params
     it = iter(datasets.batches(system.dataset(cfg, config, tokenizer_dir), cfg.train.batch_size,
                                worker_count=cfg.data.worker_count))
     if cfg.train.workdir:

@@ -62,8 +62,23 @@ def logical_to_sharding(logical_specs: Any, mesh: Mesh) -> Any:
 
 
 def param_shardings(boxed_abstract: Any, mesh: Mesh) -> Any:
-  """Shardings for a boxed abstract params tree (from `jax.eval_shape(model.init, ...)`)."""
-  return logical_to_sharding(nn.get_partition_spec(boxed_abstract), mesh)
+  """Shardings for a boxed abstract params tree (from `jax.eval_shape(model.init, ...)`). A mesh
+  that does not divide some parameter's sharded axes is refused, naming the parameters."""
+  shardings = logical_to_sharding(nn.get_partition_spec(boxed_abstract), mesh)
+  uneven = []
+  for (path, leaf), spec in zip(jax.tree_util.tree_leaves_with_path(nn.meta.unbox(boxed_abstract)),
+                                (s.spec for s in jax.tree.leaves(shardings))):
+    for axis, (size, names) in enumerate(zip(leaf.shape, spec)):
+      names = (names,) if isinstance(names, str) else tuple(names or ())
+      parts = math.prod(mesh.shape[name] for name in names)
+      if size % parts:
+        where = "/".join(str(getattr(k, "key", k)) for k in path)
+        uneven.append(f"{where} {list(leaf.shape)} (axis {axis} over {' x '.join(names)} = {parts})")
+  if uneven:
+    mesh_text = " x ".join(f"{name} {size}" for name, size in mesh.shape.items())
+    raise ValueError(f"the mesh ({mesh_text}) does not divide {len(uneven)} parameter(s): {', '.join(uneven[:3])}"
+                     f"{' ...' if len(uneven) > 3 else ''}; choose mesh sizes that divide them")
+  return shardings
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -48,12 +48,41 @@ class TrainState:
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Next-token loss: logits [B, T, V] at position t predict labels [B, T] at t + 1 (labels are
   aligned with the inputs, -100 where no loss is taken). -> (summed loss, number of targets), fp32."""
-  logits = logits[:, :-1].astype(jnp.float32)
-  targets = labels[:, 1:]
+  return target_nll(logits[:, :-1], labels[:, 1:])
+
+
+def target_nll(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """logits [B, T, V] scoring targets [B, T] at the same positions (-100: none) -> (summed
+  negative log-likelihood, number of targets), fp32."""
   valid = targets != IGNORE_INDEX
-  logp = jax.nn.log_softmax(logits, axis=-1)
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   nll = -jnp.take_along_axis(logp, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
   return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid, dtype=jnp.float32)
+
+
+def next_token_loss(hidden: jax.Array, labels: jax.Array, logits_fn: Callable[[jax.Array], jax.Array],
+                    chunk: int = 0) -> tuple[jax.Array, jax.Array]:
+  """`cross_entropy` from the final hidden states [B, T, E], `logits_fn` projecting [B, c, E] to
+  [B, c, V]. With `chunk` (0 < chunk < T), the positions are projected `chunk` at a time and each
+  slice's logits recomputed in the backward pass: the [B, T, V] float32 logits and their gradient
+  never exist at once (8 GiB a row at 65,536 tokens and 32,000 words), for one more vocabulary
+  projection's FLOPs."""
+  length = hidden.shape[1]
+  if not 0 < chunk < length:
+    return cross_entropy(logits_fn(hidden), labels)
+  # Position t predicts label t + 1; the last position and the padding up to whole slices have none.
+  slices = -(-length // chunk)
+  pad = slices * chunk - length
+  targets = jnp.pad(labels[:, 1:], ((0, 0), (0, pad + 1)), constant_values=IGNORE_INDEX)
+  hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+  to_slices = lambda x: jnp.swapaxes(x.reshape(x.shape[0], slices, chunk, *x.shape[2:]), 0, 1)
+  slice_nll = jax.checkpoint(lambda x, y: target_nll(logits_fn(x), y))
+
+  def body(total, xs):
+    return jax.tree.map(jnp.add, total, slice_nll(*xs)), None
+  zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+  total, _ = jax.lax.scan(body, zeros, (to_slices(hidden), to_slices(targets)))
+  return total
 
 
 def causal_lm_loss(model: nn.Module) -> LossFn:
@@ -91,9 +120,9 @@ def _micro_batches(batch: dict[str, jax.Array], accum: int, mesh: Mesh) -> dict[
 class Trainer:
   """Owns the optimizer, the state shardings and the compiled steps for one model and mesh.
 
-  params_fn(rng) -> params (boxed or plain nested dict) builds the initial parameters inside jit:
-  random init, or pretrained weights passed in by closure over sharded arrays. `param_shardings`
-  is the matching tree of NamedShardings (`sharding.param_shardings(boxed_abstract, mesh)`).
+  params_fn(rng) -> params (boxed or plain nested dict) builds the initial parameters inside jit
+  (a random init; pretrained weights come to `init`). `param_shardings` is the matching tree of
+  NamedShardings (`sharding.param_shardings(boxed_abstract, mesh)`).
   """
 
   def __init__(self, cfg, mesh: Mesh, loss_fn: LossFn, params_fn: Callable[[jax.Array], Any],
@@ -120,8 +149,11 @@ class Trainer:
 
   # --- state ---
 
-  def _build(self, init_key: jax.Array) -> TrainState:
+  def _build(self, init_key: jax.Array, base: Any = None) -> TrainState:
     params = nn.meta.unbox(self.params_fn(init_key))
+    if base is not None:  # XLA drops the init of every leaf `base` replaces
+      fresh, base = optim.flatten(params), optim.flatten(base)
+      params = optim.unflatten({path: base.get(path, init) for path, init in fresh.items()})
     trainable, frozen = optim.partition(params, self.cfg.optim.trainable)
     frozen = optim.cast(frozen, self.cfg.optim.frozen_dtype)
     return TrainState(step=jnp.zeros((), jnp.int32), params=trainable, frozen=frozen,
@@ -137,10 +169,20 @@ class Trainer:
     return TrainState(step=replicated, params=trainable, frozen=frozen, opt_state=opt_state,
                       rng=replicated, nan_skips=replicated)
 
-  def init(self) -> TrainState:
-    """The initial state, each tensor created directly in its shard."""
+  def init(self, base: Any = None) -> TrainState:
+    """The initial state, each tensor created directly in its shard: `params_fn`'s parameters, or
+    `base`'s where it has them (pretrained weights, sharded like the model's parameters; what it
+    lacks, e.g. fresh LoRA adapters, params_fn makes; what the state does not keep is dropped).
+    `base` is consumed: every array of it the state does not hold is deleted, so that a loaded
+    model is not kept beside its copy in the state. (Not donated: XLA cannot alias a buffer whose
+    sharding differs from the state's.)"""
     with sharding.mesh_context(self.mesh):
-      return self._init(self._init_key)
+      state = self._init(self._init_key, base)
+    held = {id(x) for x in jax.tree.leaves(state)}  # an output may be the input array itself
+    for x in jax.tree.leaves(base):
+      if isinstance(x, jax.Array) and id(x) not in held and not x.is_deleted():
+        x.delete()
+    return state
 
   # --- steps ---
 

@@ -35,15 +35,17 @@ ADAPTERS = ("/lora_a", "/lora_b")
 
 def make_trainer(cfg, mesh, system, config) -> trainer.Trainer:
   """A Trainer for `system`'s model of `config`: `init()` starts it from a random init,
-  `init(params)` from loaded parameters (see `check_loaded`). Frozen parameters the loss never
+  `init(params)` from loaded ones (`load_model`'s). Frozen parameters the loss never
   reads (`unread_frozen`: the encoders, in a run from a feature cache) stay out of the train
   state, unless `train.save_frozen` asks checkpoints to hold a whole model."""
   model = system.model(config)
   loss_fn = system.loss_fn(config)
   inputs = {k: jnp.zeros(v.shape, v.dtype) for k, v in system.init_inputs(config).items()}
   init = lambda rng: nn.meta.unbox(model.init(rng, **inputs)["params"])
-  shardings = sharding.param_shardings(system.abstract_params(config), mesh)
-  unread = set() if cfg.train.get("save_frozen") else unread_frozen(cfg, system, config, loss_fn)
+  boxed = system.abstract_params(config)
+  shardings = sharding.param_shardings(boxed, mesh)
+  unread = set() if cfg.train.get("save_frozen") else unread_frozen(cfg, system, config, loss_fn,
+                                                                       nn.meta.unbox(boxed))
   if unread:
     log.info("%d frozen parameters the loss never reads are left out of the train state (%s, ...)",
              len(unread), min(unread))
@@ -52,11 +54,10 @@ def make_trainer(cfg, mesh, system, config) -> trainer.Trainer:
   return trainer.Trainer(cfg, mesh, loss_fn, init, shardings)
 
 
-def unread_frozen(cfg, system, config, loss_fn) -> set[str]:
+def unread_frozen(cfg, system, config, loss_fn, params) -> set[str]:
   """The frozen parameters ('/'-joined paths outside `optim.trainable`) that no operation of the
-  loss's jaxpr reads, for a batch of `system.batch_spec`: e.g. the ViT of a run whose batches
-  hold the features it made."""
-  params = nn.meta.unbox(system.abstract_params(config))
+  loss's jaxpr reads, for abstract `params` and a batch of `system.batch_spec`: e.g. the ViT of a
+  run whose batches hold the features it made."""
   frozen = set(optim.flatten(optim.partition(params, cfg.optim.trainable)[1]))
   paths = ["/".join(str(key.key) for key in path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
   jaxpr = jax.make_jaxpr(loss_fn)(params, system.batch_spec(cfg, config), jax.random.key(0)).jaxpr
@@ -126,13 +127,15 @@ def training_config(cfg, system, config):
 
 def load_model(cfg, mesh, system) -> tuple[Any, Any, str]:
   """-> (model config, params or None, tokenizer folder). `init_from`: a model folder of the
-  system (with the recipe's LoRA, whose adapters `Trainer.init` creates); else `model` with a
-  random init and `data.tokenizer`, whose placeholder ids become the model's."""
+  system (checked by `check_loaded`; with the recipe's LoRA, whose adapters `Trainer.init`
+  creates); else `model` with a random init and `data.tokenizer`, whose placeholder ids become
+  the model's."""
   if cfg.init_from:
     loaded = system.load(cfg.init_from, mesh=mesh)
     config = training_config(cfg, system, loaded.config)
     branches = nn.meta.unbox(system.abstract_params(config))
     params = {name: tree for name, tree in loaded.params.items() if name in branches}
+    check_loaded(params, branches)
     return config, params, os.path.join(cfg.init_from, "tokenizer")
   if not cfg.data.tokenizer:
     raise ValueError("set init_from (a converted model folder) or data.tokenizer (for a random init)")
@@ -164,8 +167,6 @@ def train(cfg, system, progress: bool = False) -> trainer.LoopResult:
     mesh = sharding.mesh_from_config(cfg.mesh)
     config, params, tokenizer_dir = load_model(cfg, mesh, system)
     t = make_trainer(cfg, mesh, system, config)
-    if params is not None:
-      check_loaded(params, nn.meta.unbox(system.abstract_params(config)))
     state = t.init(params)  # consumes the loaded arrays: the state does not sit beside them
     del params
     it = iter(datasets.batches(system.dataset(cfg, config, tokenizer_dir), cfg.train.batch_size,

@@ -31,6 +31,11 @@ setup(
         "soundfile>=0.13",
         "absl-py>=2.1",
         "tensorboardX>=2.6",
+        # gs:// (and any fsspec URL) for every path: etils.epath over gcsfs, as orbax reads and writes
+        # checkpoints; google-cloud-storage carries tensorboardX's gs:// event writer.
+        "etils[epath]>=1.7",
+        "gcsfs>=2024.2",
+        "google-cloud-storage>=2.14",
         "pillow>=10",
         "matplotlib>=3.8",  # the demo's report picture
     ],
@@ -42,7 +47,8 @@ setup(
         # The chat page in the browser: `vllm-jax web`.
         "web": ["gradio>=6.31"],
         "dev": ["torch>=2.4", "safetensors>=0.4", "pytest>=8", "pytest-xdist>=3.6",
-                "kaldi-native-fbank>=1.20"],
+                "kaldi-native-fbank>=1.20",
+                "gcp-storage-emulator>=2024.8"],  # gs:// tests against a local Cloud Storage emulator
     },
     entry_points={"console_scripts": ["vllm-jax=vllm_jax.cli:main"]},
 )

@@ -32,7 +32,7 @@ def train_section(**overrides) -> ml_collections.ConfigDict:
   cfg = ml_collections.ConfigDict(dict(
       steps=100,
       batch_size=8,              # global, per optimizer update (all micro-batches, all processes)
-      workdir="",                # checkpoints, TensorBoard events, metrics.jsonl; "" = none
+      workdir="",                # checkpoints, TensorBoard events, metrics/; "" = none
       log_every=10,
       eval_every=0,              # 0 = no periodic eval
       eval_steps=2,

@@ -25,6 +25,8 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from tqdm.auto import tqdm
 
+from vllm_jax import paths
+
 Params = dict[str, Any]
 
 # ---------------------------------------------------------------------------------------------
@@ -125,18 +127,18 @@ class TensorReader(Protocol):
 
 
 class SafetensorsReader:
-  """One or more .safetensors files; each tensor is read from its file when asked for (bf16 kept exact
-  via ml_dtypes). Plain reads rather than a memory map: the pages of a map stay counted in the
-  process's memory once read, so converting a whole checkpoint would grow it to the checkpoint's size."""
+  """One or more .safetensors files, local or stored; each tensor is read from its file when asked for
+  (bf16 kept exact via ml_dtypes). Plain reads rather than a memory map: the pages of a map stay counted
+  in the process's memory once read, so converting a whole checkpoint would grow it to the checkpoint's
+  size. A stored file is read a tensor at a time too (a range of the object), never copied whole."""
 
   def __init__(self, files: Sequence[str]):
     self._entries: dict[str, tuple[str, int, dict]] = {}
     for path in files:
-      size = os.path.getsize(path)
+      size = paths.size(path)
       try:
-        with open(path, "rb") as f:
-          header_len = int.from_bytes(f.read(8), "little")
-          header = json.loads(f.read(header_len)) if 8 + header_len <= size else None
+        header_len = int.from_bytes(paths.read_range(path, 0, 8), "little")
+        header = json.loads(paths.read_range(path, 8, header_len)) if 8 + header_len <= size else None
       except (UnicodeDecodeError, json.JSONDecodeError):
         header = None
       if header is None:
@@ -146,7 +148,7 @@ class SafetensorsReader:
         raise ValueError(f"{path} is truncated: its tensors need {8 + header_len + end} bytes, the file has {size}")
       for name, info in header.items():
         if name != "__metadata__":
-          self._entries[name] = (path, 8 + header_len, info)
+          self._entries[name] = (paths.resolve(path), 8 + header_len, info)
 
   def keys(self):
     return list(self._entries)
@@ -157,18 +159,23 @@ class SafetensorsReader:
   def read(self, key):
     path, data_start, info = self._entries[key]
     start, end = info["data_offsets"]
-    data = np.fromfile(path, dtype=np.uint8, count=end - start, offset=data_start + start)
+    if paths.is_url(path):
+      data = np.frombuffer(paths.read_range(path, data_start + start, end - start), np.uint8)
+    else:
+      data = np.fromfile(path, dtype=np.uint8, count=end - start, offset=data_start + start)
     return data.view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
 class TorchReader:
-  """A torch `.bin`/`.pth` state dict, memory-mapped; `subkey` picks a nested dict ('model')."""
+  """A torch `.bin`/`.pth` state dict, memory-mapped; `subkey` picks a nested dict ('model'). A stored
+  file is mapped from a local temporary copy, deleted at once: the mapping keeps its data while in use."""
 
   def __init__(self, files: Sequence[str], subkey: str | None = None):
     import torch  # converters of PyTorch pickles need torch; safetensors ones do not
     self._tensors = {}
     for path in files:
-      state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+      with paths.local_copy(path) as local:
+        state = torch.load(local, map_location="cpu", mmap=True, weights_only=True)
       if subkey is not None and subkey in state:
         state = state[subkey]
       self._tensors.update({k: v for k, v in state.items() if isinstance(v, torch.Tensor)})
@@ -233,17 +240,17 @@ def torch_to_numpy(t) -> np.ndarray:
 
 
 def open_checkpoint(path: str, subkey: str | None = "model") -> TensorReader:
-  """A reader for a file (.safetensors, .bin, .pth, .pt) or an HF folder of weight shards."""
-  if os.path.isdir(path):
-    names = sorted(os.listdir(path))
-    files = [os.path.join(path, n) for n in names if n.endswith(".safetensors")]
+  """A reader for a file (.safetensors, .bin, .pth, .pt) or an HF folder of weight shards, local or stored."""
+  if paths.is_dir(path):
+    names = paths.listdir(path)
+    files = [paths.join(path, n) for n in names if n.endswith(".safetensors")]
     if files:
       return SafetensorsReader(files)
-    files = [os.path.join(path, n) for n in names if n.endswith(".bin") and "training_args" not in n]
+    files = [paths.join(path, n) for n in names if n.endswith(".bin") and "training_args" not in n]
     if files:
       return TorchReader(files, subkey)
     raise FileNotFoundError(f"no *.safetensors or *.bin weight files in {path}")
-  if not os.path.exists(path):
+  if not paths.exists(path):
     raise FileNotFoundError(f"checkpoint not found: {path}")
   if path.endswith(".safetensors"):
     return SafetensorsReader([path])
@@ -405,7 +412,7 @@ def export(params: Mapping, rules: Sequence[Rule], *, dtype=None) -> Iterator[tu
 
 
 def write_safetensors(tensors: Sequence[tuple[str, np.ndarray]], path: str) -> None:
-  """Write (name, array) pairs as one .safetensors file (loadable by torch and HF)."""
+  """Write (name, array) pairs as one local .safetensors file (loadable by torch and HF)."""
   header, offset = {}, 0
   for name, arr in tensors:
     header[name] = {"dtype": _ST_NAMES[arr.dtype], "shape": list(arr.shape),
@@ -424,7 +431,7 @@ def write_safetensors(tensors: Sequence[tuple[str, np.ndarray]], path: str) -> N
 def write_safetensors_shards(tensors: Iterable[tuple[str, np.ndarray]], out_dir: str,
                              max_shard_bytes: int = 4 << 30, prefix: str = "model") -> list[str]:
   """Stream tensors into HF-style shards (`model-00001-of-0000N.safetensors` plus an index
-  when there is more than one); at most one shard is held in memory."""
+  when there is more than one) in a local folder; at most one shard is held in memory."""
   shards: list[list[str]] = []
   pending: list[tuple[str, np.ndarray]] = []
   size = 0
@@ -497,7 +504,8 @@ def _unmap_freed_buffers() -> None:
 
 
 def save_lazily(path: str, params: Params, *, progress: bool = True, desc: str = "writing") -> None:
-  """Write a tree of `LazyTensor`s as an orbax checkpoint at `path` that `restore_params` reads like one
+  """Write a tree of `LazyTensor`s as an orbax checkpoint at `path` (any `paths` path: orbax builds the
+  TensorStore spec each tensor is opened with, a gcs one for gs://) that `restore_params` reads like one
   `save_params` wrote. Stacked tensors are stored one chunk per layer (or smaller), so each layer is
   read, converted and written on its own."""
   _unmap_freed_buffers()
@@ -507,4 +515,4 @@ def save_lazily(path: str, params: Params, *, progress: bool = True, desc: str =
   save_args = jax.tree.map(lambda x: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES, shard_axes=(0,) if x.layers else ()),
                            params)
   with bar, ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry)) as checkpointer:
-    checkpointer.save(os.path.abspath(path), args=ocp.args.PyTreeSave(params, save_args=save_args), force=True)
+    checkpointer.save(paths.resolve(path), args=ocp.args.PyTreeSave(params, save_args=save_args), force=True)

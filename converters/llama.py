@@ -1,16 +1,13 @@
 """HF LLaMA / Vicuna / Llama-2/3 folders <-> (LlamaConfig, Flax params)."""
 
 import functools
-import json
-import os
-import shutil
 from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vllm_jax import pretrained
+from vllm_jax import paths, pretrained
 from vllm_jax.converters.core import (IDENTITY, Rule, bias_as, convert, convert_lazily, dense, export,
                                       open_checkpoint, save_lazily, write_safetensors_shards)
 from vllm_jax.models.llama import Llama, LlamaConfig
@@ -122,9 +119,7 @@ def convert_hf(hf_dir: str, out_dir: str, *, param_dtype: str | None = None, pro
 
 
 def _open_hf(hf_dir: str, param_dtype: str | None, overrides: Mapping):
-  with open(os.path.join(hf_dir, "config.json")) as f:
-    hf_config = json.load(f)
-  config = config_from_hf(hf_config, **overrides)
+  config = config_from_hf(paths.read_json(paths.join(hf_dir, "config.json")), **overrides)
   if param_dtype is not None:
     config = config.replace(param_dtype=param_dtype)
   abstract = nn.meta.unbox(abstract_params(config))
@@ -136,16 +131,15 @@ def save_hf(config: LlamaConfig, params: Mapping, out_dir: str, *, dtype=None,
             tokenizer_dir: str | None = None, max_shard_bytes: int = 4 << 30) -> None:
   """Write an HF folder (`config.json`, safetensors shards, tokenizer files) that
   `LlamaForCausalLM.from_pretrained` loads."""
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(config_to_hf(config), f, indent=2)
-  write_safetensors_shards(export(params, rules(config), dtype=dtype), out_dir, max_shard_bytes)
+  with paths.local_output(out_dir) as local:  # shards are renamed into place once all are written
+    paths.write_json(paths.join(local, "config.json"), config_to_hf(config))
+    write_safetensors_shards(export(params, rules(config), dtype=dtype), local, max_shard_bytes)
   if tokenizer_dir is not None:
     copy_tokenizer(tokenizer_dir, out_dir)
 
 
 def copy_tokenizer(src_dir: str, out_dir: str) -> list[str]:
-  copied = [n for n in TOKENIZER_FILES if os.path.exists(os.path.join(src_dir, n))]
+  copied = [n for n in TOKENIZER_FILES if paths.exists(paths.join(src_dir, n))]
   for name in copied:
-    shutil.copy(os.path.join(src_dir, name), os.path.join(out_dir, name))
+    paths.copy_tree(paths.join(src_dir, name), paths.join(out_dir, name))
   return copied

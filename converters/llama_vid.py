@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from vllm_jax import paths
 from vllm_jax.converters import blip2 as blip2_format
 from vllm_jax.converters import eva_vit as eva_vit_format
 from vllm_jax.converters import llama as llama_format
@@ -145,8 +146,7 @@ def config_to_hf(config: LlamaVidConfig) -> dict[str, Any]:
 def read_config(model_dir: str, *, base: LlamaVidConfig | None = None, param_dtype: str | None = None,
                 **overrides) -> LlamaVidConfig:
   """The config of a LLaMA-VID folder (its config.json), parameters in `param_dtype` if given."""
-  with open(os.path.join(model_dir, "config.json")) as f:
-    config = config_from_hf(json.load(f), base, **overrides)
+  config = config_from_hf(paths.read_json(paths.join(model_dir, "config.json")), base, **overrides)
   return config if param_dtype is None else with_param_dtype(config, param_dtype)
 
 
@@ -277,14 +277,13 @@ def save_hf(config: LlamaVidConfig, params: Mapping, out_dir: str, *, dtype=None
   """Write the reference's folder: config.json, every tensor (the vision tower too) as
   `pytorch_model-*.bin` shards with `pytorch_model.bin.index.json` (which the reference's
   loader reads), or safetensors shards; the tokenizer files of `tokenizer_dir`."""
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(config_to_hf(config), f, indent=2)
-  tensors = export(params, rules(config), dtype=dtype)
-  if safetensors:
-    write_safetensors_shards(tensors, out_dir, max_shard_bytes)
-  else:
-    write_torch_shards(tensors, out_dir, max_shard_bytes)
+  with paths.local_output(out_dir) as local:  # shards are renamed into place once all are written
+    paths.write_json(paths.join(local, "config.json"), config_to_hf(config))
+    tensors = export(params, rules(config), dtype=dtype)
+    if safetensors:
+      write_safetensors_shards(tensors, local, max_shard_bytes)
+    else:
+      write_torch_shards(tensors, local, max_shard_bytes)
   if tokenizer_dir is not None:
     llama_format.copy_tokenizer(tokenizer_dir, out_dir)
 
@@ -292,7 +291,7 @@ def save_hf(config: LlamaVidConfig, params: Mapping, out_dir: str, *, dtype=None
 def write_torch_shards(tensors: Iterable[tuple[str, np.ndarray]], out_dir: str,
                        max_shard_bytes: int = 4 << 30) -> list[str]:
   """Stream tensors into `pytorch_model-0000i-of-0000N.bin` state dicts and their index (written
-  even for one shard); at most one shard is held in memory."""
+  even for one shard) in a local folder; at most one shard is held in memory."""
   import torch
   shards: list[list[str]] = []
   pending: dict[str, torch.Tensor] = {}

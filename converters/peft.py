@@ -18,13 +18,12 @@ DoRA, biases, per-module rank/alpha patterns, layer subsets and modules beyond t
 projections are refused.
 """
 
-import json
-import os
 from typing import Any, Mapping
 
 import flax.linen as nn
 from flax import traverse_util
 
+from vllm_jax import paths
 from vllm_jax.converters.core import Rule, convert, dense, export, open_checkpoint, write_safetensors
 from vllm_jax.converters.llama import abstract_params
 from vllm_jax.models.llama import LlamaConfig
@@ -93,23 +92,21 @@ def lora_from_adapter_config(hf: Mapping[str, Any]) -> LoraConfig:
 def save_adapter(config: LlamaConfig, params: Mapping, out_dir: str, base_model: str = "") -> None:
   """Write the adapters of `params` (the LLM's params tree, or just its lora leaves) as a PEFT
   folder that `PeftModel.from_pretrained(LlamaForCausalLM, out_dir)` loads."""
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
-    json.dump(adapter_config(config.lora, base_model), f, indent=2)
-  write_safetensors(list(export(params, rules(config))), os.path.join(out_dir, "adapter_model.safetensors"))
+  paths.write_json(paths.join(out_dir, "adapter_config.json"), adapter_config(config.lora, base_model))
+  with paths.local_output(paths.join(out_dir, "adapter_model.safetensors")) as local:
+    write_safetensors(list(export(params, rules(config))), local)
 
 
 def load_adapter(adapter_dir: str, config: LlamaConfig) -> tuple[LlamaConfig, dict]:
   """Read a PEFT LoRA folder for the LLaMA of `config` -> (config with `.lora` from the folder,
   a params tree holding only lora_a/lora_b leaves as numpy arrays in `config.param_dtype`).
   Raises `CheckpointMismatchError` naming missing, unexpected and mis-shaped keys."""
-  path = os.path.join(adapter_dir, "adapter_config.json")
-  if not os.path.exists(path):
+  path = paths.join(adapter_dir, "adapter_config.json")
+  if not paths.exists(path):
     raise FileNotFoundError(f"no adapter_config.json in {adapter_dir}")
-  with open(path) as f:
-    config = config.replace(lora=lora_from_adapter_config(json.load(f)))
-  weights = os.path.join(adapter_dir, "adapter_model.safetensors")
-  if not os.path.exists(weights):
-    weights = os.path.join(adapter_dir, "adapter_model.bin")
+  config = config.replace(lora=lora_from_adapter_config(paths.read_json(path)))
+  weights = paths.join(adapter_dir, "adapter_model.safetensors")
+  if not paths.exists(weights):
+    weights = paths.join(adapter_dir, "adapter_model.bin")
   params = convert(open_checkpoint(weights), rules(config), abstract_adapter(config), desc="lora", progress=False)
   return config, params

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vllm_jax import paths
 from vllm_jax.converters import blip2 as blip2_format
 from vllm_jax.converters import eva_vit as eva_vit_format
 from vllm_jax.converters.core import (IDENTITY, Params, Rule, TensorReader, convert, dense, export,
@@ -116,7 +117,8 @@ def save_finetuned(config: VideoBranchConfig, params: Mapping, path: str, dtype=
   import torch
   state = {key: torch.from_numpy(np.ascontiguousarray(value))
            for key, value in export(params, finetuned_rules(config), dtype=dtype)}
-  torch.save({"model": state}, path)
+  with paths.local_output(path) as local:
+    torch.save({"model": state}, local)
 
 
 def _dropped_blocks(reader: TensorReader, config: VideoBranchConfig, prefix: str) -> list[str]:

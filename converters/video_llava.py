@@ -26,13 +26,12 @@ then initialises them itself; they do not change the outputs).
 """
 
 import dataclasses
-import json
-import os
 import re
 from typing import Any, Iterable, Mapping, Sequence
 
 import flax.linen as nn
 
+from vllm_jax import paths
 from vllm_jax.converters import clip as clip_format
 from vllm_jax.converters import llama as llama_format
 from vllm_jax.converters.core import (IDENTITY, Params, Rule, TensorReader, convert, dense, export,
@@ -241,8 +240,7 @@ def convert_checkpoint(reader: TensorReader, config: VideoLlavaConfig, layout: L
 def load_hf(hf_dir: str, *, param_dtype: str | None = None, progress: bool = True,
             **overrides) -> tuple[VideoLlavaConfig, Params]:
   """A transformers Video-LLaVA folder -> (config, params as numpy arrays), one tensor at a time."""
-  with open(os.path.join(hf_dir, "config.json")) as f:
-    config = config_from_hf(json.load(f), **overrides)
+  config = config_from_hf(paths.read_json(paths.join(hf_dir, "config.json")), **overrides)
   if param_dtype is not None:
     config = with_param_dtype(config, param_dtype)
   return config, convert_checkpoint(open_checkpoint(hf_dir, subkey=None), config, progress=progress)
@@ -252,11 +250,9 @@ def save_hf(config: VideoLlavaConfig, params: Mapping, out_dir: str, *, dtype=No
             tokenizer_dir: str | None = None, max_shard_bytes: int = 4 << 30) -> None:
   """Write a folder (`config.json`, safetensors shards, tokenizer files) that
   `VideoLlavaForConditionalGeneration.from_pretrained` loads."""
-  hf_config = config_to_hf(config)
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(hf_config, f, indent=2)
-  write_safetensors_shards(export(params, rules(config, layout), dtype=dtype), out_dir, max_shard_bytes)
+  with paths.local_output(out_dir) as local:  # shards are renamed into place once all are written
+    paths.write_json(paths.join(local, "config.json"), config_to_hf(config))
+    write_safetensors_shards(export(params, rules(config, layout), dtype=dtype), local, max_shard_bytes)
   if tokenizer_dir is not None:
     llama_format.copy_tokenizer(tokenizer_dir, out_dir)
 
@@ -269,7 +265,6 @@ def load_original(path: str, config: VideoLlavaConfig, *, progress: bool = True)
 def save_original(config: VideoLlavaConfig, params: Mapping, out_dir: str, *, dtype=None,
                   max_shard_bytes: int = 4 << 30) -> None:
   """Write the original Video-LLaVA layout: `config.json` and safetensors shards."""
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(original_config_dict(config), f, indent=2)
-  write_safetensors_shards(export(params, rules(config, ORIGINAL), dtype=dtype), out_dir, max_shard_bytes)
+  with paths.local_output(out_dir) as local:
+    paths.write_json(paths.join(local, "config.json"), original_config_dict(config))
+    write_safetensors_shards(export(params, rules(config, ORIGINAL), dtype=dtype), local, max_shard_bytes)

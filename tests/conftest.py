@@ -1,7 +1,16 @@
 """Test set-up: 8 fake CPU devices for every test (set before jax is imported), fp32 matmuls,
-and cheap compiles (tiny models: XLA's compile time dominates, its optimisations buy nothing)."""
+and cheap compiles (tiny models: XLA's compile time dominates, its optimisations buy nothing); the
+`gcs` fixture: a local Cloud Storage emulator for gs:// paths."""
 
+import json
 import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
 
 FLAGS = ("--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
          "--xla_llvm_disable_expensive_passes=true")
@@ -33,3 +42,50 @@ def trained_scale_init_(model):
       else:
         torch.nn.init.normal_(p, std=1.0)
   return model
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+  """A local Cloud Storage emulator (tests/gcs_emulator.py on 127.0.0.1), its client settings in
+  this process's environment and so its children's. -> bucket(name): a new empty bucket, 'gs://name'
+  (one per test: the emulator's listing ignores ranges, so a range delete empties a whole bucket)."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  url = f"http://127.0.0.1:{port}"
+  server = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), "gcs_emulator.py"), "start",
+                             "--host=127.0.0.1", f"--port={port}", "--in-memory"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  env = {
+      "STORAGE_EMULATOR_HOST": url, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",  # gcsfs (etils.epath)
+      "GOOGLE_CLOUD_PROJECT": "test-project",                                       # google-cloud-storage
+      "TENSORSTORE_GCS_HTTP_URL": url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "fake-token",  # orbax's arrays
+      "CLOUD_STORAGE_EMULATOR_ENDPOINT": url,                                       # array_record's reader
+      # Credential look-ups stay on this machine.
+      "NO_GCE_CHECK": "true", "GCE_METADATA_HOST": "127.0.0.1:9", "GCE_METADATA_ROOT": "127.0.0.1:9",
+      "GCE_METADATA_IP": "127.0.0.1:9", "CLOUDSDK_CONFIG": str(tmp_path_factory.mktemp("gcloud")),
+  }
+  with pytest.MonkeyPatch.context() as patch:
+    for key, value in env.items():
+      patch.setenv(key, value)
+    patch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    deadline = time.monotonic() + 30
+    while True:
+      try:
+        urllib.request.urlopen(f"{url}/storage/v1/b?project=test-project", timeout=1)
+        break
+      except OSError:
+        if time.monotonic() > deadline or server.poll() is not None:
+          server.kill()
+          raise RuntimeError("the Cloud Storage emulator did not start")
+        time.sleep(0.2)
+
+    def bucket(name: str) -> str:
+      request = urllib.request.Request(f"{url}/storage/v1/b?project=test-project", method="POST",
+                                       data=json.dumps({"name": name}).encode(),
+                                       headers={"Content-Type": "application/json"})
+      urllib.request.urlopen(request, timeout=10)
+      return f"gs://{name}"
+    yield bucket
+  server.terminate()
+  server.wait(timeout=10)

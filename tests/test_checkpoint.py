@@ -15,8 +15,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from test_multiprocess import FAST, metrics, tiny_run
+from test_multiprocess import FAST, tiny_run
 from vllm_jax.train import checkpoint, trainer
+from vllm_jax.train.trainer import read_metrics
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Subprocesses: 1 CPU device; cheaper compiles (values are compared within one process only).
@@ -64,12 +65,12 @@ def test_sigterm_checkpoints_and_the_rerun_resumes_exactly(train, tmp_path):
   step = int(re.fullmatch(r"preempted at step (\d+); .*", last).group(1))
   assert 3 <= step < 15
   assert checkpoint.TrainCheckpointer(str(tmp_path / "b" / "checkpoints")).latest_step() == step
-  assert [m["step"] for m in metrics(tmp_path / "b")] == list(range(1, step + 1))  # each step's metrics on disk
+  assert [m["step"] for m in read_metrics(tmp_path / "b")] == list(range(1, step + 1))  # each step's metrics on disk
 
   err = finish(run(train, "train.steps=20", *common))
   assert f"resumed from step {step}" in err  # the state and the data position
   finish(run(train, "train.steps=20", *common[:-1], f"train.workdir={tmp_path / 'a'}"))
-  straight, resumed = metrics(tmp_path / "a"), metrics(tmp_path / "b")
+  straight, resumed = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
   assert [m["step"] for m in resumed] == list(range(1, 21))
   assert [m["loss"] for m in resumed] == [m["loss"] for m in straight]
   kept = sorted(int(d) for d in os.listdir(tmp_path / "b" / "checkpoints") if d.isdigit())

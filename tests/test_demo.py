@@ -10,6 +10,7 @@ from vllm_jax import cli, demo
 from vllm_jax.data import conversation as conv_lib
 from vllm_jax.data import synthetic
 from vllm_jax.eval import synthetic as eval_synthetic
+from vllm_jax.train import trainer
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +32,7 @@ def test_short_demo_writes_every_artefact(tmp_path, capsys):
     assert os.path.isfile(workdir / "dataset" / name)
   assert os.path.isdir(workdir / "train" / "checkpoints" / "3")
   assert os.path.isfile(workdir / "model" / "config.json")
-  with open(workdir / "train" / "metrics.jsonl") as f:
-    assert [json.loads(line)["step"] for line in f] == [1, 2, 3]
+  assert [m["step"] for m in trainer.read_metrics(workdir / "train")] == [1, 2, 3]
   with open(workdir / "accuracy.json") as f:
     assert set(json.load(f)) == {"colour", "shape", "direction", "sound", "exact"}
   # The evaluation's own files: an answer and the scores of every held-out video.

@@ -3,7 +3,6 @@ layouts: the scores, likelihood ranking against one-by-one forwards, resuming, e
 
 import functools
 import json
-import os
 import re
 
 import flax.linen as nn

@@ -18,6 +18,7 @@ from PIL import Image
 from vllm_jax import cli
 from vllm_jax.data import conversation as conv_lib
 from vllm_jax.data.tokenizer import train_tokenizer
+from vllm_jax.train.trainer import read_metrics
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -49,11 +50,6 @@ def tiny_run(root) -> list[str]:
           f"--config.data.tokenizer={root / 'tokenizer'}", f"--config.data.instruct_json={root / 'train.json'}",
           f"--config.data.instruct_dir={root / 'media'}", "--config.model.llama.vocab_size=512",
           "--config.data.max_text_len=64", "--config.data.max_len=80"]
-
-
-def metrics(workdir) -> list[dict]:
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
 
 
 # Every parameter trains: optimizer moments are sharded over fsdp/tensor across both processes.
@@ -90,8 +86,8 @@ def test_two_processes_match_one_and_a_killed_peer_fails_the_survivor_fast(train
         p.kill()
 
   # Each step's metrics are on disk before its log line.
-  multi = metrics(tmp_path / "multi")[:4]
+  multi = read_metrics(tmp_path / "multi")[:4]
   assert [m["step"] for m in multi] == [1, 2, 3, 4]
   single = ["--config.train.steps=4", "--config.train.log_every=1", f"--config.train.workdir={tmp_path / 'single'}"]
   assert cli.main(command[3:] + single) == 0  # this process: 8 devices
-  np.testing.assert_allclose([m["loss"] for m in multi], [m["loss"] for m in metrics(tmp_path / "single")], rtol=1e-5)
+  np.testing.assert_allclose([m["loss"] for m in multi], [m["loss"] for m in read_metrics(tmp_path / "single")], rtol=1e-5)

@@ -16,8 +16,9 @@ import time
 import numpy as np
 import pytest
 
-from test_multiprocess import FAST, metrics, tiny_run
+from test_multiprocess import FAST, tiny_run
 from vllm_jax import cli
+from vllm_jax.train.trainer import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scancel", "scontrol", "sinfo")
@@ -139,7 +140,7 @@ def test_preempted_and_resumed_job_matches_one_process(cluster, train, tmp_path)
   # One log for the job (process 0's), ending with the preemption checkpoint.
   step = int(re.search(r"^preempted at step (\d+);", text, re.M).group(1))
   assert len(re.findall(r"^step 3 \|", text, re.M)) == 1, text[-3000:]
-  assert [m["step"] for m in metrics(tmp_path / "run")] == list(range(1, step + 1))
+  assert [m["step"] for m in read_metrics(tmp_path / "run")] == list(range(1, step + 1))
 
   job, out = sbatch(cluster, train, f"--config.train.steps={step + 2}", "--config.train.log_every=1", workdir)
   assert wait_for(lambda: finished(job), 600, "end of the resumed job") == "COMPLETED", log(out)[-3000:]
@@ -148,8 +149,8 @@ def test_preempted_and_resumed_job_matches_one_process(cluster, train, tmp_path)
   # Two jax processes (a mesh of 8 devices, 4 each) give the losses of this one with 8.
   assert cli.main(train[3:] + MESH + [f"--config.train.steps={step + 2}", "--config.train.log_every=1",
                                       f"--config.train.workdir={tmp_path / 'single'}"]) == 0
-  np.testing.assert_allclose([m["loss"] for m in metrics(tmp_path / "run")],
-                             [m["loss"] for m in metrics(tmp_path / "single")], rtol=1e-5)
+  np.testing.assert_allclose([m["loss"] for m in read_metrics(tmp_path / "run")],
+                             [m["loss"] for m in read_metrics(tmp_path / "single")], rtol=1e-5)
 
 
 def test_killed_task_ends_the_job(cluster, train, tmp_path):

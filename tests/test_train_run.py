@@ -1,7 +1,6 @@
-"""`vllm_jax.train.run.train`: metrics.jsonl survives a crash and agrees with the checkpoint a rerun
+"""`vllm_jax.train.run.train`: the metrics survive a crash and agrees with the checkpoint a rerun
 resumes from; the learning-rate schedule follows the run length unless the config fixes it."""
 
-import json
 import logging
 import os
 import types
@@ -36,11 +35,6 @@ class Crash(Exception):
   pass
 
 
-def read_metrics(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
-
-
 def test_metrics_survive_a_crash_and_follow_the_checkpoint(tmp_path, monkeypatch, caplog):
   """Logged every 3 steps, checkpointed every 4: a run dies after step 5 with 1-4 on disk (3 logged,
   4 checkpointed); a rerun from step 4 dies after 7 with 5-6 logged too; the last rerun, from step 4
@@ -63,12 +57,12 @@ def test_metrics_survive_a_crash_and_follow_the_checkpoint(tmp_path, monkeypatch
     with monkeypatch.context() as m, pytest.raises(Crash):
       m.setattr(trainer.Trainer, "train_step", crash_after(n))
       run.train(cfg(), TINY_LLAMA)
-    lost = read_metrics(tmp_path)
+    lost = trainer.read_metrics(tmp_path)
     assert [m["step"] for m in lost] == list(range(1, on_disk + 1))
   assert "schedule: warm-up 5 steps from 0.0001 to 0.01, cosine to 0.001 at step 100" in caplog.messages
 
   result = run.train(cfg(**{"optim.lr": 2e-2}), TINY_LLAMA)  # another peak lr: other values from step 5
-  final = read_metrics(tmp_path)
+  final = trainer.read_metrics(tmp_path)
   assert [m["step"] for m in final] == list(range(1, 13))
   assert final[:4] == lost[:4]
   assert final[4:] == [dict(step=5 + i, **m) for i, m in enumerate(result.history)]

@@ -4,7 +4,6 @@ mesh on 8 devices gives the losses of one device; frozen parameters stay bit-ide
 resumes from the checkpoint, data position included."""
 
 import csv
-import json
 import os
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from vllm_jax.data.audio import AudioClipConfig
 from vllm_jax.data.tokenizer import train_tokenizer
 from vllm_jax.models.video_llama import abstract_params
 from vllm_jax.train import optim
+from vllm_jax.train.trainer import read_metrics
 from vllm_jax.systems import video_llama as train_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,11 +83,6 @@ def train(root, workdir, mesh, steps, devices, cache):
   return proc.stderr
 
 
-def metrics(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
-
-
 def test_decode_caption_and_conversation_examples(setup):
   root, config, _ = setup
   common = dict(tokenizer_dir=str(root / "model" / "tokenizer"), seq_len=1 + 4 + 8 + 6, max_text_len=6,
@@ -136,7 +131,7 @@ def test_sharded_stage1_matches_single_device_and_resumes(setup, tmp_path):
   resumed = train(root, tmp_path / "single", (1, 1, 1), 20, devices=1, cache=cache)
   assert "resumed from step 10" in resumed and "step 15 | loss" in resumed
 
-  ours, ref = metrics(tmp_path / "sharded"), metrics(tmp_path / "single")
+  ours, ref = read_metrics(tmp_path / "sharded"), read_metrics(tmp_path / "single")
   assert [m["step"] for m in ours] == [m["step"] for m in ref] == list(range(1, 21))
   loss, ref_loss = np.array([m["loss"] for m in ours]), np.array([m["loss"] for m in ref])
   rel = np.abs(loss - ref_loss).max() / np.abs(ref_loss).max()

@@ -204,7 +204,7 @@ def test_train_from_converted_folder_through_the_cli(files, tmp_path, capsys):
                    f"--config.init_from={model}", f"--config.data.instruct_json={root / 'train.json'}",
                    f"--config.data.instruct_dir={root / 'media'}", f"--config.train.workdir={workdir}",
                    "--config.train.steps=3", "--config.train.log_every=1", "--config.train.batch_size=8"]) == 0
-  steps = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  steps = trainer.read_metrics(workdir)
   assert [m["step"] for m in steps] == [1, 2, 3] and all(np.isfinite(m["loss"]) for m in steps)
 
 

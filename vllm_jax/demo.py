@@ -15,15 +15,14 @@
 
 import json
 import logging
-import os
 import re
-import shutil
 import sys
 import textwrap
 import time
 
 import numpy as np
 
+from vllm_jax import paths
 from vllm_jax.data import synthetic
 
 CHANCE = {name: 1 / len(values) for name, values in synthetic.ATTRIBUTES.items()}
@@ -45,8 +44,7 @@ def tokenizer_texts(dataset: dict[str, str], template: str = "vicuna_v0", end_sy
   from vllm_jax.data import conversation as conv_lib
   placeholders = re.compile("|".join(map(re.escape, (conv_lib.IMAGE_TOKEN, conv_lib.AUDIO_TOKEN))))
   texts = [row["name"] + end_sym for row in synthetic.read_split(dataset["train_csv"])]
-  with open(dataset["train_json"]) as f:
-    conversations = [conv_lib.conversation_turns(record["conversations"]) for record in json.load(f)]
+  conversations = [conv_lib.conversation_turns(record["conversations"]) for record in paths.read_json(dataset["train_json"])]
   media = conv_lib.media_turn(FRAME_TIMES, with_audio=with_audio)
   for turns in conversations:
     turns = [(media + turns[0][0], turns[0][1])] + turns[1:]  # as the system's training examples open
@@ -63,7 +61,7 @@ def evaluate(model_dir: str, dataset: dict[str, str], out_dir: str, batch_size: 
   from vllm_jax.eval import run as eval_run
   from vllm_jax.eval import synthetic as eval_synthetic
   from vllm_jax.systems.video_llama import VideoLlamaSystem
-  shutil.rmtree(out_dir, ignore_errors=True)  # the answers of an earlier model would be resumed
+  paths.remove(out_dir)  # the answers of an earlier model would be resumed
   items = eval_synthetic.load(dataset["val_csv"])
   system = VideoLlamaSystem.load(model_dir)
   summary = eval_run.evaluate(system, "synthetic", items, out_dir, batch_size=batch_size, use_audio=system.has_audio,
@@ -71,8 +69,7 @@ def evaluate(model_dir: str, dataset: dict[str, str], out_dir: str, batch_size: 
   if summary["settings"]["errors"]:
     raise RuntimeError(f"the evaluation failed on {summary['settings']['errors']} held-out videos: "
                        f"{summary['settings']['error_items']}")
-  with open(os.path.join(out_dir, "answers.jsonl")) as f:
-    answers = {r["id"]: r["answer"] for r in map(json.loads, f)}
+  answers = {r["id"]: r["answer"] for r in map(json.loads, paths.read_text(paths.join(out_dir, "answers.jsonl")).splitlines())}
   return summary, [dict(item=item, answer=answers[item.id], scores=eval_synthetic.score(item, answers[item.id]))
                    for item in items]
 
@@ -109,7 +106,7 @@ def report_figure(losses: list[float], acc: dict[str, float], rows: list[dict], 
   shown = sorted(misses + [r for r in rows if r["scores"]["exact"]][:num_examples - len(misses)],
                  key=lambda r: r["item"].id)
   for i, row in enumerate(shown):
-    reader = decord.VideoReader(row["item"].media)
+    reader = decord.VideoReader(paths.media_source(row["item"].media))
     frames = reader.get_batch([0, len(reader) // 2, len(reader) - 1]).asnumpy()
     for j, frame in enumerate(frames):
       ax = fig.add_subplot(grid[1 + i, j])
@@ -131,7 +128,8 @@ def write_report(path: str, *args, **kwargs) -> None:
   """`report_figure(*args, **kwargs)` as a PNG."""
   import matplotlib.pyplot as plt
   fig = report_figure(*args, **kwargs)
-  fig.savefig(path, dpi=80)
+  with paths.local_output(path) as local:
+    fig.savefig(local, dpi=80)
   plt.close(fig)
 
 
@@ -148,14 +146,14 @@ def run(cfg) -> dict:
   start = time.perf_counter()
   workdir = cfg.demo.workdir
   cfg = demo_config.resolve(cfg)
-  dataset = synthetic.make_dataset(os.path.join(workdir, "dataset"), cfg.demo.num_train, cfg.demo.num_val,
+  dataset = synthetic.make_dataset(paths.join(workdir, "dataset"), cfg.demo.num_train, cfg.demo.num_val,
                                    seed=cfg.seed)
-  tokenizer_dir = os.path.join(workdir, "tokenizer")
-  shutil.rmtree(tokenizer_dir, ignore_errors=True)  # else the old tokenizer.json would win
+  tokenizer_dir = paths.join(workdir, "tokenizer")
+  paths.remove(tokenizer_dir)  # else the old tokenizer.json would win
   texts = tokenizer_texts(dataset, cfg.model.template, cfg.data.end_sym, cfg.data.with_audio)
   tokenizer = train_tokenizer(texts, tokenizer_dir, vocab_size=cfg.model.llama.vocab_size)
-  train_dir, model_dir = os.path.join(workdir, "train"), os.path.join(workdir, "model")
-  shutil.rmtree(train_dir, ignore_errors=True)  # a demo trains from scratch
+  train_dir, model_dir = paths.join(workdir, "train"), paths.join(workdir, "model")
+  paths.remove(train_dir)  # a demo trains from scratch
   cfg.data.update(webvid_csv=dataset["train_csv"], webvid_dir=dataset["videos"], instruct_json=dataset["train_json"],
                   instruct_dir=dataset["videos"], instruct_format="llava", tokenizer=tokenizer_dir)
   cfg.train.workdir = train_dir
@@ -168,34 +166,35 @@ def run(cfg) -> dict:
 
   config = VideoLlamaSystem.prepare_init(cfg, tokenizer)  # also gives the tokenizer its placeholders
   params = optim.cast(optim.merge(result.state.params, result.state.frozen), np.float32)
-  shutil.rmtree(model_dir, ignore_errors=True)
+  paths.remove(model_dir)
   VideoLlamaSystem(config, params, tokenizer).save(model_dir)
   del result, params
 
-  summary, rows = evaluate(model_dir, dataset, os.path.join(workdir, "eval"), cfg.demo.eval_batch_size)
+  summary, rows = evaluate(model_dir, dataset, paths.join(workdir, "eval"), cfg.demo.eval_batch_size)
   acc = {name: summary["overall"][name] for name in CHANCE}
   table = format_table(acc, len(rows))
   print(table)
-  with open(os.path.join(workdir, "accuracy.json"), "w") as f:
-    json.dump(acc, f, indent=1)
-  report = os.path.join(workdir, "report.png")
+  paths.write_json(paths.join(workdir, "accuracy.json"), acc)
+  report = paths.join(workdir, "report.png")
   write_report(report, losses, acc, rows,
                title=f"Video-LLaMA demo: {len(losses)} steps on {cfg.demo.num_train} synthetic videos")
-  print(f"report: {report}")
+  print(f"report: {paths.shown(report)}")
 
   video = rows[0]["item"].media
-  print(f"\n$ vllm-jax chat --model {model_dir} --video {video} --question {json.dumps(cfg.demo.question)}")
+  print(f"\n$ vllm-jax chat --model {paths.shown(model_dir)} --video {paths.shown(video)} "
+        f"--question {json.dumps(cfg.demo.question)}")
   cli.main(["chat", "--model", model_dir, "--video", video, "--question", cfg.demo.question,
             "--max-new-tokens", "24"])
   print(f"(true caption: {rows[0]['item'].answer})")
   seconds = time.perf_counter() - start
-  print(f"demo done in {seconds / 60:.1f} min; everything is in {workdir}")
+  print(f"demo done in {seconds / 60:.1f} min; everything is in {paths.shown(workdir)}")
   return dict(accuracy=acc, seconds=seconds, report=report, model=model_dir, dataset=dataset,
-              checkpoints=os.path.join(train_dir, "checkpoints"), table=table)
+              checkpoints=paths.join(train_dir, "checkpoints"), table=table)
 
 
 def main(cfg) -> int:
   logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
   logging.getLogger("absl").setLevel(logging.WARNING)
+  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "Unable to initialize backend 'tpu'"
   run(cfg)
   return 0

@@ -1,7 +1,6 @@
 """Model folders: `config.json` (naming the `model_type`) + orbax `params/` + tokenizer files, as
-the converters and training write them."""
+the converters and training write them; local or stored (any `vllm_jax.paths` path)."""
 
-import json
 import math
 import os
 import sys
@@ -12,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from vllm_jax.data.tokenizer import has_tokenizer, load_tokenizer
+from vllm_jax import paths
+from vllm_jax.data.tokenizer import has_tokenizer, load_tokenizer, save_tokenizer
 from vllm_jax.models.llama import Llama, LlamaConfig
 from vllm_jax.train import sharding
 from vllm_jax.train.checkpoint import save_params
@@ -20,10 +20,8 @@ from vllm_jax.train.checkpoint import save_params
 
 def save_llama(out_dir: str, config: LlamaConfig, params: Any, write_params: Callable = save_params) -> None:
   """`write_params(path, params)` writes params/ (the streaming converter passes its own writer)."""
-  os.makedirs(out_dir, exist_ok=True)
-  write_params(os.path.join(out_dir, "params"), params)
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump({"model_type": "llama", "llama": config.to_dict()}, f, indent=2)
+  write_params(paths.join(out_dir, "params"), params)
+  paths.write_json(paths.join(out_dir, "config.json"), {"model_type": "llama", "llama": config.to_dict()})
 
 
 def load_llama(model_dir: str, mesh: jax.sharding.Mesh | None = None, **overrides):
@@ -38,7 +36,7 @@ def load_llama(model_dir: str, mesh: jax.sharding.Mesh | None = None, **override
   if mesh is not None:
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract, sharding.param_shardings(boxed, mesh))
-  params = restore_with_progress(os.path.join(model_dir, "params"), abstract, model_dir)
+  params = restore_with_progress(paths.join(model_dir, "params"), abstract, model_dir)
   return config, params, load_tokenizer(model_dir) if has_tokenizer(model_dir) else None
 
 
@@ -46,12 +44,10 @@ def save(out_dir: str, model_type: str, config, params: Any, tokenizer=None) -> 
   """Write a model folder: config.json (`model_type` and the config), orbax params/ and
   tokenizer/ (with the media placeholder tokens; in its own folder, where transformers finds no
   foreign config.json)."""
-  os.makedirs(out_dir, exist_ok=True)
-  save_params(os.path.join(out_dir, "params"), params)
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump({"model_type": model_type, model_type: config.to_dict()}, f, indent=2)
+  save_params(paths.join(out_dir, "params"), params)
+  paths.write_json(paths.join(out_dir, "config.json"), {"model_type": model_type, model_type: config.to_dict()})
   if tokenizer is not None:
-    tokenizer.save_pretrained(os.path.join(out_dir, "tokenizer"))
+    save_tokenizer(tokenizer, paths.join(out_dir, "tokenizer"))
 
 
 def load(model_dir: str, model_type: str, config_class, abstract_params: Callable,
@@ -68,20 +64,21 @@ def load(model_dir: str, model_type: str, config_class, abstract_params: Callabl
   if mesh is not None:
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract, sharding.param_shardings(boxed, mesh))
-  params = restore_with_progress(os.path.join(model_dir, "params"), abstract, model_dir)
-  return config, params, load_tokenizer(os.path.join(model_dir, "tokenizer"))
+  params = restore_with_progress(paths.join(model_dir, "params"), abstract, model_dir)
+  return config, params, load_tokenizer(paths.join(model_dir, "tokenizer"))
 
 
 def restore_with_progress(path: str, abstract: Any, name: str, steps: int = 50) -> Any:
   """As `train.checkpoint.restore_params`, about 1/`steps` of the bytes at a time, with a progress
   bar on stderr (a 7B model takes minutes to read): process 0 only, none in quiet mode (VLLM_JAX_QUIET=1)."""
   from tqdm import tqdm
+  path = paths.resolve(path)  # orbax takes absolute paths and URLs only
   leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
   sizes = [math.prod(a.shape) * a.dtype.itemsize for _, a in leaves]
   quiet = os.environ.get("VLLM_JAX_QUIET", "") not in ("", "0")
   restored, group, group_bytes = [], {}, 0
   with ocp.PyTreeCheckpointer() as checkpointer, tqdm(
-      total=sum(sizes), desc=f"loading {name}", unit="B", unit_scale=True, file=sys.stderr,
+      total=sum(sizes), desc=f"loading {paths.shown(name)}", unit="B", unit_scale=True, file=sys.stderr,
       disable=quiet or jax.process_index() != 0) as bar:
     for i, ((key_path, leaf), size) in enumerate(zip(leaves, sizes)):
       _nest(group, key_path, leaf)  # the group's leaves, nested as in the whole tree
@@ -108,15 +105,14 @@ def model_type(model_dir: str) -> str:
 
 
 def _read_meta(model_dir: str) -> dict:
-  config_path = os.path.join(model_dir, "config.json")
-  if not os.path.isdir(model_dir):
+  config_path = paths.join(model_dir, "config.json")
+  if not paths.is_dir(model_dir):
     raise FileNotFoundError(f"model folder not found: {model_dir}")
-  if not os.path.exists(config_path):
+  if not paths.is_file(config_path):
     raise FileNotFoundError(f"{model_dir} is not a vllm_jax model folder (no config.json); "
                             "create one with `vllm-jax convert`")
-  with open(config_path) as f:
-    meta = json.load(f)
-  if meta.get("model_type") not in meta or not os.path.isdir(os.path.join(model_dir, "params")):
+  meta = paths.read_json(config_path)
+  if meta.get("model_type") not in meta or not paths.is_dir(paths.join(model_dir, "params")):
     raise ValueError(f"{model_dir} is not a vllm_jax model folder (a Hugging Face one?); convert it first, e.g. "
                      f"`vllm-jax convert llama --hf-dir {model_dir} --out DIR`")
   return meta

@@ -7,6 +7,7 @@ from importlib.metadata import version
 
 from vllm_jax.cli import cache_features, chat, convert, demo, eval, export, infer, plan, serve, train, web
 from vllm_jax.cli.flags import error, load_config, quiet, quiet_flag, silence
+from vllm_jax.paths import StorageError
 
 __all__ = ["build_parser", "load_config", "main"]
 
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
   except BrokenPipeError:  # the reader left (`... | head`): end quietly, as a command killed by SIGPIPE
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
     return 141
-  except (FileNotFoundError, NotADirectoryError, PermissionError, ValueError) as e:
+  except (FileNotFoundError, NotADirectoryError, PermissionError, ValueError, StorageError) as e:
     if os.environ.get("VLLM_JAX_TRACEBACK"):
       raise
     return error(str(e))

@@ -2,10 +2,9 @@
 their outputs written as a feature cache (`vllm_jax.data.feature_cache`) that training reads with
 `--config.data.feature_cache=DIR`."""
 
-import json
-import os
 import sys
 
+from vllm_jax import paths
 from vllm_jax.cli import flags
 
 HELP = """Run the frozen encoders of a Video-LLaMA training config (EVA ViT + ln_vision + image
@@ -41,9 +40,8 @@ def model_config(cfg, system):
     if pretrained.model_type(cfg.init_from) != system.model_type:
       raise ValueError(f"{cfg.init_from} holds a {pretrained.model_type(cfg.init_from)!r} model, not a "
                        f"{system.model_type} one")
-    with open(os.path.join(cfg.init_from, "config.json")) as f:
-      config = system.config_class.from_dict(json.load(f)[system.model_type])
-    return config, os.path.join(cfg.init_from, "tokenizer")
+    config = paths.read_json(paths.join(cfg.init_from, "config.json"))[system.model_type]
+    return system.config_class.from_dict(config), paths.join(cfg.init_from, "tokenizer")
   if not cfg.data.tokenizer:
     raise ValueError("set init_from (a converted model folder) or data.tokenizer (for a random init)")
   return system.prepare_init(cfg, load_tokenizer(cfg.data.tokenizer)), cfg.data.tokenizer

@@ -25,11 +25,9 @@ def add_parser(commands) -> None:
 
 
 def run(args) -> int:
-  import os
-
-  from vllm_jax import pretrained
+  from vllm_jax import paths, pretrained
   media = args.video or args.image
-  if media and not os.path.isfile(media):  # before the model loads (minutes at 7B)
+  if media and not paths.is_file(media):  # before the model loads (minutes at 7B)
     return flags.error(f"media file not found: {media}")
   try:
     kind = pretrained.model_type(args.model)

@@ -1,8 +1,8 @@
 """`vllm-jax convert SOURCE`: PyTorch/HF weights (or a PEFT adapter) -> a vllm_jax model folder."""
 
-import os
 import time
 
+from vllm_jax import paths
 from vllm_jax.cli import flags
 
 DTYPES = ["float32", "bfloat16", "float16"]
@@ -103,9 +103,9 @@ def add_parser(commands) -> None:
 
 def hf_folder(path: str) -> str:
   """An argparse type: a checkpoint folder with its config.json."""
-  if not os.path.isdir(path):
+  if not flags.checked(paths.is_dir, path):
     raise flags.argparse.ArgumentTypeError(f"no such folder: {path}")
-  if not os.path.isfile(os.path.join(path, "config.json")):
+  if not flags.checked(paths.is_file, paths.join(path, "config.json")):
     raise flags.argparse.ArgumentTypeError(f"{path} has no config.json")
   return path
 
@@ -153,8 +153,6 @@ def convert_video_llama(args) -> int:
 
 
 def convert_video_llava(args) -> int:
-  import json
-
   from vllm_jax.configs import video_llava as video_llava_configs
   from vllm_jax.converters import llama as llama_format
   from vllm_jax.converters import video_llava as video_llava_format
@@ -168,8 +166,7 @@ def convert_video_llava(args) -> int:
   if args.hf_dir:
     config, params = video_llava_format.load_hf(args.hf_dir, param_dtype=args.dtype)
   else:
-    with open(os.path.join(folder, "config.json")) as f:
-      llama = llama_format.config_from_hf(json.load(f))
+    llama = llama_format.config_from_hf(paths.read_json(paths.join(folder, "config.json")))
     base = VideoLlavaConfig.from_dict(video_llava_configs.get_config(args.config).model.to_dict())
     config = base.replace(llama=llama, image_token_id=ids[0], video_token_id=ids[1])
     if args.dtype:
@@ -186,11 +183,11 @@ def convert_video_llava(args) -> int:
 
 def convert_llama_vid(args) -> int:
   from vllm_jax.converters import llama_vid as llama_vid_format
-  from vllm_jax.data.tokenizer import load_instruction_tokenizer, load_tokenizer
+  from vllm_jax.data.tokenizer import has_tokenizer, load_instruction_tokenizer, load_tokenizer
   from vllm_jax.systems.llama_vid import LlamaVidSystem
   start = time.perf_counter()
   folder = args.model_dir
-  if args.base_llm and not any(os.path.exists(os.path.join(folder, n)) for n in ("tokenizer.json", "tokenizer.model")):
+  if args.base_llm and not has_tokenizer(folder):
     folder = args.base_llm  # a stage-1 folder has no tokenizer
   tokenizer = load_tokenizer(folder)
   (image_id,) = LlamaVidSystem.add_media_tokens(tokenizer)
@@ -209,6 +206,7 @@ def convert_llama_vid(args) -> int:
 def convert_peft(args) -> int:
   from vllm_jax import pretrained, systems
   from vllm_jax.converters import peft
+  from vllm_jax.data.tokenizer import save_tokenizer
   from vllm_jax.nn import lora
   from vllm_jax.train import optim
   start = time.perf_counter()
@@ -228,7 +226,7 @@ def convert_peft(args) -> int:
   if plain:
     pretrained.save_llama(args.out, llama, llm)
     if tokenizer is not None:
-      tokenizer.save_pretrained(args.out)
+      save_tokenizer(tokenizer, args.out)
   else:
     system.config, system.params = system.config.replace(llama=llama), {**system.params, "llm": llm}
     system.save(args.out)

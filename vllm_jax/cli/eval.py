@@ -2,9 +2,9 @@
 
 import argparse
 import contextlib
-import json
 import os
 
+from vllm_jax import paths
 from vllm_jax.cli import flags
 
 DESCRIPTION = """Answer every question of an evaluation set and score the answers.
@@ -77,9 +77,9 @@ def run(args) -> int:
     return flags.error("--judge-url and --judge-model go together")
   if args.judge_api_key_env and not os.environ.get(args.judge_api_key_env):
     return flags.error(f"--judge-api-key-env: the environment variable {args.judge_api_key_env} is not set")
-  if os.path.exists(args.out) and not os.path.isdir(args.out):
+  if paths.is_file(args.out):
     return flags.error(f"--out: {args.out} is a file, not a folder")
-  media_root = args.media_root or os.path.dirname(os.path.abspath(args.annotations))
+  media_root = args.media_root or paths.parent(args.annotations)
   items = eval_run.load_items(args.format, args.annotations, media_root, args.answer_file)
   if not items:
     return flags.error(f"{args.annotations} holds no questions")
@@ -97,10 +97,13 @@ def run(args) -> int:
   use_audio = flags.use_audio(args, system)
   if use_audio is None:
     return flags.error(f"--audio: {args.model} has no audio branch")
+  run_file = paths.join(args.out, "run.json")
+  if not paths.exists(run_file):  # once the model runs: a failed start leaves no --out behind
+    paths.write_json(run_file, answer_settings(args))
   judge = None
   if args.judge_url:
     judge = Judge(args.judge_url, args.judge_model, os.environ.get(args.judge_api_key_env or "") or None,
-                  cache_path=os.path.join(args.out, "judge.json"))
+                  cache_path=paths.join(args.out, "judge.json"))
   mc_scoring = args.mc_scoring or "letter"
   settings = {"model": args.model, "annotations": args.annotations, "answer_file": args.answer_file,
               "media_root": media_root, "limit": args.limit, "audio": use_audio, "num_frames": args.num_frames,
@@ -115,26 +118,26 @@ def run(args) -> int:
                                 num_frames=args.num_frames, max_new_tokens=args.max_new_tokens,
                                 sampling=flags.sampling(args), seed=args.seed, judge=judge, settings=settings,
                                 progress=not flags.quiet())
-  print(f"results: {os.path.join(args.out, 'results.json')}")
+  print(f"results: {paths.join(args.out, 'results.json')}")
   return 1 if summary["settings"]["errors"] or summary["settings"].get("judge_errors") else 0
 
 
 ANSWER_SETTINGS = ("format", "audio", "num_frames", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "dtype")
 
 
+def answer_settings(args) -> dict:
+  """What the answers depend on, recorded in --out/run.json by the first run."""
+  return {"model": paths.resolve(args.model), **{k: getattr(args, k) for k in ANSWER_SETTINGS}}
+
+
 def check_answer_settings(args) -> str | None:
   """What makes the answers already in --out unfit to be resumed (another model, format or
-  generation setting), else None; the first run records its settings in --out/run.json."""
-  settings = {"model": os.path.abspath(args.model), **{k: getattr(args, k) for k in ANSWER_SETTINGS}}
-  path = os.path.join(args.out, "run.json")
-  if not os.path.exists(path):
-    os.makedirs(args.out, exist_ok=True)
-    with open(path, "w") as f:
-      json.dump(settings, f, indent=1)
+  generation setting), else None."""
+  path = paths.join(args.out, "run.json")
+  if not paths.exists(path):
     return None
-  with open(path) as f:
-    before = json.load(f)
-  changed = [f"{k}: {before.get(k)} -> {v}" for k, v in settings.items() if before.get(k) != v]
+  before = paths.read_json(path)
+  changed = [f"{k}: {before.get(k)} -> {v}" for k, v in answer_settings(args).items() if before.get(k) != v]
   if changed:
     return (f"--out {args.out} holds answers made with other settings ({'; '.join(changed)}): give another "
             "--out, or remove it to start again")

@@ -60,6 +60,7 @@ def run(args) -> int:
     return flags.error("--peft-base applies to --peft")
   from vllm_jax.converters import llama as llama_format
   from vllm_jax.converters import peft
+  from vllm_jax.data.tokenizer import save_tokenizer
   from vllm_jax.nn import lora
   from vllm_jax.train import run as run_lib
   start = time.perf_counter()
@@ -86,6 +87,6 @@ def run(args) -> int:
     print(f"wrote PEFT adapter {args.peft} (rank {adapters.rank}, alpha {adapters.alpha:g})")
   if args.hf_llama:
     llama_format.save_hf(plain_llama, merged_llm, args.hf_llama)
-    model.tokenizer.save_pretrained(args.hf_llama)
+    save_tokenizer(model.tokenizer, args.hf_llama)
     print(f"wrote Hugging Face LLaMA {args.hf_llama}{' (LoRA merged)' if adapters else ''}")
   return 0

@@ -7,25 +7,37 @@ import importlib.util
 import os
 import sys
 
+from vllm_jax import paths
+
+
+def checked(check, path: str):
+  """`check(path)` (a `paths` function) in an argparse type: a bad path or an unreachable store is
+  the flag's error."""
+  try:
+    return check(path)
+  except (ValueError, paths.StorageError) as e:
+    raise argparse.ArgumentTypeError(str(e)) from None
+
 
 def existing_file(path: str) -> str:
-  """An argparse type: a file that exists (checked before any model loads)."""
-  if not os.path.isfile(path):
+  """An argparse type: a file that exists, local or stored (checked before any model loads)."""
+  if not checked(paths.is_file, path):
     raise argparse.ArgumentTypeError(f"no such file: {path}")
   return path
 
 
 def existing_folder(path: str) -> str:
-  """An argparse type: a folder that exists."""
-  if not os.path.isdir(path):
+  """An argparse type: a folder that exists, local or stored."""
+  if not checked(paths.is_dir, path):
     raise argparse.ArgumentTypeError(f"no such folder: {path}")
   return path
 
 
 def new_file(path: str) -> str:
-  """An argparse type: a file that can be written in an existing folder."""
-  folder = os.path.dirname(os.path.abspath(path))
-  if not os.path.isdir(folder):
+  """An argparse type: a file that can be written in an existing folder (any folder on a store,
+  whose folders are only names)."""
+  folder = checked(paths.parent, path)
+  if not paths.is_url(folder) and not paths.is_dir(folder):
     raise argparse.ArgumentTypeError(f"the folder of {path} does not exist")
   return path
 
@@ -161,11 +173,13 @@ def answer_or_loop(answer, question: str | None, seed: int, hint: str) -> int:
 
 
 def load_config(spec: str, overrides: list[str]):
-  """`FILE[:ARG]` -> FILE's get_config(ARG), then each `--config.a.b=VALUE` applied."""
+  """`FILE[:ARG]` -> FILE's get_config(ARG), then each `--config.a.b=VALUE` applied. FILE is local."""
   path, _, arg = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location("train_config", path)
-  if module_spec is None or not path.endswith(".py"):
+  if not path.endswith(".py"):
     raise ValueError(f"--config {spec!r}: expected a .py file, optionally with :ARG")
+  if not paths.is_file(path):
+    raise FileNotFoundError(f"--config {spec!r}: no such file: {path}")
+  module_spec = importlib.util.spec_from_file_location("train_config", paths.resolve(path))
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   cfg = module.get_config(arg) if arg else module.get_config()

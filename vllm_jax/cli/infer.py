@@ -3,9 +3,9 @@
 import collections
 import hashlib
 import json
-import os
 import sys
 
+from vllm_jax import paths
 from vllm_jax.cli import flags
 
 DESCRIPTION = ('Each input line is {"video": path (or "image": path), "question": text, "id": optional}; '
@@ -36,7 +36,7 @@ def add_parser(commands) -> None:
 def run(args) -> int:
   from tqdm import tqdm
 
-  from vllm_jax.data.media import MediaError
+  from vllm_jax.data.media import MediaError, media_path
   from vllm_jax.eval.run import load_answers
   system = flags.load_system(args)
   use_audio = flags.use_audio(args, system)
@@ -44,23 +44,19 @@ def run(args) -> int:
     return flags.error(f"--audio: {args.model} has no audio branch")
   sampling = flags.sampling(args)
 
-  with open(args.input) as f:
-    lines = f.read().splitlines()
+  lines = paths.read_text(args.input).splitlines()
   keys = item_keys(lines)
-  media_root = args.media_root or os.path.dirname(os.path.abspath(args.input))
+  media_root = args.media_root or paths.parent(args.input)
   done = load_answers(args.output, needs=("answer",))  # errors and torn lines are retried
   items = [i for i, line in enumerate(lines) if line.strip()]
   pending = [i for i in items if keys[i] not in done]
   print(f"{len(items) - len(pending)} of {len(items)} lines already answered; {len(pending)} to go", file=sys.stderr)
   errors = 0
 
-  with open(args.output, "a") as out, tqdm(total=len(pending), unit="item", file=sys.stderr) as bar:
-    def write(record):
-      out.write(json.dumps(record) + "\n")
-      out.flush()
-
+  # One write per batch: on a store each write rewrites the object.
+  with paths.Appender(args.output) as out, tqdm(total=len(pending), unit="item", file=sys.stderr) as bar:
     for start in range(0, len(pending), args.batch_size):
-      batch = []
+      batch, results = [], []
       for i in pending[start:start + args.batch_size]:
         record = {"key": keys[i], "line": i}
         try:
@@ -69,26 +65,25 @@ def run(args) -> int:
           path, question = item.get("video") or item.get("image"), item.get("question")
           if not path or not isinstance(question, str):
             raise ValueError('each line needs "video" (or "image") and "question"')
-          media = system.load_media(os.path.join(media_root, path), use_audio=use_audio, num_frames=args.num_frames)
+          media = system.load_media(media_path(media_root, path), use_audio=use_audio, num_frames=args.num_frames)
         except (ValueError, FileNotFoundError, MediaError) as e:  # JSONDecodeError is a ValueError
-          write({**record, "error": f"{type(e).__name__}: {e}"})
+          results.append({**record, "error": f"{type(e).__name__}: {e}"})
           errors += 1
-          bar.update()
           continue
         batch.append((record, question, media))
-      if not batch:
-        continue
-      convs = []
-      for record, question, media in batch:
-        record["audio"] = use_audio and media.audio_valid
-        convs.append(system.conversation(media, record["audio"]))
-        convs[-1].ask(question)
-      # Every batch has the same number of rows: one compiled encoder serves all batches.
-      answers = system.answer([m for _, _, m in batch], convs, use_audio=use_audio, rows=args.batch_size,
-                              max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed + start)
-      for (record, question, _), answer in zip(batch, answers):
-        write({**record, "question": question, "answer": answer})
-        bar.update()
+      if batch:
+        convs = []
+        for record, question, media in batch:
+          record["audio"] = use_audio and media.audio_valid
+          convs.append(system.conversation(media, record["audio"]))
+          convs[-1].ask(question)
+        # Every batch has the same number of rows: one compiled encoder serves all batches.
+        answers = system.answer([m for _, _, m in batch], convs, use_audio=use_audio, rows=args.batch_size,
+                                max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed + start)
+        results += [{**record, "question": question, "answer": answer}
+                    for (record, question, _), answer in zip(batch, answers)]
+      out.write("".join(json.dumps(record) + "\n" for record in results))
+      bar.update(len(results))
   print(f"{len(pending) - errors} answered, {errors} failed (their \"error\" lines are in {args.output})",
         file=sys.stderr)
   return 1 if errors else 0

@@ -1,8 +1,8 @@
 """`vllm-jax serve`: an OpenAI-compatible HTTP server (chat completions), requests batched."""
 
-import os
 import sys
 
+from vllm_jax import paths
 from vllm_jax.cli import flags
 
 DESCRIPTION = ("Serve a model over HTTP with the OpenAI chat API: POST /v1/chat/completions (messages whose user "
@@ -62,7 +62,7 @@ def load_model(args):
   """The model folder as a serve.Model, or an exit status after an error line."""
   from vllm_jax import pretrained, serve
   defaults = serve.Defaults(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)
-  name = os.path.basename(os.path.normpath(args.model))
+  name = paths.name(args.model)
   if pretrained.model_type(args.model) == "llama":
     if args.audio:
       return flags.error(f"--audio: {args.model} is a text-only LLaMA")

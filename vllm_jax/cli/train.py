@@ -15,9 +15,10 @@ they are); --print-config shows the result, each value with where it came from. 
 Starts from a model folder (--config.init_from=DIR, written by `vllm-jax convert`) or from a
 random init of the config's model (with --config.data.tokenizer=DIR). Data: the config's `data`
 section (captions, instruction JSON); unreadable media are skipped and counted. Logs a line every
-train.log_every steps; with train.workdir, writes orbax checkpoints (workdir/checkpoints),
-TensorBoard events and metrics.jsonl there, and a rerun resumes from the latest checkpoint (data
-position included). SIGTERM checkpoints and stops.
+train.log_every steps; with train.workdir (a local folder or gs://bucket/run), writes orbax
+checkpoints (workdir/checkpoints), TensorBoard events and metrics/ there, and a rerun resumes from
+the latest checkpoint (data position included). SIGTERM checkpoints and stops. Paths may be
+relative, ~/..., or gs:// URLs.
 Mesh: mesh.data, mesh.fsdp, mesh.tensor (-1 = the remaining devices). The learning-rate schedule
 spans train.steps unless optim.total_steps is set; its warm-up is optim.warmup_steps, or
 optim.warmup_ratio of the total (the schedule is logged at start).
@@ -55,6 +56,7 @@ def run(args, overrides: list[str]) -> int:
   first = jax.process_index() == 0
   logging.basicConfig(level=logging.INFO if first else logging.WARNING, format="%(message)s", force=True)
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
+  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "Unable to initialize backend 'tpu'"
   result = run_lib.train(cfg, system, progress=first and sys.stderr.isatty())
   if first:
     state = "preempted at" if result.preempted else "done at"

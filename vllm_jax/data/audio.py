@@ -18,11 +18,12 @@ track, and its missing frames are padded as ImageBind pads them.
 import dataclasses
 import fractions
 import functools
-import os
 
 import av
 import numpy as np
 import scipy.fft
+
+from vllm_jax import paths
 
 SAMPLE_RATE = 16000
 PREEMPHASIS = 0.97
@@ -56,13 +57,14 @@ class AudioDecodeError(ValueError):
 def load_audio(path: str, sample_rate: int = SAMPLE_RATE) -> np.ndarray | None:
   """The first audio stream of a video or audio file, downmixed to mono and resampled.
 
-  -> [T] float32 in [-1, 1], or None when the file has no audio stream.
-  Raises FileNotFoundError, or AudioDecodeError for a file that cannot be decoded.
+  -> [T] float32 in [-1, 1], or None when the file has no audio stream. `path` may be a URL (gs://...).
+  Raises FileNotFoundError, AudioDecodeError for a file that cannot be decoded, or
+  `paths.StorageError` when its store cannot be reached.
   """
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"audio/video file not found: {path}")
+  path = paths.resolve(path)
+  source = paths.media_source(path)
   try:
-    with av.open(path) as container:
+    with av.open(source) as container:
       if not container.streams.audio:
         return None
       stream = container.streams.audio[0]

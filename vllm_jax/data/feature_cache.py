@@ -20,14 +20,15 @@ kept exact, so training from the cache gives the losses of training from the vid
 
 features.json: `encoders` (a SHA-256 over the frozen encoder parameters' paths, dtypes, shapes and
 bytes, as the trainer holds them: cast to `optim.frozen_dtype`), `preprocessing` (frame count, size,
-sampling, crop, seed, audio clips), `sources` (annotation files with size and mtime, media folder,
-record count), `features` (per-record shapes and dtypes): training compares all four with its own
-and refuses a cache that differs, naming what. `layout` (chunk size and counts) and `made_from`
-are not compared.
+sampling, crop, seed, audio clips), `sources` (annotation files with their size and the SHA-256 of
+their text, media folder, record count), `features` (per-record shapes and dtypes): training
+compares all four with its own and refuses a cache that differs, naming what. `layout` (chunk size
+and counts) and `made_from` are not compared.
 
 Writing is sharded and resumable: chunk k belongs to process k % process_count, each process
-encodes its chunks data-parallel over its local devices and writes each chunk to a temporary file
-renamed into place when complete; a rerun skips the chunks present.
+encodes its chunks data-parallel over its local devices and writes each chunk to a local temporary
+file, put in place whole (`paths.write_bytes`) when complete; a rerun skips the chunks present.
+The folder may be a URL (gs://...): grain reads the chunks from there.
 """
 
 import dataclasses
@@ -35,6 +36,7 @@ import hashlib
 import json
 import math
 import os
+import tempfile
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -45,6 +47,7 @@ import numpy as np
 from flax import serialization, traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from vllm_jax import paths
 from vllm_jax.models.video_llama import VideoLlama, VideoLlamaConfig, abstract_params, init_inputs
 from vllm_jax.train import optim
 
@@ -84,7 +87,7 @@ def encoder_params(cfg, config: VideoLlamaConfig) -> dict:
     args = ocp.args.PyTreeRestore(tree, restore_args=ocp.checkpoint_utils.construct_restore_args(tree),
                                   partial_restore=True)
     with ocp.PyTreeCheckpointer() as checkpointer:
-      params = checkpointer.restore(os.path.abspath(os.path.join(cfg.init_from, "params")), args=args)
+      params = checkpointer.restore(paths.join(cfg.init_from, "params"), args=args)
   else:
     # `trainer.Trainer`'s init: the first half of key(seed); XLA computes only the leaves kept.
     init_key = jax.random.split(jax.random.key(cfg.seed))[0]
@@ -108,22 +111,31 @@ def describe(cfg, config: VideoLlamaConfig, sources: Sequence[Any], params) -> d
   """features.json's compared sections for a run of `cfg` over `sources` (`systems.video_llama.Source`)
   with the encoder parameters `params` (`encoder_params`), plus `made_from`."""
   decode = sources[0].decode  # the media settings are common to all sources
-  files = lambda paths: {os.path.abspath(p): dict(size=os.stat(p).st_size, mtime_ns=os.stat(p).st_mtime_ns)
-                         for p in paths}
   meta = dict(
       format=FORMAT,
       encoders=dict(fingerprint=fingerprint(params), frozen_dtype=str(cfg.optim.frozen_dtype)),
       preprocessing=dict(num_frames=decode.num_frames, image_size=decode.image_size, sampling=decode.sampling,
                          train_crop=decode.train_crop, seed=decode.seed,
                          audio=None if decode.audio is None else dataclasses.asdict(decode.audio)),
-      sources={s.name: dict(files=files(s.files), media_dir=os.path.abspath(s.media_dir),
-                            num_records=len(s.records)) for s in sources},
+      sources={s.name: dict(files={paths.resolve(f): file_fingerprint(f) for f in s.files},
+                            media_dir=paths.resolve(s.media_dir or "."), num_records=len(s.records))
+               for s in sources},
       features={k: [list(shape), np.dtype(dtype).name] for k, (shape, dtype) in
                 feature_shapes(config, cfg.data.with_audio).items()},
-      made_from=dict(init_from=os.path.abspath(cfg.init_from) if cfg.init_from else "",
+      made_from=dict(init_from=paths.resolve(cfg.init_from) if cfg.init_from else "",
                      encoder_parameters={k: [list(np.shape(v)), str(np.asarray(v).dtype)]
                                          for k, v in optim.flatten(params).items()}))
   return json.loads(json.dumps(meta))  # as read back: lists, not tuples
+
+
+def file_fingerprint(path: str) -> dict:
+  """An annotation file's size and the SHA-256 of its text: the same wherever the same file is read
+  from (unlike a modification time, which a copy or an upload changes)."""
+  digest = hashlib.sha256()
+  with paths.open_text(path) as f:
+    for text in iter(lambda: f.read(1 << 20), ""):
+      digest.update(text.encode())
+  return dict(size=paths.size(path), sha256=digest.hexdigest())
 
 
 def differences(cache: dict, run: dict) -> list[str]:
@@ -136,18 +148,23 @@ def differences(cache: dict, run: dict) -> list[str]:
 
 
 def load_meta(cache_dir: str) -> dict:
-  path = os.path.join(cache_dir, META)
-  if not os.path.exists(path):
+  path = paths.join(cache_dir, META)
+  if not paths.exists(path):
     raise FileNotFoundError(f"no feature cache in {cache_dir} (no {META}); make one with `vllm-jax cache-features`")
-  with open(path) as f:
-    meta = json.load(f)
+  meta = paths.read_json(path)
   if meta.get("format") != FORMAT:
     raise ValueError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
   return meta
 
 
 def chunk_files(cache_dir: str, source: str, num_chunks: int) -> tuple[str, ...]:
-  return tuple(os.path.join(cache_dir, f"{source}.array_record-{k:05d}-of-{num_chunks:05d}") for k in range(num_chunks))
+  return tuple(paths.join(cache_dir, f"{source}.array_record-{k:05d}-of-{num_chunks:05d}") for k in range(num_chunks))
+
+
+def present(cache_dir: str) -> set[str]:
+  """The paths of the files in `cache_dir`, listed once (one request per thousand objects on a
+  store, where asking for each of a large cache's chunks would take minutes)."""
+  return {paths.join(cache_dir, name) for name in paths.listdir(cache_dir)} if paths.is_dir(cache_dir) else set()
 
 
 def open_for_training(cfg, config: VideoLlamaConfig, sources: Sequence[Any]) -> dict[str, tuple[str, ...]]:
@@ -168,13 +185,13 @@ def open_for_training(cfg, config: VideoLlamaConfig, sources: Sequence[Any]) -> 
     raise ValueError(f"the feature cache {cache_dir} was made for other {' and '.join(what)} than this run's:\n  "
                      + "\n  ".join(diffs) + "\nmake a cache for this run with `vllm-jax cache-features` (same "
                      "config and overrides), or train without data.feature_cache")
-  files = {}
+  files, have = {}, present(cache_dir)
   for source in sources:
     files[source.name] = chunk_files(cache_dir, source.name, meta["layout"]["chunks"][source.name])
-    missing = [f for f in files[source.name] if not os.path.exists(f)]
+    missing = [f for f in files[source.name] if f not in have]
     if missing:
       raise ValueError(f"the feature cache {cache_dir} is incomplete: {len(missing)} of {len(files[source.name])} "
-                       f"chunks of {source.name} are missing (e.g. {os.path.basename(missing[0])}); rerun "
+                       f"chunks of {source.name} are missing (e.g. {paths.name(missing[0])}); rerun "
                        "`vllm-jax cache-features` with the same flags to finish it")
   return files
 
@@ -204,6 +221,8 @@ class LoadMedia:
     decode = self.decodes[number]
     try:
       media = decode.load(record)
+    except paths.StorageError:
+      raise  # the store, not this record: every other record would fail alike
     except Exception as e:  # pylint: disable=broad-except  (training skips any unreadable record alike)
       return dict(ok=False, error=f"{type(e).__name__}: {e}")
     return dict(ok=True, error="", timestamps=np.asarray(media.frames.timestamps, np.float64),
@@ -231,14 +250,14 @@ def make_encoder(config: VideoLlamaConfig, params, batch_size: int) -> tuple[Cal
 
 def write(out_dir: str, meta: dict, sources: Sequence[Any], encode: Callable, batch_size: int, *,
           chunk_size: int = 256, worker_count: int = 0, progress: bool = True) -> int:
-  """Write (or finish) the cache of `sources` in `out_dir`: this process's missing chunks, each
-  encoded `batch_size` records at a time by `encode` (`make_encoder`) and renamed into place when
-  complete. `meta`: `describe`'s; a folder holding another cache is refused. -> chunks written."""
-  os.makedirs(out_dir, exist_ok=True)
+  """Write (or finish) the cache of `sources` in `out_dir` (a folder or a URL): this process's
+  missing chunks, each encoded `batch_size` records at a time by `encode` (`make_encoder`) and put
+  in place when complete. `meta`: `describe`'s; a folder holding another cache is refused. -> chunks
+  written."""
+  paths.makedirs(out_dir)
   meta = dict(meta, layout=dict(chunk_size=chunk_size, chunks={s.name: max(1, math.ceil(len(s.records) / chunk_size))
                                                                 for s in sources}))
-  path = os.path.join(out_dir, META)
-  if os.path.exists(path):
+  if paths.exists(paths.join(out_dir, META)):
     held = load_meta(out_dir)
     diffs = differences(held, meta) + ([] if held["layout"] == meta["layout"] else
                                        [f"layout: cache {held['layout']}, this run {meta['layout']}"])
@@ -246,15 +265,13 @@ def write(out_dir: str, meta: dict, sources: Sequence[Any], encode: Callable, ba
       raise ValueError(f"{out_dir} holds another feature cache; remove it or choose another --out:\n  "
                        + "\n  ".join(diffs))
   elif jax.process_index() == 0:
-    with open(path + ".tmp", "w") as f:
-      json.dump(meta, f, indent=2)
-    os.replace(path + ".tmp", path)
+    paths.write_json(paths.join(out_dir, META), meta)
 
-  pending = []  # (source number, chunk file, records)
+  pending, have = [], present(out_dir)  # (source number, chunk file, records)
   for number, source in enumerate(sources):
     files = chunk_files(out_dir, source.name, meta["layout"]["chunks"][source.name])
     for k, file in enumerate(files):
-      if k % jax.process_count() == jax.process_index() and not os.path.exists(file):
+      if k % jax.process_count() == jax.process_index() and file not in have:
         pending.append((number, file, source.records[k * chunk_size:(k + 1) * chunk_size]))
   items = [(number, record) for number, _, records in pending for record in records]
   ds = grain.MapDataset.source(items).map(LoadMedia(tuple(s.decode for s in sources))).to_iter_dataset()
@@ -265,15 +282,17 @@ def write(out_dir: str, meta: dict, sources: Sequence[Any], encode: Callable, ba
   bar = tqdm(total=len(items), desc="caching features", unit="example",
              disable=not progress or jax.process_index() != 0)
   from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=g-import-not-at-top
-  for _, file, records in pending:
-    writer = ArrayRecordWriter(file + ".tmp", "group_size:1")
-    for start in range(0, len(records), batch_size):
-      entries = [next(loaded) for _ in records[start:start + batch_size]]
-      for entry in encode_entries(entries, encode, batch_size):
-        writer.write(serialization.msgpack_serialize(entry))
-      bar.update(len(entries))
-    writer.close()
-    os.replace(file + ".tmp", file)
+  with tempfile.TemporaryDirectory(prefix="vllm_jax-cache-") as tmp:
+    local = os.path.join(tmp, "chunk")  # ArrayRecordWriter writes local files only
+    for _, file, records in pending:
+      writer = ArrayRecordWriter(local, "group_size:1")
+      for start in range(0, len(records), batch_size):
+        entries = [next(loaded) for _ in records[start:start + batch_size]]
+        for entry in encode_entries(entries, encode, batch_size):
+          writer.write(serialization.msgpack_serialize(entry))
+        bar.update(len(entries))
+      writer.close()
+      paths.write_bytes(file, paths.read_bytes(local))  # whole: a chunk under its name is complete
   bar.close()
   return len(pending)
 

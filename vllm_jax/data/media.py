@@ -12,10 +12,11 @@ import dataclasses
 
 import numpy as np
 
+from vllm_jax import paths
 from vllm_jax.data import audio as audio_lib
 from vllm_jax.data.video import Frames, MediaError, is_image_path, load_visual
 
-__all__ = ["Media", "MediaError", "load_media"]
+__all__ = ["Media", "MediaError", "load_media", "media_path"]
 
 
 @dataclasses.dataclass
@@ -28,6 +29,12 @@ class Media:
   @property
   def is_image(self) -> bool:
     return self.frames.is_image
+
+
+def media_path(root: str, name: str) -> str:
+  """A media file named in an annotation file: `name` under the folder `root` (local, "" for the
+  current one, or a URL such as gs://bucket/videos), or `name` itself when it is absolute or a URL."""
+  return name if paths.is_url(name) else paths.join(root or ".", name)
 
 
 def load_media(path: str, num_frames: int = 8, size: int = 224, with_audio: bool = False,

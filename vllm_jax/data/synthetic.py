@@ -18,13 +18,14 @@ rounding). The same arguments always give the same files.
 import csv
 import dataclasses
 import fractions
+import io
 import itertools
 import json
-import os
 import re
 
 import numpy as np
 
+from vllm_jax import paths
 from vllm_jax.data.video import sample_indices
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 235), "yellow": (235, 215, 40)}
@@ -121,7 +122,7 @@ def render_audio(sound: str, spec: VideoSpec, rng: np.random.Generator) -> np.nd
 
 
 def write_mp4(path: str, frames: np.ndarray, audio: np.ndarray, spec: VideoSpec) -> None:
-  """frames [T, H, W, 3] uint8 (H.264, yuv420p) + mono audio [S] float32 (AAC) -> `path`."""
+  """frames [T, H, W, 3] uint8 (H.264, yuv420p) + mono audio [S] float32 (AAC) -> `path` (a local file)."""
   import av
   with av.open(path, "w", format="mp4") as container:
     video = container.add_stream("libx264", rate=spec.fps, options={"crf": "18", "threads": "1"})
@@ -142,61 +143,60 @@ def write_mp4(path: str, frames: np.ndarray, audio: np.ndarray, spec: VideoSpec)
 
 def write_split(out_dir: str, split: str, num_videos: int, seed: int, spec: VideoSpec = VideoSpec(),
                 progress: bool = True) -> str:
-  """Render `num_videos` videos of `split` under `out_dir` -> the CSV path."""
+  """Render `num_videos` videos of `split` under the local folder `out_dir` -> the CSV path."""
   from tqdm import tqdm
   if num_videos < 1:
     raise ValueError(f"{split}: need at least one video, got {num_videos}")
   rng = np.random.default_rng(seed)
   combos = list(itertools.product(*ATTRIBUTES.values()))
   order = [combos[i] for i in rng.permutation(len(combos))]
-  video_dir = os.path.join(out_dir, "videos", split)
-  os.makedirs(video_dir, exist_ok=True)
+  video_dir = paths.join(out_dir, "videos", split)
+  paths.makedirs(video_dir)
   rows, conversations = [], []
   for k in tqdm(range(num_videos), desc=f"writing {split} videos", unit="video", disable=not progress):
     attributes = dict(zip(ATTRIBUTES, order[k % len(order)]))
     videoid = f"{split}{k:05d}"
     frames = render_frames(attributes["colour"], attributes["shape"], attributes["direction"], spec, rng)
     audio = render_audio(attributes["sound"], spec, rng)
-    write_mp4(os.path.join(video_dir, f"{videoid}.mp4"), frames, audio, spec)
+    write_mp4(paths.join(video_dir, f"{videoid}.mp4"), frames, audio, spec)
     rows.append(dict(videoid=videoid, contentUrl="", duration=f"PT00H00M{spec.seconds:02.0f}S", page_dir=split,
                      name=caption(**attributes), **attributes))
     turns = conversation(QUESTIONS[rng.integers(len(QUESTIONS))], attributes, rng)
     turns[0] = ("<video>\n" + turns[0][0], turns[0][1])
     conversations.append(dict(id=videoid, video=f"{split}/{videoid}.mp4", conversations=[
         {"from": speaker, "value": text} for turn in turns for speaker, text in zip(("human", "gpt"), turn)]))
-  with open(os.path.join(out_dir, f"{split}.json"), "w") as f:
-    json.dump(conversations, f, indent=1)
-  path = os.path.join(out_dir, f"{split}.csv")
-  with open(path, "w", newline="") as f:
-    writer = csv.DictWriter(f, FIELDS)
-    writer.writeheader()
-    writer.writerows(rows)
+  paths.write_text(paths.join(out_dir, f"{split}.json"), json.dumps(conversations, indent=1))
+  text = io.StringIO()
+  writer = csv.DictWriter(text, FIELDS)
+  writer.writeheader()
+  writer.writerows(rows)
+  path = paths.join(out_dir, f"{split}.csv")
+  paths.write_text(path, text.getvalue())
   return path
 
 
 def make_dataset(out_dir: str, num_train: int = 480, num_val: int = 96, seed: int = 0,
                  spec: VideoSpec = VideoSpec(), progress: bool = True) -> dict[str, str]:
   """Write the train (seed) and val (seed + 1) splits, or reuse them when `out_dir` already
-  holds this exact dataset. -> {"train_csv", "train_json", "val_csv", "val_json", "videos": paths}."""
+  holds this exact dataset. `out_dir` may be a URL (gs://...): the files are written locally, then
+  copied there. -> {"train_csv", "train_json", "val_csv", "val_json", "videos": paths}."""
   meta = dict(version=GENERATOR_VERSION, num_train=num_train, num_val=num_val, seed=seed,
               spec=dataclasses.asdict(spec))
-  meta_path = os.path.join(out_dir, "dataset.json")
-  paths = {f"{split}_{kind}": os.path.join(out_dir, f"{split}.{kind}") for split in ("train", "val")
+  out_dir = paths.resolve(out_dir)
+  meta_path = paths.join(out_dir, "dataset.json")
+  files = {f"{split}_{kind}": paths.join(out_dir, f"{split}.{kind}") for split in ("train", "val")
            for kind in ("csv", "json")}
-  paths["videos"] = os.path.join(out_dir, "videos")
-  if os.path.exists(meta_path):
-    with open(meta_path) as f:
-      if json.load(f) == meta:
-        return paths
-  os.makedirs(out_dir, exist_ok=True)
-  write_split(out_dir, "train", num_train, seed, spec, progress)
-  write_split(out_dir, "val", num_val, seed + 1, spec, progress)
-  with open(meta_path, "w") as f:  # written last: a half-written dataset is redone
-    json.dump(meta, f)
-  return paths
+  files["videos"] = paths.join(out_dir, "videos")
+  if paths.exists(meta_path) and paths.read_json(meta_path) == meta:
+    return files
+  with paths.local_output(out_dir) as local:
+    write_split(local, "train", num_train, seed, spec, progress)
+    write_split(local, "val", num_val, seed + 1, spec, progress)
+  paths.write_json(meta_path, meta)  # written last: a half-written dataset is redone
+  return files
 
 
 def read_split(csv_path: str) -> list[dict[str, str]]:
   """The rows of a split CSV (videoid, page_dir, name and the four attributes)."""
-  with open(csv_path, newline="") as f:
+  with paths.open_text(csv_path) as f:
     return list(csv.DictReader(f))

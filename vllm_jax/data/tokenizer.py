@@ -1,23 +1,52 @@
-"""LLaMA tokenizers from local folders, small ones trained on the spot, and left-padded batches;
-the BERT WordPiece tokenizer that LLaMA-VID's Q-Former reads instructions with."""
+"""LLaMA tokenizers from folders (local or stored: `vllm_jax.paths`), small ones trained on the spot,
+and left-padded batches; the BERT WordPiece tokenizer that LLaMA-VID's Q-Former reads instructions with."""
 
+import contextlib
 import io
 import os
-from typing import Iterable, Sequence
+import tempfile
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from vllm_jax import paths
+
+# Files a tokenizer folder may share with weights (an HF model folder): never copied to read the tokenizer.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf")
+
 
 def has_tokenizer(path: str) -> bool:
-  return any(os.path.exists(os.path.join(path, n)) for n in ("tokenizer.json", "tokenizer.model"))
+  return any(paths.exists(paths.join(path, n)) for n in ("tokenizer.json", "tokenizer.model"))
 
 
 def load_tokenizer(path: str):
-  """The tokenizer saved in a local folder (tokenizer.model / tokenizer.json), never downloaded."""
+  """The tokenizer saved in a folder (tokenizer.model / tokenizer.json), never downloaded."""
   from transformers import AutoTokenizer
   if not has_tokenizer(path):
     raise FileNotFoundError(f"no tokenizer in {path} (expected tokenizer.json or tokenizer.model)")
-  return AutoTokenizer.from_pretrained(path, local_files_only=True)
+  with _local_folder(path) as local:
+    return AutoTokenizer.from_pretrained(local, local_files_only=True)
+
+
+def save_tokenizer(tokenizer, path: str) -> None:
+  """`tokenizer.save_pretrained` into a folder, local or stored."""
+  with paths.local_output(path) as local:
+    tokenizer.save_pretrained(local)
+
+
+@contextlib.contextmanager
+def _local_folder(path: str) -> Iterator[str]:
+  """A local folder with the tokenizer files of folder `path`: `path` itself when local, else a temporary
+  copy of its files less weights and subfolders (an HF model folder holds both beside its tokenizer)."""
+  if not paths.is_url(path):
+    yield paths.resolve(path)
+    return
+  with tempfile.TemporaryDirectory(prefix="vllm_jax-") as tmp:
+    for name in paths.listdir(path):
+      source = paths.join(path, name)
+      if not name.endswith(_WEIGHT_SUFFIXES) and paths.is_file(source):
+        paths.copy_tree(source, os.path.join(tmp, name))
+    yield tmp
 
 
 def train_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 512):
@@ -33,11 +62,10 @@ def train_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 512):
       sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, model_type="bpe",
       byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False,
       split_digits=True, minloglevel=2)
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "tokenizer.model"), "wb") as f:
-    f.write(model.getvalue())
-  tokenizer = LlamaTokenizer.from_pretrained(out_dir, local_files_only=True, add_bos_token=True)
-  tokenizer.save_pretrained(out_dir)
+  with paths.local_output(out_dir) as local:
+    paths.write_bytes(paths.join(local, "tokenizer.model"), model.getvalue())
+    tokenizer = LlamaTokenizer.from_pretrained(local, local_files_only=True, add_bos_token=True)
+    tokenizer.save_pretrained(local)
   return tokenizer
 
 
@@ -48,11 +76,12 @@ def train_wordpiece_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: in
   from transformers import BertTokenizerFast
   trainer = BertWordPieceTokenizer(lowercase=True)
   trainer.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=1, show_progress=False)
-  os.makedirs(out_dir, exist_ok=True)
-  trainer.save_model(out_dir)
-  tokenizer = BertTokenizerFast(os.path.join(out_dir, "vocab.txt"), do_lower_case=True)
-  tokenizer.add_special_tokens({"bos_token": "[DEC]"})
-  tokenizer.save_pretrained(out_dir)
+  with paths.local_output(out_dir) as local:
+    paths.makedirs(local)
+    trainer.save_model(local)
+    tokenizer = BertTokenizerFast(paths.join(local, "vocab.txt"), do_lower_case=True)
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    tokenizer.save_pretrained(local)
   return load_instruction_tokenizer(out_dir)
 
 
@@ -60,9 +89,10 @@ def load_instruction_tokenizer(path: str):
   """A BERT tokenizer folder (e.g. bert-base-uncased's, with `[DEC]`), truncating from the left
   as LLaMA-VID does, so that the end of a long instruction is kept."""
   from transformers import BertTokenizerFast
-  if not any(os.path.exists(os.path.join(path, n)) for n in ("vocab.txt", "tokenizer.json")):
+  if not any(paths.exists(paths.join(path, n)) for n in ("vocab.txt", "tokenizer.json")):
     raise FileNotFoundError(f"no BERT tokenizer in {path} (expected vocab.txt or tokenizer.json)")
-  tokenizer = BertTokenizerFast.from_pretrained(path, local_files_only=True)
+  with _local_folder(path) as local:
+    tokenizer = BertTokenizerFast.from_pretrained(local, local_files_only=True)
   tokenizer.truncation_side = "left"
   return tokenizer
 

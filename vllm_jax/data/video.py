@@ -38,10 +38,12 @@ OpenAI CLIP mean and std as above.
 """
 
 import dataclasses
+import io
 import math
-import os
 
 import numpy as np
+
+from vllm_jax import paths
 
 CLIP_MEAN = np.array((0.48145466, 0.4578275, 0.40821073), np.float32)
 CLIP_STD = np.array((0.26862954, 0.26130258, 0.27577711), np.float32)
@@ -192,11 +194,6 @@ def _check_resize(resize: str) -> None:
     raise ValueError(f"unknown resize {resize!r}; expected one of {RESIZE_MODES}")
 
 
-def _check_exists(path: str) -> None:
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"media file not found: {path}")
-
-
 def load_video(path: str, num_frames: int = 8, size: int = 224, sampling: str = "uniform",
                rng: np.random.Generator | None = None, train_crop: bool = False,
                num_threads: int = 2, resize: str = "squash") -> Frames:
@@ -204,11 +201,12 @@ def load_video(path: str, num_frames: int = 8, size: int = 224, sampling: str = 
 
   `train_crop` applies the training RandomResizedCrop (scale 0.5-1, bicubic) to the decoded
   frames, in place of the `resize` step. `num_threads` are decord's decoding threads for this
-  reader (keep it small when several readers run in parallel). Raises FileNotFoundError or
-  MediaError.
+  reader (keep it small when several readers run in parallel). `path` may be a URL (gs://...).
+  Raises FileNotFoundError, MediaError, or `paths.StorageError` when its store cannot be reached.
   """
   _check_resize(resize)
   decode_size = dict(width=size, height=size) if resize == "squash" else {}
+  path = paths.resolve(path)
   reader = _open(path, num_threads=num_threads, **decode_size)
   vlen, fps = len(reader), float(reader.get_avg_fps())
   indices = sample_indices(vlen, num_frames, sampling, rng)
@@ -223,13 +221,14 @@ def load_video(path: str, num_frames: int = 8, size: int = 224, sampling: str = 
 
 
 def _open(path: str, **kwargs):
-  """A decord VideoReader on a video with frames; MediaError (naming the file) otherwise."""
+  """A decord VideoReader on a video with frames (a stored object's decoded from its bytes in
+  memory); MediaError (naming the file) otherwise."""
   import decord
-  _check_exists(path)
+  source = paths.media_source(path)
   try:
-    reader = decord.VideoReader(path, **kwargs)
+    reader = decord.VideoReader(source, **kwargs)
   except (decord.DECORDError, RuntimeError) as e:  # decord raises RuntimeError on open
-    if _has_audio_only(path):
+    if _has_audio_only(source):
       raise MediaError(f"{path} has no video stream (an audio-only file?)") from e
     raise MediaError(f"cannot decode video {path}: {str(e).splitlines()[0]}") from e
   if len(reader) == 0:
@@ -252,8 +251,8 @@ class FrameStream:
   hour-long video never sits in memory whole."""
 
   def __init__(self, path: str, fps: float = 1.0, max_frames: int | None = None):
-    self.path = path
-    self.reader = _open(path, num_threads=2)
+    self.path = paths.resolve(path)
+    self.reader = _open(self.path, num_threads=2)
     video_fps = float(self.reader.get_avg_fps()) or 1.0
     self.indices = np.arange(0, len(self.reader), max(1, round(video_fps / fps)))
     if max_frames and len(self.indices) > max_frames:
@@ -275,11 +274,14 @@ class FrameStream:
     return normalize(np.stack([_clip_image_resize(Image.fromarray(p), image_size) for p in pixels]))
 
 
-def _has_audio_only(path: str) -> bool:
-  """Whether a file decord could not open is a readable container with audio but no video."""
+def _has_audio_only(source) -> bool:
+  """Whether a file (a path or `paths.media_source`'s bytes) decord could not open is a readable
+  container with audio but no video."""
   import av
+  if isinstance(source, io.BytesIO):
+    source.seek(0)  # decord read it to the end
   try:
-    with av.open(path) as container:
+    with av.open(source) as container:
       return bool(container.streams.audio) and not container.streams.video
   except (av.FFmpegError, OSError, ValueError):
     return False
@@ -289,9 +291,10 @@ def load_image(path: str, num_frames: int = 1, size: int = 224, resize: str = "s
   """An image file as a one-frame video (padded to `num_frames` masked frames if > 1)."""
   from PIL import Image, UnidentifiedImageError
   _check_resize(resize)
-  _check_exists(path)
+  path = paths.resolve(path)
+  source = paths.media_source(path)
   try:
-    with Image.open(path) as image:
+    with Image.open(source) as image:
       image = _to_rgb(image)
       if resize == "squash":
         pixels = np.asarray(image.resize((size, size), Image.BICUBIC))
@@ -304,7 +307,9 @@ def load_image(path: str, num_frames: int = 1, size: int = 224, resize: str = "s
 
 
 def is_image_path(path: str) -> bool:
-  return os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
+  """By the extension (local paths and URLs alike)."""
+  stem, dot, ext = str(path).rpartition("/")[2].rpartition(".")
+  return bool(stem and dot) and f".{ext.lower()}" in IMAGE_EXTENSIONS
 
 
 def load_visual(path: str, num_frames: int = 8, size: int = 224, resize: str = "squash",

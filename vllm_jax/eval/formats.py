@@ -18,10 +18,10 @@ by a hash of its video, question and options.
 
 import hashlib
 import json
-import os
 import re
 from typing import Any
 
+from vllm_jax import paths
 from vllm_jax.eval import Item
 from vllm_jax.eval.metrics import LETTERS
 
@@ -31,8 +31,7 @@ _LETTER_PREFIX = re.compile(r"^\(?([A-Z])[.)]\s*")
 
 def read_records(path: str) -> list[dict[str, Any]]:
   """A JSON list of objects, or JSON lines -> the objects."""
-  with open(path) as f:
-    text = f.read()
+  text = paths.read_text(path)
   try:
     records = json.loads(text)
   except ValueError:
@@ -45,15 +44,20 @@ def read_records(path: str) -> list[dict[str, Any]]:
   return records
 
 
-def find_video(media_root: str, name: str) -> str:
-  """`name` relative to the media root, its extension found on disk when it has none (the name
-  as given when nothing is found: loading it then reports the missing file)."""
-  if os.path.isfile(os.path.join(media_root, name)):
-    return name
-  for stem in (name, os.path.join(os.path.dirname(name), "v_" + os.path.basename(name))):
-    for ext in VIDEO_EXTENSIONS:
-      if os.path.isfile(os.path.join(media_root, stem + ext)):
-        return stem + ext
+def find_video(media_root: str, name: str, listings: dict[str, set[str]] | None = None) -> str:
+  """`name` relative to the media root, its extension found in its folder when it has none (the
+  name as given when nothing is found: loading it then reports the missing file). `listings`: the
+  folders' names, kept between calls (a folder is listed once, not asked about each name: on a
+  store each question is a request)."""
+  from vllm_jax.data.media import media_path
+  folder, slash, base = name.rpartition("/")
+  where = media_path(media_root, folder + slash)
+  listings = {} if listings is None else listings
+  if where not in listings:
+    listings[where] = set(paths.listdir(where)) if paths.is_dir(where) else set()
+  for candidate in (base, *(stem + ext for stem in (base, "v_" + base) for ext in VIDEO_EXTENSIONS)):
+    if candidate in listings[where]:
+      return folder + slash + candidate
   return name
 
 
@@ -69,7 +73,7 @@ def field(record: dict[str, Any], names: tuple[str, ...], where: str, required: 
 
 def open_ended(annotations: str, media_root: str, answer_file: str | None = None) -> list[Item]:
   records = read_records(annotations)
-  answers = {}
+  answers, listings = {}, {}
   if answer_file:
     answers = {str(field(r, ("question_id",), f"{answer_file} item {i}")): r
                for i, r in enumerate(read_records(answer_file))}
@@ -83,14 +87,15 @@ def open_ended(annotations: str, media_root: str, answer_file: str | None = None
       record = {**answers[qid], **record}
     elif "answer" not in record:
       raise ValueError(f"{where}: missing 'answer' (are the answers in a file of their own?)")
-    items.append(Item(id=qid, media=find_video(media_root, str(field(record, ("video_name", "video"), where))),
+    video = str(field(record, ("video_name", "video"), where))
+    items.append(Item(id=qid, media=find_video(media_root, video, listings),
                       question=str(field(record, ("question",), where)), answer=str(field(record, ("answer",), where)),
                       category=str(record.get("type", "all"))))
   return items
 
 
 def multiple_choice(annotations: str, media_root: str) -> list[Item]:
-  items = []
+  items, listings = [], {}
   for i, record in enumerate(read_records(annotations)):
     where = f"{annotations} item {i}"
     video = str(field(record, ("video", "video_name", "video_path"), where))
@@ -104,7 +109,7 @@ def multiple_choice(annotations: str, media_root: str) -> list[Item]:
     if qid is None:
       qid = "sha1:" + hashlib.sha1(json.dumps([video, question, candidates]).encode()).hexdigest()[:16]
     category = field(record, ("category", "task_type", "type"), where, required=False)
-    items.append(Item(id=str(qid), media=find_video(media_root, video), question=question,
+    items.append(Item(id=str(qid), media=find_video(media_root, video, listings), question=question,
                       answer=candidates[correct], category=str(category or "all"), candidates=candidates,
                       truth={"index": correct}))
   return items

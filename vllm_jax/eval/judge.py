@@ -2,20 +2,21 @@
 endpoint (`POST {url}/v1/chat/completions`) is told the question, the correct and the predicted
 answer, and replies with a Python dict string {'pred': 'yes' | 'no', 'score': 0-5}.
 
-Replies are cached in a JSON file keyed by (question id, prediction, judge model), so a rerun asks
-only about new predictions; a request that fails is retried, then reported (and asked again on the
-next run).
+Replies are cached in a JSON file (a local path or a URL) keyed by (question id, prediction, judge
+model), so a rerun asks only about new predictions; a request that fails is retried, then reported
+(and asked again on the next run).
 """
 
 import ast
 import concurrent.futures
 import json
-import os
 import re
 import threading
 import time
 import urllib.error
 import urllib.request
+
+from vllm_jax import paths
 
 SYSTEM_PROMPT = (
     "You grade answers to questions about videos. You are given a question, its correct answer and a "
@@ -59,12 +60,11 @@ class Judge:
     self.model, self.api_key, self.cache_path = model, api_key, cache_path
     self.retries, self.timeout, self.backoff, self.workers = retries, timeout, backoff, workers
     self.cache: dict[str, str] = {}
-    if cache_path and os.path.exists(cache_path):
-      with open(cache_path) as f:
-        try:
-          self.cache = json.load(f)
-        except ValueError as e:
-          raise ValueError(f"{cache_path} is not a judge cache ({e}); remove it to ask the judge again") from None
+    if cache_path and paths.exists(cache_path):
+      try:
+        self.cache = json.loads(paths.read_text(cache_path))
+      except ValueError as e:
+        raise ValueError(f"{cache_path} is not a judge cache ({e}); remove it to ask the judge again") from None
     self.lock = threading.Lock()
     self.requests = 0  # made by this object (cached verdicts make none)
 
@@ -129,6 +129,4 @@ class Judge:
 
   def save(self) -> None:
     if self.cache_path:
-      with open(self.cache_path + ".tmp", "w") as f:
-        json.dump(self.cache, f, indent=0)
-      os.replace(self.cache_path + ".tmp", self.cache_path)
+      paths.write_text(self.cache_path, json.dumps(self.cache, indent=0))

@@ -1,6 +1,6 @@
 """An evaluation run: a system answers a set's questions in batches, resumably, and the answers are scored.
 
-In `out_dir`:
+In `out_dir` (a folder or a URL, gs://...):
   answers.jsonl  one record per question, appended and flushed per batch: {"key" (the question id),
                  "id", "category", "question", "answer" (the generated text), "choice" (multiple choice:
                  the option its letter or text picks, or null), "logprobs" (multiple choice with
@@ -19,12 +19,12 @@ of highest log-probability); synthetic: `vllm_jax.eval.synthetic.score`.
 
 import collections
 import json
-import os
 import sys
 from typing import Sequence
 
 import numpy as np
 
+from vllm_jax import paths
 from vllm_jax.eval import Item, formats, metrics
 
 FORMATS = ("open-ended", "multiple-choice", "synthetic")
@@ -62,20 +62,17 @@ def needed_fields(fmt: str, mc_scoring: str) -> tuple[str, ...]:
 def load_answers(path: str, needs: Sequence[str]) -> dict[str, dict]:
   """The complete records in `path` by key (the latest, if one is there twice); the file is
   rewritten with them alone, so that the other questions are answered again."""
-  if not os.path.exists(path):
+  if not paths.exists(path):
     return {}
   records = {}
-  with open(path) as f:
-    for line in f:
-      try:
-        record = json.loads(line)
-      except ValueError:
-        continue
-      if isinstance(record, dict) and "key" in record and "error" not in record and all(k in record for k in needs):
-        records[record["key"]] = record
-  with open(path + ".tmp", "w") as f:
-    f.writelines(json.dumps(r) + "\n" for r in records.values())
-  os.replace(path + ".tmp", path)
+  for line in paths.read_text(path).splitlines():
+    try:
+      record = json.loads(line)
+    except ValueError:
+      continue
+    if isinstance(record, dict) and "key" in record and "error" not in record and all(k in record for k in needs):
+      records[record["key"]] = record
+  paths.write_text(path, "".join(json.dumps(r) + "\n" for r in records.values()))
   return records
 
 
@@ -104,7 +101,7 @@ def evaluate(system, fmt: str, items: Sequence[Item], out_dir: str, *, media_roo
   relative to `media_root` when given. `judge`: a `vllm_jax.eval.judge.Judge` (open-ended)."""
   from tqdm import tqdm
 
-  from vllm_jax.data.media import MediaError
+  from vllm_jax.data.media import MediaError, media_path
   if fmt not in FORMATS:
     raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
   if mc_scoring not in MC_SCORING:
@@ -114,8 +111,8 @@ def evaluate(system, fmt: str, items: Sequence[Item], out_dir: str, *, media_roo
     raise ValueError(f"question ids on more than one item: {', '.join(repeated[:10])}")
   if judge is not None and fmt != "open-ended":
     raise ValueError("the judge is for the open-ended format")
-  os.makedirs(out_dir, exist_ok=True)
-  path = os.path.join(out_dir, "answers.jsonl")
+  paths.makedirs(out_dir)
+  path = paths.join(out_dir, "answers.jsonl")
   needs = needed_fields(fmt, mc_scoring)
   records = load_answers(path, needs)
   pending = [item for item in items if item.id not in records]
@@ -126,30 +123,23 @@ def evaluate(system, fmt: str, items: Sequence[Item], out_dir: str, *, media_roo
   # batch of options), so that each compiles once.
   option_rows = batch_size * max((len(item.candidates) for item in items), default=0)
 
-  with open(path, "a") as out, tqdm(total=len(pending), unit="question", file=sys.stderr,
-                                    disable=not progress) as bar:
-    def write(record):
-      out.write(json.dumps(record) + "\n")
-      out.flush()
-
+  # One write per batch: on a store each write rewrites the object.
+  with paths.Appender(path) as out, tqdm(total=len(pending), unit="question", file=sys.stderr,
+                                         disable=not progress) as bar:
     for start in range(0, len(pending), batch_size):
-      batch = []
+      batch, failed = [], []
       for item in pending[start:start + batch_size]:
-        file = item.media if media_root is None else os.path.join(media_root, item.media)
+        file = item.media if media_root is None else media_path(media_root, item.media)
         try:
           batch.append((item, system.load_media(file, use_audio=use_audio, num_frames=num_frames)))
         except (FileNotFoundError, MediaError, ValueError) as e:
           errors[item.id] = f"{type(e).__name__}: {e}"
-          write({"key": item.id, "id": item.id, "category": item.category, "error": errors[item.id]})
-          bar.update()
-      if not batch:
-        continue
+          failed.append({"key": item.id, "id": item.id, "category": item.category, "error": errors[item.id]})
       new = answer_batch(system, fmt, batch, needs, use_audio=use_audio, rows=batch_size, option_rows=option_rows,
-                         max_new_tokens=max_new_tokens, sampling=sampling, seed=seed + start)
-      for record in new:
-        records[record["key"]] = record
-        write(record)
-        bar.update()
+                         max_new_tokens=max_new_tokens, sampling=sampling, seed=seed + start) if batch else []
+      records.update((record["key"], record) for record in new)
+      out.write("".join(json.dumps(record) + "\n" for record in failed + new))
+      bar.update(len(failed) + len(new))
 
   scores = {item.id: score(fmt, item, records[item.id], mc_scoring) for item in items if item.id in records}
   judge_problems = {}
@@ -157,8 +147,7 @@ def evaluate(system, fmt: str, items: Sequence[Item], out_dir: str, *, media_roo
     judge_problems = add_verdicts(judge, items, records, scores, progress)
   summary = {"settings": {**(settings or {}), "format": fmt, "num_items": len(items), "errors": len(errors),
                           "error_items": errors, **judge_problems}, **summarize(items, scores, errors)}
-  with open(os.path.join(out_dir, "results.json"), "w") as f:
-    json.dump(summary, f, indent=1)
+  paths.write_text(paths.join(out_dir, "results.json"), json.dumps(summary, indent=1))
   print(format_table(summary))
   return summary
 

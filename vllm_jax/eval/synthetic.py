@@ -6,8 +6,7 @@ the dataset folder ({out}, by default the CSV's folder, as `vllm-jax eval` defau
 are at {media_root}/videos/{page_dir}/{videoid}.mp4.
 """
 
-import os
-
+from vllm_jax import paths
 from vllm_jax.data import synthetic
 from vllm_jax.eval import Item
 
@@ -16,10 +15,10 @@ METRICS = (*synthetic.ATTRIBUTES, "exact")
 
 
 def load(annotations: str, media_root: str | None = None) -> list[Item]:
-  """One captioning item per row of the split CSV `annotations`; media paths are absolute (a runner
-  that joins them to the media root again gets them unchanged)."""
-  videos = os.path.join(os.path.abspath(media_root or os.path.dirname(annotations)), "videos")
-  return [Item(id=row["videoid"], media=os.path.join(videos, row["page_dir"], row["videoid"] + ".mp4"),
+  """One captioning item per row of the split CSV `annotations`; media paths are absolute or URLs (a
+  runner that joins them to the media root again gets them unchanged)."""
+  videos = paths.join(media_root or paths.parent(annotations), "videos")
+  return [Item(id=row["videoid"], media=paths.join(videos, row["page_dir"], row["videoid"] + ".mp4"),
                question=QUESTION, answer=row["name"], truth={name: row[name] for name in synthetic.ATTRIBUTES})
           for row in synthetic.read_split(annotations)]
 

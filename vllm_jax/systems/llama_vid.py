@@ -22,11 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vllm_jax import paths
 from vllm_jax.data import conversation as conv_lib
 from vllm_jax.data import datasets
 from vllm_jax.data import video as video_lib
 from vllm_jax.data.media import Media
-from vllm_jax.data.tokenizer import load_instruction_tokenizer
+from vllm_jax.data.tokenizer import load_instruction_tokenizer, save_tokenizer
 from vllm_jax.models.llama_vid import LlamaVid, LlamaVidConfig, abstract_params, init_inputs, pack_turn_tokens
 from vllm_jax.systems.base import System, apply, llm_loss
 from vllm_jax.train import trainer
@@ -91,13 +92,13 @@ class LlamaVidSystem(System):
   @classmethod
   def load(cls, model_dir, mesh=None, **llama_overrides):
     system = super().load(model_dir, mesh, **llama_overrides)
-    system.instruction_tokenizer = load_instruction_tokenizer(os.path.join(model_dir, INSTRUCTION_TOKENIZER))
+    system.instruction_tokenizer = load_instruction_tokenizer(paths.join(model_dir, INSTRUCTION_TOKENIZER))
     cls.check_instruction_tokenizer(system.config, system.instruction_tokenizer, model_dir)
     return system
 
   def save(self, out_dir):
     super().save(out_dir)
-    self.instruction_tokenizer.save_pretrained(os.path.join(out_dir, INSTRUCTION_TOKENIZER))
+    save_tokenizer(self.instruction_tokenizer, paths.join(out_dir, INSTRUCTION_TOKENIZER))
 
   @staticmethod
   def check_instruction_tokenizer(config: LlamaVidConfig, tokenizer, where: str) -> None:
@@ -212,7 +213,7 @@ class LlamaVidSystem(System):
     if data.max_len > config.llama.max_position_embeddings:
       raise ValueError(f"data.max_len {data.max_len} exceeds the LLM's context of "
                        f"{config.llama.max_position_embeddings} tokens (long videos need a long-context model)")
-    instruction_dir = (os.path.join(cfg.init_from, INSTRUCTION_TOKENIZER) if cfg.init_from
+    instruction_dir = (paths.join(cfg.init_from, INSTRUCTION_TOKENIZER) if cfg.init_from
                        else data.instruction_tokenizer)
     if not instruction_dir:
       raise ValueError("set init_from (a model folder) or data.instruction_tokenizer (a BERT tokenizer folder, "

@@ -1,7 +1,6 @@
 """Orbax storage: parameter trees (model folders written by the converters) and training checkpoints."""
 
 import dataclasses
-import os
 import signal
 from typing import Any
 
@@ -11,19 +10,20 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from vllm_jax import paths
+
 
 def save_params(path: str, params: Any) -> None:
-  """Write a params tree (numpy or jax arrays) as an orbax checkpoint at `path`."""
-  path = os.path.abspath(path)
+  """Write a params tree (numpy or jax arrays) as an orbax checkpoint at `path` (any `paths` path)."""
   with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(path, params, force=True)
+    checkpointer.save(paths.resolve(path), params, force=True)
 
 
 def restore_params(path: str, abstract: Any) -> Any:
   """Read a params tree; `abstract` gives shapes, dtypes and (optionally) target shardings as
   `jax.ShapeDtypeStruct`s, so each tensor is placed directly where it belongs."""
   with ocp.StandardCheckpointer() as checkpointer:
-    return checkpointer.restore(os.path.abspath(path), abstract)
+    return checkpointer.restore(paths.resolve(path), abstract)
 
 
 class TrainCheckpointer:
@@ -37,7 +37,7 @@ class TrainCheckpointer:
     self.save_frozen = save_frozen
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=async_save)
-    self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+    self.manager = ocp.CheckpointManager(paths.resolve(directory), options=options)
 
   def _state_tree(self, state) -> dict[str, Any]:
     tree = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}

@@ -13,11 +13,12 @@ cloud.google.com/tpu/docs/{v4,v5e,v5p,v6e}):
 """
 
 import dataclasses
-import json
 import math
 import os
 import re
 from typing import Any, Sequence
+
+from vllm_jax import paths
 
 GiB = 1024 ** 3
 
@@ -56,11 +57,10 @@ def model_config(cfg, system):
   completes it."""
   from vllm_jax.train import run as run_lib
   if cfg.get("init_from"):
-    path = os.path.join(cfg.init_from, "config.json")
-    if not os.path.isfile(path):
+    path = paths.join(cfg.init_from, "config.json")
+    if not paths.is_file(path):
       raise FileNotFoundError(f"no config.json in init_from {cfg.init_from}")
-    with open(path) as f:
-      meta = json.load(f)
+    meta = paths.read_json(path)
     if system.model_type not in meta:
       raise ValueError(f"{path} holds no {system.model_type} config")
     return run_lib.training_config(cfg, system, system.config_class.from_dict(meta[system.model_type]))

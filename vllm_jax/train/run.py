@@ -14,7 +14,6 @@ only the trained parameters."""
 import dataclasses
 import json
 import logging
-import os
 from typing import Any
 
 import flax.linen as nn
@@ -22,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from vllm_jax import paths
 from vllm_jax.data.tokenizer import load_instruction_tokenizer, load_tokenizer
 from vllm_jax.data import datasets
 from vllm_jax.nn.lora import LoraConfig
@@ -136,7 +136,7 @@ def load_model(cfg, mesh, system) -> tuple[Any, Any, str]:
     branches = nn.meta.unbox(system.abstract_params(config))
     params = {name: tree for name, tree in loaded.params.items() if name in branches}
     check_loaded(params, branches)
-    return config, params, os.path.join(cfg.init_from, "tokenizer")
+    return config, params, paths.join(cfg.init_from, "tokenizer")
   if not cfg.data.tokenizer:
     raise ValueError("set init_from (a converted model folder) or data.tokenizer (for a random init)")
   config = system.prepare_init(cfg, load_tokenizer(cfg.data.tokenizer))
@@ -149,16 +149,14 @@ def write_run_file(cfg) -> None:
   if jax.process_index() != 0:
     return
   init_from = cfg.get("init_from", "")
-  record = dict(system=cfg.get("system", ""), init_from=os.path.abspath(init_from) if init_from else "",
+  record = dict(system=cfg.get("system", ""), init_from=paths.resolve(init_from) if init_from else "",
                 config=json.loads(cfg.to_json_best_effort()))
-  os.makedirs(cfg.train.workdir, exist_ok=True)
-  with open(os.path.join(cfg.train.workdir, RUN_FILE), "w") as f:
-    json.dump(record, f, indent=2)
+  paths.write_json(paths.join(cfg.train.workdir, RUN_FILE), record)
 
 
 def train(cfg, system, progress: bool = False) -> trainer.LoopResult:
   """Train to `train.steps`, resuming from the latest checkpoint in `train.workdir`; per-step
-  metrics go to `train.workdir`/metrics.jsonl as the run goes (`trainer.MetricsFile`). `progress`:
+  metrics go to `train.workdir`/metrics/ as the run goes (`trainer.MetricsFile`). `progress`:
   a progress bar of the steps. SIGTERM is watched from the start: one during the model load stops
   the run before the first step is compiled."""
   preemption = checkpoint.Preemption()
@@ -173,7 +171,7 @@ def train(cfg, system, progress: bool = False) -> trainer.LoopResult:
                                worker_count=cfg.data.worker_count))
     if cfg.train.workdir:
       write_run_file(cfg)
-      ckpt = checkpoint.TrainCheckpointer(os.path.join(cfg.train.workdir, "checkpoints"),
+      ckpt = checkpoint.TrainCheckpointer(paths.join(cfg.train.workdir, "checkpoints"),
                                           max_to_keep=cfg.train.keep_checkpoints,
                                           async_save=cfg.train.async_checkpoints, save_frozen=cfg.train.save_frozen)
       if ckpt.latest_step() is not None:
@@ -198,11 +196,10 @@ def trained_model(workdir: str, step: int | None = None):
   the checkpoint's frozen ones (`train.save_frozen`). On the default device; the optimizer state
   is not read."""
   from vllm_jax import systems  # pylint: disable=g-import-not-at-top  (systems build on the trainer)
-  path = os.path.join(workdir, RUN_FILE)
-  if not os.path.exists(path):
+  path = paths.join(workdir, RUN_FILE)
+  if not paths.exists(path):
     raise FileNotFoundError(f"no {RUN_FILE} in {workdir}: not the train.workdir of a run")
-  with open(path) as f:
-    record = json.load(f)
+  record = paths.read_json(path)
   cfg = ml_collections.ConfigDict(record["config"])
   system = systems.get(record["system"])
   if record["init_from"]:
@@ -221,7 +218,7 @@ def trained_model(workdir: str, step: int | None = None):
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                           nn.meta.unbox(system.abstract_params(config)))
   trained, frozen = optim.partition(abstract, cfg.optim.trainable)
-  ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints"))
+  ckpt = checkpoint.TrainCheckpointer(paths.join(workdir, "checkpoints"))
   try:
     steps = ckpt.all_steps()
     if not steps:

@@ -9,7 +9,6 @@ a token mean over all micro-batches and devices.
 import dataclasses
 import json
 import logging
-import os
 import time
 from typing import Any, Callable, Iterable, Iterator
 
@@ -21,12 +20,14 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from vllm_jax import paths
 from vllm_jax.train import flops, optim, sharding
 
 log = logging.getLogger(__name__)
 
 LossFn = Callable[[Any, dict[str, jax.Array], jax.Array | None], tuple[jax.Array, jax.Array]]
 IGNORE_INDEX = -100
+METRICS = "metrics"  # train.workdir/metrics/: the per-step metrics (`MetricsFile`)
 
 # Dense bf16 peak FLOP/s per device, by `device_kind` prefix (first match wins).
 PEAK_FLOPS = (
@@ -273,32 +274,50 @@ class LoopResult:
 
 
 class MetricsFile:
-  """Per-step metrics as JSON lines ({"step", "loss", ...}), kept in step with the checkpoints: a run
-  starting at `step` first drops the lines of later steps (written before a crash, by steps whose
-  state no checkpoint kept, so they are about to be redone), and each write reaches the disk before
-  it returns."""
+  """Per-step metrics as JSON lines ({"step", "loss", ...}) in the folder `metrics/`, in parts named
+  by their first step (`00000001.jsonl`; `read_metrics` joins them). Kept in step with the
+  checkpoints: a run starting at `step` first drops the lines of later steps (written before a
+  crash, by steps whose state no checkpoint kept, so they are about to be redone), and each write
+  is durable when it returns. An object store cannot append, so a part is rewritten whole at each
+  write there: a new part starts every `PART_LINES` lines, bounding what one write costs."""
 
-  def __init__(self, path: str, step: int):
-    if os.path.exists(path):
-      with open(path) as f:
-        lines = f.readlines()
+  PART_LINES = 1000
+
+  def __init__(self, folder: str, step: int):
+    self.folder = folder
+    for name in _metric_parts(folder):
+      path = paths.join(folder, name)
+      if int(name.split(".")[0]) > step:
+        paths.remove(path)
+        continue
+      lines = paths.read_text(path).splitlines(keepends=True)
       # A line without its newline was cut short by the crash.
       kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]
       if kept != lines:
-        with open(path + ".tmp", "w") as f:
-          f.writelines(kept)
-          f.flush()
-          os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
-    self._file = open(path, "a")
+        paths.write_text(path, "".join(kept))
+    self._part, self._lines = None, 0
 
   def write(self, first_step: int, metrics: list[dict[str, float]]) -> None:
-    self._file.writelines(json.dumps(dict(step=first_step + i, **m)) + "\n" for i, m in enumerate(metrics))
-    self._file.flush()
-    os.fsync(self._file.fileno())
+    if self._part is None or self._lines >= self.PART_LINES:
+      self.close()
+      self._part, self._lines = paths.Appender(paths.join(self.folder, f"{first_step:08d}.jsonl")), 0
+    self._part.write("".join(json.dumps(dict(step=first_step + i, **m)) + "\n" for i, m in enumerate(metrics)))
+    self._lines += len(metrics)
 
   def close(self) -> None:
-    self._file.close()
+    if self._part is not None:
+      self._part.close()
+
+
+def _metric_parts(folder: str) -> list[str]:
+  return [n for n in paths.listdir(folder) if n.endswith(".jsonl")] if paths.is_dir(folder) else []
+
+
+def read_metrics(workdir: str) -> list[dict[str, float]]:
+  """The per-step metrics a run in `workdir` wrote (`MetricsFile`), in step order."""
+  folder = paths.join(workdir, METRICS)
+  return [json.loads(line) for name in _metric_parts(folder)
+          for line in paths.read_text(paths.join(folder, name)).splitlines()]
 
 
 def train_loop(trainer: Trainer, state: TrainState, batches: Iterator[dict[str, np.ndarray]], *,
@@ -312,16 +331,16 @@ def train_loop(trainer: Trainer, state: TrainState, batches: Iterator[dict[str, 
   `train.log_every` steps a line is logged and TensorBoard scalars are written (process 0, when
   `train.workdir` is set); every `train.checkpoint_every` steps, on the last step and on
   preemption, `checkpointer.save` stores the state and `data_iterator`'s position. With
-  `train.workdir`, process 0 also appends each step's metrics to `train.workdir`/metrics.jsonl
-  (a `MetricsFile`, so a crash keeps them up to the last log line or checkpoint).
+  `train.workdir`, process 0 also writes each step's metrics to `train.workdir`/metrics/ (a
+  `MetricsFile`, so a crash keeps them up to the last log line or checkpoint).
   """
   cfg = trainer.cfg.train
   step = int(state.step)
   writer = metrics_file = None
   if cfg.workdir and jax.process_index() == 0:
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    writer = SummaryWriter(os.path.join(cfg.workdir, "tensorboard"))
-    metrics_file = MetricsFile(os.path.join(cfg.workdir, "metrics.jsonl"), step)
+    writer = SummaryWriter(paths.join(cfg.workdir, "tensorboard"))
+    metrics_file = MetricsFile(paths.join(cfg.workdir, METRICS), step)
   peak = peak_flops(jax.devices()[0], cfg.peak_tflops)
   history, pending, skipped = [], [], 0
   tick, tick_step = time.perf_counter(), step

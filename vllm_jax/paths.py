@@ -1,0 +1,325 @@
+"""Every path a user gives, read and written one way: local ones (relative to the current folder,
+`~`, symlinks, spaces) and URLs (gs:// or any other fsspec protocol), through `etils.epath`, as
+orbax itself reads and writes checkpoints. Nothing else in the package calls open/os.path on a
+user's path.
+
+Paths are plain strings. `resolve` makes a local one absolute (against the current folder, once)
+and leaves a URL as it is; every function here resolves its argument, so `model`, `./model/`,
+`~/model` and `gs://bucket/model` all work wherever a path is taken.
+
+Object stores cannot rename or append: `write_text` writes a local file to a temporary sibling
+and renames it into place (an object is replaced whole by one write, which is atomic there too);
+`Appender` appends locally and rewrites the object on a store.
+
+Failures of the storage itself (no such bucket, no network, no credentials) raise `StorageError`,
+one line naming the path and the cause.
+"""
+
+import contextlib
+import io
+import json
+import logging
+import os
+import tempfile
+from typing import Any, Iterator
+
+import fsspec
+from etils import epath
+
+
+# The store clients log each failed request with its traceback before raising: `_storage` reports
+# the failure in one line. google.auth warns wherever no Compute Engine metadata server answers.
+logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
+logging.getLogger("google.auth").setLevel(logging.ERROR)
+
+
+class StorageError(OSError):
+  """A path's storage could not be reached or refused the operation."""
+
+
+def is_url(path: str) -> bool:
+  return "://" in os.fspath(path)
+
+
+def resolve(path: str) -> str:
+  """`path` as the package keeps it: local paths absolute (`~` expanded, symlinks kept), URLs as
+  given less a trailing slash."""
+  path = os.fspath(path)
+  if not path:
+    raise ValueError("an empty path")
+  if is_url(path):
+    scheme, _, rest = path.partition("://")
+    if not rest.strip("/"):
+      raise ValueError(f"{path}: no bucket or host in the URL")
+    return f"{scheme}://{rest.rstrip('/')}"
+  return os.path.abspath(os.path.expanduser(path))
+
+
+def shown(path: str) -> str:
+  """`path` as a message shows it: relative to the current folder when inside it."""
+  path = resolve(path)
+  if is_url(path):
+    return path
+  relative = os.path.relpath(path)
+  return path if relative.startswith("..") else relative
+
+
+def _epath(path: str) -> epath.Path:
+  """The `etils.epath.Path` of a user path."""
+  return epath.Path(resolve(path))
+
+
+def join(path: str, *names: str) -> str:
+  return str(_epath(path).joinpath(*names))
+
+
+def name(path: str) -> str:
+  """The last part of a path (a file's or folder's name)."""
+  return _epath(path).name
+
+
+def parent(path: str) -> str:
+  return str(_epath(path).parent)
+
+
+@contextlib.contextmanager
+def _storage(path: str) -> Iterator[None]:
+  """Errors of a store's client as one line naming `path`; local errors pass as they are."""
+  try:
+    yield
+  except (StorageError, IsADirectoryError, NotADirectoryError, FileExistsError, PermissionError):
+    raise
+  except FileNotFoundError as e:
+    if not is_url(path):
+      raise
+    raise _not_found(path) from e
+  except Exception as e:  # pylint: disable=broad-except  (the clients' own exception types vary)
+    if not is_url(path):
+      raise
+    cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise StorageError(f"cannot reach {path}: {cause}") from e
+
+
+def _not_found(path: str) -> OSError:
+  scheme, _, rest = resolve(path).partition("://")
+  bucket = f"{scheme}://{rest.split('/')[0]}"
+  try:
+    has_bucket = epath.Path(bucket).exists()
+  except Exception:  # pylint: disable=broad-except
+    has_bucket = True  # no better cause to give than the path
+  if not has_bucket:
+    return StorageError(f"{path}: the bucket {bucket} does not exist")
+  return FileNotFoundError(f"not found: {path}")
+
+
+def _store(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
+  """A URL's filesystem and its name there, with no listing cached: another process or host may
+  have written since this one last looked."""
+  fs, name_in_fs = fsspec.core.url_to_fs(resolve(path))
+  fs.invalidate_cache(name_in_fs)
+  return fs, name_in_fs
+
+
+def _kind(path: str) -> str | None:
+  """'file', 'directory' or None (nothing there). Asked of a store's filesystem directly: its
+  `exists`/`isdir` answer False when the store cannot be reached."""
+  if not is_url(path):
+    path = resolve(path)
+    return "directory" if os.path.isdir(path) else "file" if os.path.exists(path) else None
+  with _storage(path):
+    fs, name_in_fs = _store(path)
+    try:
+      return fs.info(name_in_fs)["type"]
+    except FileNotFoundError:
+      return None
+
+
+def exists(path: str) -> bool:
+  return _kind(path) is not None
+
+
+def is_file(path: str) -> bool:
+  return _kind(path) == "file"
+
+
+def is_dir(path: str) -> bool:
+  return _kind(path) == "directory"
+
+
+def listdir(path: str) -> list[str]:
+  """The names in a folder, sorted."""
+  if not is_url(path):
+    return sorted(os.listdir(resolve(path)))
+  with _storage(path):
+    fs, name_in_fs = _store(path)
+    return sorted(child.rstrip("/").rsplit("/", 1)[-1] for child in fs.ls(name_in_fs, detail=False))
+
+
+def size(path: str) -> int:
+  with _storage(path):
+    return _epath(path).stat().length
+
+
+def read_bytes(path: str) -> bytes:
+  with _storage(path):
+    return _epath(path).read_bytes()
+
+
+def read_range(path: str, start: int, length: int) -> bytes:
+  """`length` bytes of a file from byte `start`: a piece of a large object, without reading it all."""
+  with _storage(path), _epath(path).open("rb") as f:
+    f.seek(start)
+    return f.read(length)
+
+
+def read_text(path: str) -> str:
+  with _storage(path):
+    return _epath(path).read_text()
+
+
+def read_json(path: str) -> Any:
+  text = read_text(path)
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def open_text(path: str):
+  """A file object reading `path` as text, lines as they come (a large CSV is not read whole)."""
+  with _storage(path):
+    return _epath(path).open("r")
+
+
+def makedirs(path: str) -> None:
+  """Create a folder and its parents (nothing to do on an object store, whose folders are names)."""
+  if not is_url(path):
+    os.makedirs(resolve(path), exist_ok=True)
+
+
+def write_bytes(path: str, data: bytes) -> None:
+  """Write `path` whole: a failure leaves what was there before. Local files go to a temporary
+  sibling, reach the disk and are renamed into place; an object store replaces an object
+  atomically."""
+  path = resolve(path)
+  with _storage(path):
+    if is_url(path):
+      epath.Path(path).write_bytes(data)
+      return
+    makedirs(os.path.dirname(path))
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+      with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+      os.replace(tmp, path)
+    finally:
+      if os.path.exists(tmp):
+        os.remove(tmp)
+
+
+def write_text(path: str, text: str) -> None:
+  write_bytes(path, text.encode())
+
+
+def write_json(path: str, value: Any) -> None:
+  write_text(path, json.dumps(value, indent=2))
+
+
+def remove(path: str) -> None:
+  """Delete a file, or a folder with everything in it; nothing to do when absent."""
+  with _storage(path):
+    p = _epath(path)
+    if p.is_dir():
+      p.rmtree()
+    elif p.exists():
+      p.unlink()
+
+
+def copy_tree(source: str, dest: str) -> None:
+  """Copy a file, or a folder with everything in it, between any two places."""
+  src, dst = _epath(source), _epath(dest)
+  with _storage(source if is_url(source) else dest):
+    if not src.is_dir():
+      if not is_url(dest):
+        makedirs(os.path.dirname(resolve(dest)))
+      dst.write_bytes(src.read_bytes())
+      return
+    makedirs(dest)
+    for child in src.iterdir():
+      copy_tree(str(child), str(dst / child.name))
+
+
+@contextlib.contextmanager
+def local_copy(path: str) -> Iterator[str]:
+  """A local path holding what `path` holds (a file or a folder), for readers that take only
+  local ones (tokenizers, safetensors): `path` itself when local, else a temporary copy."""
+  if not is_url(path):
+    yield resolve(path)
+    return
+  with tempfile.TemporaryDirectory(prefix="vllm_jax-") as tmp:
+    local = os.path.join(tmp, name(path))
+    copy_tree(path, local)
+    yield local
+
+
+@contextlib.contextmanager
+def local_output(path: str) -> Iterator[str]:
+  """A local path to write `path`'s file or folder at, for writers that take only local ones:
+  `path` itself when local, else a temporary one copied to the store once the block ends
+  without an error."""
+  if not is_url(path):
+    yield resolve(path)
+    return
+  with tempfile.TemporaryDirectory(prefix="vllm_jax-") as tmp:
+    local = os.path.join(tmp, name(path))
+    yield local
+    if os.path.exists(local):
+      copy_tree(local, path)
+
+
+def media_source(path: str):
+  """What the decoders (decord, PyAV, Pillow) open: a local file's path, or the bytes of a
+  stored object in memory. FileNotFoundError when there is none."""
+  if not is_url(path):
+    path = resolve(path)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"media file not found: {path}")
+    return path
+  return io.BytesIO(read_bytes(path))
+
+
+class Appender:
+  """Lines added to a text file as they come, each `write` durable when it returns: appended
+  (and synced) locally; on an object store the object is rewritten whole, so keep such files
+  small (`trainer.MetricsFile` rolls over to new parts)."""
+
+  def __init__(self, path: str):
+    self.path = resolve(path)
+    if is_url(self.path):
+      self._text = read_text(self.path) if exists(self.path) else ""
+      self._file = None
+    else:
+      makedirs(os.path.dirname(self.path))
+      self._file = open(self.path, "a")
+
+  def write(self, text: str) -> None:
+    if self._file is None:
+      self._text += text
+      write_text(self.path, self._text)
+      return
+    self._file.write(text)
+    self._file.flush()
+    os.fsync(self._file.fileno())
+
+  def close(self) -> None:
+    if self._file is not None:
+      self._file.close()
+
+  def __enter__(self) -> "Appender":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+

@@ -200,3 +200,16 @@ def test_infer_resumes_by_key_and_reads_media_beside_the_input(files, tmp_path, 
   records = [json.loads(line) for line in dst.read_text().splitlines()]
   assert records[:2] == first and sorted(r["key"] for r in records) == sorted(["a", "a#2", "b", first[1]["key"]])
   assert cli.main(args + ["--media-root", str(tmp_path)]) == 0  # nothing left to do
+
+
+def test_infer_never_overwrites_what_is_not_its_answers(files, tmp_path, capsys):
+  """--output equal to --input, or a file holding anything but answer records, is refused before
+  the model loads, and left as it was."""
+  model, paths, _ = files
+  src, notes = tmp_path / "q.jsonl", tmp_path / "notes.txt"
+  src.write_text(json.dumps({"video": paths["av"], "question": "What?"}) + "\n")
+  notes.write_text("my notes\n")
+  for output, message in ((src, "is the --input file"), (notes, "is not an answers file")):
+    before = output.read_text()
+    assert cli.main(["infer", "--model", model, "--input", str(src), "--output", str(output)]) == 2
+    assert message in capsys.readouterr().err and output.read_text() == before

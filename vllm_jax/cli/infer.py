@@ -38,16 +38,18 @@ def run(args) -> int:
 
   from vllm_jax.data.media import MediaError, media_path
   from vllm_jax.eval.run import load_answers
+  if paths.resolve(args.output) == paths.resolve(args.input):
+    return flags.error(f"--output {args.output} is the --input file: give another one")
+  lines = paths.read_text(args.input).splitlines()
+  keys = item_keys(lines)
+  media_root = args.media_root or paths.parent(args.input)
+  done = load_answers(args.output, needs=("answer",))  # errors and torn lines are retried
+
   system = flags.load_system(args)
   use_audio = flags.use_audio(args, system)
   if use_audio is None:
     return flags.error(f"--audio: {args.model} has no audio branch")
   sampling = flags.sampling(args)
-
-  lines = paths.read_text(args.input).splitlines()
-  keys = item_keys(lines)
-  media_root = args.media_root or paths.parent(args.input)
-  done = load_answers(args.output, needs=("answer",))  # errors and torn lines are retried
   items = [i for i, line in enumerate(lines) if line.strip()]
   pending = [i for i in items if keys[i] not in done]
   print(f"{len(items) - len(pending)} of {len(items)} lines already answered; {len(pending)} to go", file=sys.stderr)

@@ -61,15 +61,20 @@ def needed_fields(fmt: str, mc_scoring: str) -> tuple[str, ...]:
 
 def load_answers(path: str, needs: Sequence[str]) -> dict[str, dict]:
   """The complete records in `path` by key (the latest, if one is there twice); the file is
-  rewritten with them alone, so that the other questions are answered again."""
+  rewritten with them alone, so that the other questions are answered again. A file holding
+  anything but answer records (a questions file, say) is refused, not rewritten."""
   if not paths.exists(path):
     return {}
   records = {}
-  for line in paths.read_text(path).splitlines():
+  text = paths.read_text(path)
+  for number, line in enumerate(text.splitlines(keepends=True), 1):
     try:
       record = json.loads(line)
     except ValueError:
-      continue
+      record = None
+    if line.endswith("\n") and line.strip() and not (isinstance(record, dict) and "key" in record):
+      raise ValueError(f"{path} is not an answers file (line {number} is no answer record): it is left as it "
+                       "is; give another output file")
     if isinstance(record, dict) and "key" in record and "error" not in record and all(k in record for k in needs):
       records[record["key"]] = record
   paths.write_text(path, "".join(json.dumps(r) + "\n" for r in records.values()))

@@ -8,7 +8,7 @@ setup(
     description="Video-LLaMA, Video-LLaVA and LLaMA-VID in JAX/Flax, sharded for TPU pods and GPU clusters",
     python_requires=">=3.11",
     packages=["vllm_jax", "vllm_jax.nn", "vllm_jax.models", "vllm_jax.data", "vllm_jax.train",
-              "vllm_jax.systems", "vllm_jax.cli", "vllm_jax.eval", "vllm_jax.converters", "vllm_jax.configs"],
+              "vllm_jax.systems", "vllm_jax.cli", "vllm_jax.eval", "vllm_jax.serve", "vllm_jax.converters", "vllm_jax.configs"],
     package_dir={"vllm_jax": "vllm_jax", "vllm_jax.converters": "converters", "vllm_jax.configs": "configs"},
     install_requires=[
         "jax>=0.10.2,<0.12",
@@ -38,6 +38,11 @@ setup(
         "google-cloud-storage>=2.14",
         "pillow>=10",
         "matplotlib>=3.8",  # the demo's report picture
+        # `vllm-jax serve`: OpenAI's API on FastAPI/uvicorn, Prometheus metrics.
+        "fastapi>=0.110",
+        "uvicorn>=0.29",
+        "pydantic>=2.6",
+        "prometheus-client>=0.20",
     ],
     extras_require={
         # PyTorch side: reading .bin/.pth checkpoints and the parity references.
@@ -48,7 +53,8 @@ setup(
         "web": ["gradio>=6.31"],
         "dev": ["torch>=2.4", "safetensors>=0.4", "pytest>=8", "pytest-xdist>=3.6",
                 "kaldi-native-fbank>=1.20",
-                "gcp-storage-emulator>=2024.8"],  # gs:// tests against a local Cloud Storage emulator
+                "gcp-storage-emulator>=2024.8",
+                "openai>=1.40"],  # the server's tests use OpenAI's own client  # gs:// tests against a local Cloud Storage emulator
     },
     entry_points={"console_scripts": ["vllm-jax=vllm_jax.cli:main"]},
 )

@@ -25,11 +25,9 @@ CORPUS = ["###Human: What is moving in the video? (A) a red circle (B) a blue sq
           "The video contains 4 frames sampled at 0.0, 1.5 seconds. Answer with the option's letter."] * 20
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-  """A tiny random vision-only Video-LLaMA folder and videos named as the sets name them."""
-  root = tmp_path_factory.mktemp("eval")
-  tokenizer = train_tokenizer(CORPUS, str(root / "tokenizer"), vocab_size=300)
+def save_tiny_video_llama(root, corpus) -> str:
+  """A tiny random vision-only Video-LLaMA, its tokenizer trained on `corpus`, saved in root/model."""
+  tokenizer = train_tokenizer(corpus, str(root / "tokenizer"), vocab_size=300)
   config = model_config("tiny")
   config = config.replace(audio=None, llama=config.llama.replace(vocab_size=len(tokenizer)))
   video_id, audio_id = VideoLlamaSystem.add_media_tokens(tokenizer)
@@ -38,6 +36,14 @@ def data(tmp_path_factory):
   params = jax.tree.map(lambda a: (rng.normal(size=a.shape) * 0.3).astype(a.dtype),
                         nn.meta.unbox(VideoLlamaSystem.abstract_params(config)))
   VideoLlamaSystem(config, params, tokenizer).save(str(root / "model"))
+  return str(root / "model")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+  """A tiny random vision-only Video-LLaMA folder and videos named as the sets name them."""
+  root = tmp_path_factory.mktemp("eval")
+  save_tiny_video_llama(root, CORPUS)
   videos = root / "videos"
   videos.mkdir()
   write_video(videos / "vid0.mp4", num_frames=12, size=(32, 32))
@@ -264,11 +270,13 @@ def test_judge_asks_a_served_model_once_and_records_failures(data, tmp_path, cap
   args = ["eval", "--model", model, "--format", "open-ended", "--annotations", annotations, "--media-root",
           str(root / "videos"), "--out", str(out), "--batch-size", "3", "--max-new-tokens", "4",
           "--judge-url", server.url, "--judge-model", "tiny-judge"]
+  answered = lambda status: server.metrics.registry.get_sample_value(
+      "vllm_jax_requests_total", {"endpoint": "/v1/chat/completions", "status": status})
   try:
     assert cli.main(args) == 0
-    assert server.counts["requests"] == 3 and not server.counts["failed"]
+    assert answered("200") == 3 and answered("500") is None
     assert cli.main(args) == 0  # every verdict cached
-    assert server.counts["requests"] == 3
+    assert answered("200") == 3
   finally:
     server.close()
   said = {r["id"]: r["answer"] for r in read_answers(out)}

@@ -56,7 +56,8 @@ class KVCache:
   k, v: [L, B, K, S, D], heads before slots so that a decode step reads each head's keys as one
   contiguous block (slots-first made XLA:CPU transpose the layer's whole cache every step: 2x
   slower decoding at batch 8); valid: [B, S] bool (False for padding and unwritten slots);
-  index: [] int32, the next slot to write (the same for the whole batch: prompts are left-padded).
+  index: the next slot to write: [] int32, the same for the whole batch (prompts left-padded), or
+  [B] int32, one per row (the serving engine's slots, each holding its own request).
   """
   k: jax.Array
   v: jax.Array
@@ -64,10 +65,10 @@ class KVCache:
   index: jax.Array
 
   @classmethod
-  def init(cls, config: LlamaConfig, batch: int, max_len: int) -> "KVCache":
+  def init(cls, config: LlamaConfig, batch: int, max_len: int, per_row: bool = False) -> "KVCache":
     shape = (config.num_layers, batch, config.num_kv_heads, max_len, config.head_dim)
     return cls(k=jnp.zeros(shape, config.dtype), v=jnp.zeros(shape, config.dtype),
-               valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
+               valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((batch,) if per_row else (), jnp.int32))
 
   @property
   def max_len(self) -> int:
@@ -80,7 +81,8 @@ class Attention(nn.Module):
   With a cache ((k, v), each [L, B, K, S, D] for all layers) the new keys/values are written in
   place at (`layer`, `index`) and the queries attend over this layer's whole cache, by XLA (a
   decode step's scores are small); without one `config.attention_impl` picks the kernel.
-  key_valid: [B, S] bool; query_slots: [T], the cache slot of each query.
+  key_valid: [B, S] bool; query_slots: [T] or [B, T], the cache slot of each query; index: [] or
+  [B], where the new keys go (see `KVCache`).
   """
   config: LlamaConfig
 
@@ -96,7 +98,7 @@ class Attention(nn.Module):
     if cache is not None:
       def write(buffer, new):  # new: [B, T, K, D] into [L, B, K, S, D]; -> this layer's [B, S, K, D]
         new = new.swapaxes(1, 2)[None].astype(buffer.dtype)
-        buffer = jax.lax.dynamic_update_slice(buffer, new, (layer, 0, 0, index, 0))
+        buffer = write_slots(buffer, new, index, layer)
         return buffer, jax.lax.dynamic_index_in_dim(buffer, layer, keepdims=False).swapaxes(1, 2)
       (cache_k, k), (cache_v, v) = write(cache[0], k), write(cache[1], v)
       cache = (cache_k, cache_v)
@@ -107,6 +109,19 @@ class Attention(nn.Module):
     out = Dense(x.shape[-1], ("heads", "head_dim", "embed"), in_dims=2, use_bias=cfg.attention_bias,
                 dtype=cfg.dtype, param_dtype=cfg.param_dtype, lora=lora_for(cfg, "o"), name="o")(y)
     return out, cache
+
+
+def write_slots(buffer: jax.Array, new: jax.Array, index: jax.Array, layer=0) -> jax.Array:
+  """`buffer` with `new` written from slot `index` ([]: the same for every row; [B]: one per row):
+  a layered cache [L, B, K, S, D] at `layer` (new: [1, B, K, T, D]), or `valid` [B, S] (new: [B, T])."""
+  layered = buffer.ndim == 5
+  if index.ndim == 0:
+    return jax.lax.dynamic_update_slice(buffer, new, (layer, 0, 0, index, 0) if layered else (0, index))
+
+  def row(buffer, new, i):  # one row, its batch axis removed
+    return jax.lax.dynamic_update_slice(buffer, new, (layer, 0, i, 0) if layered else (i,))
+  batch = 1 if layered else 0
+  return jax.vmap(row, in_axes=(batch, batch, 0), out_axes=batch)(buffer, new, index)
 
 
 def lora_for(cfg: LlamaConfig, name: str) -> LoraConfig | None:
@@ -208,13 +223,13 @@ class Llama(nn.Module):
       past = jnp.zeros((batch, 1), jnp.int32)
     else:
       index, layer_cache = cache.index, (cache.k, cache.v)
-      key_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, attention_mask, index, axis=1)
+      key_valid = write_slots(cache.valid, attention_mask, index)
       past = cache.valid.sum(axis=-1, keepdims=True, dtype=jnp.int32)
     if positions is None:
       positions = jnp.maximum(past + jnp.cumsum(attention_mask, axis=-1, dtype=jnp.int32) - 1, 0)
     cos, sin = rope_angles(cfg.rope, cfg.head_dim, positions)
     (x, layer_cache), _ = self.layers((x, layer_cache), jnp.arange(cfg.num_layers), key_valid,
-                                      index + jnp.arange(length), cos, sin, index)
+                                      index[..., None] + jnp.arange(length), cos, sin, index)
     if cache is not None:
       cache = KVCache(k=layer_cache[0], v=layer_cache[1], valid=key_valid, index=index + length)
     return self.norm(x), cache

@@ -77,7 +77,8 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Ar
                      query_slots: jax.Array, implementation: str | None = None) -> jax.Array:
   """Causal attention of queries at `query_slots` over keys at slots 0..S-1.
 
-  q: [B, T, H, D]; k, v: [B, S, K, D] (K divides H); key_valid: [B, S] bool; query_slots: [T].
+  q: [B, T, H, D]; k, v: [B, S, K, D] (K divides H); key_valid: [B, S] bool; query_slots: [T], or
+  [B, T] where each row has its own slots.
   -> [B, T, H, D]. A query attends the valid keys at or before its slot. The fused kernels take
   the training layout (no cache: T == S, query_slots = 0..T-1) and key validity as segments, so
   they agree with XLA on every valid query; cuDNN further needs the valid keys of a row to come
@@ -145,11 +146,12 @@ def padding_mask(key_valid: jax.Array) -> jax.Array:
 def causal_mask(key_valid: jax.Array, query_slots: jax.Array) -> jax.Array:
   """Causal mask over cache slots.
 
-  key_valid: [B, S] bool; query_slots: [T] slot index of each query -> [B, 1, T, S].
+  key_valid: [B, S] bool; query_slots: [T] or [B, T], the slot of each query -> [B, 1, T, S].
   """
   key_slots = jnp.arange(key_valid.shape[-1])
-  causal = key_slots[None, :] <= query_slots[:, None]
-  return causal[None, None] & key_valid[:, None, None, :].astype(bool)
+  causal = key_slots <= query_slots[..., None]          # [T, S] or [B, T, S]
+  causal = causal[None, None] if causal.ndim == 2 else causal[:, None]
+  return causal & key_valid[:, None, None, :].astype(bool)
 
 
 class MultiHeadAttention(nn.Module):

@@ -109,7 +109,7 @@ def build_video(args, tmp: str):
 
 
 def chat(url: str, content, max_tokens: int) -> tuple[int, float | None, float, str | None]:
-  """One streaming chat request -> (completion tokens, TTFT, latency, None, "error" or "reset")."""
+  """One streaming chat request -> (completion tokens, TTFT or None, latency, failure: None, "error" or "reset")."""
   body = {"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, "temperature": 0,
           "stream": True, "stream_options": {"include_usage": True}}
   request = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
@@ -231,8 +231,7 @@ def reference_tokens_s(model: serve.Model, hf, jobs: list, slots: int) -> float:
     inputs = torch.tensor([[0] * (length - len(ids[i])) + ids[i] for i in batch])
     mask = torch.tensor([[0] * (length - len(ids[i])) + [1] * len(ids[i]) for i in batch])
     new = limit or max(jobs[i][1] for i in batch)
-    hf.generate(inputs, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                      pad_token_id=0)
+    hf.generate(inputs, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
 
   with torch.inference_mode():
     run(batches[0], limit=4)

@@ -113,15 +113,17 @@ class Attention(nn.Module):
 
 def write_slots(buffer: jax.Array, new: jax.Array, index: jax.Array, layer=0) -> jax.Array:
   """`buffer` with `new` written from slot `index` ([]: the same for every row; [B]: one per row):
-  a layered cache [L, B, K, S, D] at `layer` (new: [1, B, K, T, D]), or `valid` [B, S] (new: [B, T])."""
+  a layered cache [L, B, K, S, D] at `layer` (new: [1, B, K, T, D]), or `valid` [B, S] (new: [B, T]).
+  Per row it is one scatter (written in place; slots past the end are dropped): a vmapped
+  dynamic_update_slice made XLA copy the whole cache several times per layer and step."""
   layered = buffer.ndim == 5
   if index.ndim == 0:
     return jax.lax.dynamic_update_slice(buffer, new, (layer, 0, 0, index, 0) if layered else (0, index))
-
-  def row(buffer, new, i):  # one row, its batch axis removed
-    return jax.lax.dynamic_update_slice(buffer, new, (layer, 0, i, 0) if layered else (i,))
-  batch = 1 if layered else 0
-  return jax.vmap(row, in_axes=(batch, batch, 0), out_axes=batch)(buffer, new, index)
+  rows = jnp.arange(index.shape[0])[:, None]
+  slots = index[:, None] + jnp.arange(new.shape[-2 if layered else -1])  # [B, T]
+  if layered:
+    return buffer.at[layer, rows, :, slots].set(new[0].swapaxes(1, 2), mode="drop")  # [B, T, K, D]
+  return buffer.at[rows, slots].set(new, mode="drop")
 
 
 def lora_for(cfg: LlamaConfig, name: str) -> LoraConfig | None:

@@ -86,7 +86,7 @@ class Slots:
 class Prefill:
   """A request being prefilled into its own batch-1 cache."""
   request: Request
-  embeds: jax.Array       # [1, P, E]
+  embeds: np.ndarray      # [1, P, E]
   cache: KVCache          # batch 1, capacity a power of two
   slots: list[int]        # the cache slot of each prompt token cached so far
   done: int               # prompt tokens cached so far
@@ -97,7 +97,7 @@ class Prefill:
 class Prefix:
   """A finished prompt's cache, kept for reuse."""
   ids: list[int]
-  embeds: jax.Array
+  embeds: np.ndarray
   cache: KVCache
   slots: list[int]
 
@@ -186,12 +186,17 @@ def _insert(slots: Slots, row, prompt: KVCache, first, limit, key, temperature, 
                top_k=slots.top_k.at[row].set(top_k), top_p=slots.top_p.at[row].set(top_p))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "steps"), donate_argnames=("slots",))
-def _decode(config: LlamaConfig, steps: int, params, slots: Slots, stop_ids: jax.Array):
+@functools.partial(jax.jit, static_argnames=("config", "steps", "extent"), donate_argnames=("slots",))
+def _decode(config: LlamaConfig, steps: int, extent: int, params, slots: Slots, stop_ids: jax.Array):
   """Up to `steps` tokens for every active row (fewer when all stop) -> (slots, tokens [B, steps]
-  (-1 where a row made none), logprobs [B, steps], top ids and log-probabilities [B, steps, K])."""
+  (-1 where a row made none), logprobs [B, steps], top ids and log-probabilities [B, steps, K]).
+  Attention reads the first `extent` cache slots only (they hold every active row's tokens): a
+  decode step then costs what the rows hold, not the longest row the cache could hold."""
   model = Llama(config)
   batch = slots.last.shape[0]
+  full = slots.cache
+  slots = slots.replace(cache=KVCache(k=full.k[:, :, :, :extent], v=full.v[:, :, :, :extent],
+                                      valid=full.valid[:, :extent], index=full.index))
   out = (jnp.full((batch, steps), -1, jnp.int32), jnp.zeros((batch, steps)),
          jnp.zeros((batch, steps, TOP_LOGPROBS), jnp.int32), jnp.zeros((batch, steps, TOP_LOGPROBS)))
 
@@ -207,12 +212,25 @@ def _decode(config: LlamaConfig, steps: int, params, slots: Slots, stop_ids: jax
     return step + 1, s.replace(cache=cache, last=jnp.where(s.active, ids, s.last), count=count, active=active), out
 
   _, slots, out = jax.lax.while_loop(lambda c: (c[0] < steps) & jnp.any(c[1].active), body, (0, slots, out))
-  return slots, out
+  near = slots.cache
+  put = lambda buffer, new: jax.lax.dynamic_update_slice(buffer, new, (0,) * buffer.ndim)
+  cache = KVCache(k=put(full.k, near.k), v=put(full.v, near.v), valid=put(full.valid, near.valid), index=near.index)
+  return slots.replace(cache=cache), out
 
 
 @functools.partial(jax.jit, donate_argnames=("slots",))
 def _release(slots: Slots, row) -> Slots:
   return slots.replace(active=slots.active.at[row].set(False))
+
+
+def prompt_embeds(config: LlamaConfig, params, request: Request) -> np.ndarray:
+  """A request's prompt embeddings [1, P, E], on the host: cut into pieces there, as slicing on the
+  device would compile per length. Ids are embedded at a padded length (one shape per bucket)."""
+  if request.embeds is not None:
+    return np.asarray(request.embeds())
+  padded = np.zeros((1, _pow2(len(request.ids), MIN_PIECE)), np.int32)
+  padded[0, :len(request.ids)] = request.ids
+  return np.asarray(embed_tokens(config, params, jnp.asarray(padded)))[:, :len(request.ids)]
 
 
 def _pow2(n: int, low: int = 1) -> int:
@@ -305,6 +323,7 @@ class Engine(Worker):
     self.stop_id_set = set(stop_ids)
     self.slots = self._empty(slots)
     self.rows: list[Request | None] = [None] * slots
+    self.lengths = [0] * slots  # cache slots each busy row fills (its index)
     self.prefill: Prefill | None = None  # the request being prefilled (one at a time)
     self.prefixes: collections.OrderedDict[int, Prefix] = collections.OrderedDict()
 
@@ -393,12 +412,7 @@ class Engine(Worker):
 
   def _start_prefill(self, request: Request) -> Prefill:
     ids = [int(i) for i in request.ids]
-    if request.embeds is not None:
-      embeds = request.embeds()
-    else:  # embedded at a padded length: one compiled shape per bucket, not per prompt
-      padded = np.zeros((1, _pow2(len(ids), MIN_PIECE)), np.int32)
-      padded[0, :len(ids)] = ids
-      embeds = embed_tokens(self.config, self.params, jnp.asarray(padded))[:, :len(ids)]
+    embeds = prompt_embeds(self.config, self.params, request)
     prefix, common = self._longest_prefix(ids, embeds)
     start = prefix.slots[common - 1] + 1 if common else 0
     if start + self._slots_for(len(ids) - common) + request.max_tokens > self.max_len:
@@ -415,7 +429,7 @@ class Engine(Worker):
     request.ids = ids
     return Prefill(request, embeds, cache, slots, common, common)
 
-  def _longest_prefix(self, ids: list[int], embeds: jax.Array) -> tuple[Prefix | None, int]:
+  def _longest_prefix(self, ids: list[int], embeds: np.ndarray) -> tuple[Prefix | None, int]:
     """The kept prompt cache sharing the most leading tokens (ids and embeddings) with this prompt,
     at most all but its last token (which must be run to draw the first new one)."""
     best, best_common = None, 0
@@ -426,7 +440,7 @@ class Engine(Worker):
           break
         common += 1
       if common > best_common:
-        equal = np.asarray(jnp.all(prefix.embeds[0, :common] == embeds[0, :common], axis=-1))
+        equal = np.all(prefix.embeds[0, :common] == embeds[0, :common], axis=-1)
         common = common if equal.all() else int(np.argmin(equal))
       if common > best_common:
         best, best_common = prefix, common
@@ -438,9 +452,9 @@ class Engine(Worker):
     request, total = job.request, len(job.request.ids)
     length = min(total - job.done, self.prefill_chunk)
     size = _pow2(length, MIN_PIECE)
-    piece = job.embeds[:, job.done:job.done + length]
-    piece = jnp.pad(piece, ((0, 0), (size - length, 0), (0, 0)))  # left padding: the last token is last
-    mask = jnp.asarray(np.arange(size)[None] >= size - length)
+    piece = np.zeros((1, size, job.embeds.shape[-1]), job.embeds.dtype)
+    piece[:, size - length:] = job.embeds[:, job.done:job.done + length]  # left padding: the last token is last
+    mask = np.arange(size)[None] >= size - length
     start = int(job.cache.index)
     job.slots += list(range(start + size - length, start + size))
     job.done += length
@@ -460,6 +474,7 @@ class Engine(Worker):
     self.slots = _insert(self.slots, row, cache, first, request.max_tokens, key, temperature, s.top_k, s.top_p,
                          jnp.isin(first, self.stop_ids))
     self.rows[row] = request
+    self.lengths[row] = start + size  # the slots its prompt fills
     self._deliver(row, update)
     return size
 
@@ -472,7 +487,9 @@ class Engine(Worker):
       self.prefixes.popitem(last=False)
 
   def _decode(self) -> None:
-    self.slots, out = _decode(self.config, self.steps, self.params, self.slots, self.stop_ids)
+    longest = max(self.lengths[row] for row, request in enumerate(self.rows) if request is not None)
+    extent = min(_pow2(longest + self.steps, 128), self.max_len)
+    self.slots, out = _decode(self.config, self.steps, extent, self.params, self.slots, self.stop_ids)
     tokens, logprobs, top_ids, top = (np.asarray(x) for x in out)
     self.stats["decode_calls"] += 1
     for row, request in enumerate(self.rows):
@@ -480,6 +497,7 @@ class Engine(Worker):
         made = int((tokens[row] >= 0).sum())
         alternatives = ([list(zip(top_ids[row, i].tolist(), top[row, i].tolist())) for i in range(made)]
                         if request.logprobs else [])
+        self.lengths[row] += made
         self._deliver(row, Update(tokens[row, :made].tolist(), logprobs[row, :made].tolist(), alternatives))
 
   def _deliver(self, row: int, update: Update) -> None:

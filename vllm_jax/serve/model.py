@@ -202,7 +202,7 @@ class Model:
 
   # --- prompts -> embeddings (the engine thread) ----------------------------------------------
 
-  def _embed(self, ids: list[int], media: Media, key: tuple, conv) -> jax.Array:
+  def _embed(self, ids: list[int], media: Media, key: tuple, conv) -> np.ndarray:
     """The prompt's embeddings [1, P, E], its media encoded unless cached."""
     cached = self.media_cache.get(key)
     if cached is None:
@@ -214,7 +214,7 @@ class Model:
       tokens = cached[1]
     pad = -len(ids) % PAD_MULTIPLE
     padded = np.asarray([[self.tokenizer.pad_token_id or 0] * pad + ids])
-    return self.system.embed(padded, tokens, [conv])[:, pad:]
+    return np.asarray(self.system.embed(padded, tokens, [conv]))[:, pad:]  # cut on the host: no compile per pad
 
   # --- tokens -> text -------------------------------------------------------------------------
 

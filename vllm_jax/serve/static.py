@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vllm_jax import generate
-from vllm_jax.serve.engine import Request, Update, Worker
+from vllm_jax.serve.engine import Request, Update, Worker, prompt_embeds
 
 
 class StaticEngine(Worker):
@@ -67,11 +67,10 @@ class StaticEngine(Worker):
       request.notify(Update([], [], [], "cancelled"))
 
   def _answer(self, batch: list[Request]) -> None:
-    embeds = [r.embeds() if r.embeds is not None else
-              generate.embed_tokens(self.config, self.params, jnp.asarray([r.ids])) for r in batch]
+    embeds = [prompt_embeds(self.config, self.params, r) for r in batch]
     embeds += embeds[:1] * (self.slots - len(batch))
     length = -(-max(e.shape[1] for e in embeds) // 32) * 32
-    inputs = jnp.concatenate([jnp.pad(e, ((0, 0), (length - e.shape[1], 0), (0, 0))) for e in embeds])
+    inputs = np.stack([np.pad(e[0], ((length - e.shape[1], 0), (0, 0))) for e in embeds])
     mask = np.arange(length)[None] >= length - np.array([e.shape[1] for e in embeds])[:, None]
     finished = [False] * len(batch)
 
@@ -95,6 +94,6 @@ class StaticEngine(Worker):
         request.notify(update)
 
     first = batch[0]
-    generate.generate(self.config, self.params, inputs_embeds=inputs, attention_mask=mask,
+    generate.generate(self.config, self.params, inputs_embeds=jnp.asarray(inputs), attention_mask=mask,
                       max_new_tokens=max(r.max_tokens for r in batch), sampling=first.sampling,
                       stop_token_ids=self.stop_ids, seed=first.seed, on_tokens=on_tokens)

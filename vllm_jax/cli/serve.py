@@ -8,8 +8,9 @@ from vllm_jax import paths
 from vllm_jax.cli import flags
 
 DESCRIPTION = (
-    "Serve a model over HTTP with OpenAI's API: POST /v1/chat/completions (user turns may hold one image_url or "
-    "video_url part) and POST /v1/completions, with n, max_tokens, temperature, top_p, top_k, seed, stop, "
+    "Serve a model over HTTP with OpenAI's API: POST /v1/chat/completions (a user turn may hold one image_url or "
+    "video_url part, or several image_url parts: a clip's frames) and POST /v1/completions, with n, max_tokens, "
+    "temperature, top_p, top_k, seed, stop, "
     "logprobs and stream (stream_options.include_usage); GET /v1/models, GET /health and GET /metrics "
     "(Prometheus). Requests are answered by --slots decode slots over one KV cache: a finished answer frees its "
     "slot at once for the next request, long prompts are prefilled a chunk at a time between decode steps, and "

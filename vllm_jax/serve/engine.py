@@ -10,7 +10,7 @@ One thread (`run`) owns the device state; any thread may `submit` and `cancel`. 
 A row's sampling is its own: temperature, top-k, top-p and max_tokens per row, and the key of its
 n-th token is fold_in(key(seed), n), so a sampled answer does not depend on what shares its batch.
 Compiled shapes are bounded: prompt caches in power-of-two lengths, prefill pieces in powers of
-two up to `prefill_chunk`, one decode shape.
+two up to `prefill_chunk`, one decode shape per EXTENT slots of cache the busy rows fill.
 
 Prefix reuse: prompt caches are kept (least recently used first out, `prefix_cache_mb`), and a new
 prompt starts from the longest one whose ids and embeddings it begins with (the chat `Session`'s
@@ -34,6 +34,7 @@ from vllm_jax.models.llama import KVCache, Llama, LlamaConfig
 
 TOP_LOGPROBS = 20   # the most alternatives a token reports (OpenAI's limit)
 MIN_PIECE = 32      # the shortest prefill piece (prompt tails are padded to a power of two from here)
+EXTENT = 128        # decode attention reads the cache in multiples of this many slots
 
 
 class Busy(Exception):
@@ -488,7 +489,7 @@ class Engine(Worker):
 
   def _decode(self) -> None:
     longest = max(self.lengths[row] for row, request in enumerate(self.rows) if request is not None)
-    extent = min(_pow2(longest + self.steps, 128), self.max_len)
+    extent = min(-(-(longest + self.steps) // EXTENT) * EXTENT, self.max_len)
     self.slots, out = _decode(self.config, self.steps, extent, self.params, self.slots, self.stop_ids)
     tokens, logprobs, top_ids, top = (np.asarray(x) for x in out)
     self.stats["decode_calls"] += 1

@@ -13,14 +13,15 @@ workloads of streaming chat requests sent by threads of this process (urllib):
   burst   --burst clients at once, max_tokens 8; HTTP errors and connection resets counted apart
 Requests are greedy, max_tokens uniform in 8..256, prompts of 5..60 words (seeded). The stop token's
 row of the LLaMA's output projection is zero, so every text answer runs to its max_tokens. Before
-timing, each server gets every prompt length, the static one every (prompt, max_tokens) bucket, and
-the video one the same questions about other videos; the compiles a timed workload still causes are
-counted. tokens/s: the sum of usage.completion_tokens over the wall time; TTFT: the first chunk with
-content. The reference is transformers' `generate` (same weights, torch on as many threads as XLA)
-on the first closed-loop requests in static batches of --slots, without HTTP.
+timing, the slot engine compiles every shape (--precompile), each server gets every prompt length,
+the static one every (prompt, max_tokens) bucket, and the video one the same questions about other
+videos; the compiles a timed workload still causes are counted. tokens/s: the sum of
+usage.completion_tokens over the wall time; TTFT: the first chunk with content. The reference is
+transformers' `generate` (same weights, torch on as many threads as XLA) on the first closed-loop
+requests in static batches of --slots, without HTTP.
 
 One run, --threads all by default: the server and its clients share the machine (--threads 1 pins
-all of it to one core; see common.py). About 8 minutes on 2 idle cores, --quick about 3.
+all of it to one core; see common.py). About 6 minutes on 2 idle cores, --quick about 4.
 """
 import sys
 
@@ -284,8 +285,13 @@ def main():
 
     rows = []
     for engine in ("slots", "static"):
-      options = dict(port=0, engine=engine, slots=args.slots, max_len=args.max_len, queue_size=1024)
+      options = dict(port=0, engine=engine, slots=args.slots, max_len=args.max_len, queue_size=1024,
+                     precompile=engine == "slots")
+      loading = time.perf_counter()
       with closing(serve.Server(model, **options).start()) as server:
+        if engine == "slots":
+          print(f"slot engine: every shape compiled in {time.perf_counter() - loading:.0f} s (--precompile)",
+                flush=True)
         warm_up(server.url, model, [j[0] for j in closed_jobs + open_jobs + burst_jobs], engine, args.slots)
         rows.append((f"closed {args.users} users", engine,
                      timed(compiles, closed_loop, server.url, closed_jobs, args.users)))

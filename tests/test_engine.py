@@ -10,6 +10,7 @@ import pytest
 
 from vllm_jax import generate as gen
 from vllm_jax.models.llama import Llama, LlamaConfig
+from vllm_jax.serve import engine as engine_lib
 from vllm_jax.serve.engine import Engine, Request, sample_rows
 from vllm_jax.serve.static import StaticEngine
 
@@ -93,6 +94,24 @@ def test_logprobs_are_the_models(params, engine):
   assert first.top_logprobs[0][0][0] == first.tokens[0] == int(jnp.argmax(expected))
   np.testing.assert_allclose(first.logprobs[0], expected[first.tokens[0]], atol=1e-4)
   np.testing.assert_allclose([lp for _, lp in first.top_logprobs[0]], jnp.sort(expected)[::-1][:20], atol=1e-4)
+
+
+def test_a_precompiled_engine_compiles_nothing_while_serving(params):
+  """Queued, refilled, several prompts prefilled in one call, pieces, reused prefixes: every shape
+  was compiled before the engine started (each jitted function's cache stays as it was)."""
+  engine = Engine(CONFIG, params, [STOP], slots=3, steps=4, prefill_chunk=64)
+  assert engine.precompile() > 0
+  functions = [engine_lib._decode, engine_lib._prefill, engine_lib._start_row, engine_lib._prompt_cache,
+               engine_lib._release]
+  compiled = [f._cache_size() for f in functions]
+  engine.start()
+  try:
+    ids = prompts(seed=5, lengths=(5, 150, 12, 40, 33, 9, 70))
+    engine.generate([Request(p, n) for p, n in zip(ids, [3, 40, 17, 100, 25, 30, 8])])
+    engine.generate([Request(ids[1] + [4, 5], 20), Request(ids[3][:30], 20)])  # reused prefixes
+  finally:
+    engine.stop()
+  assert [f._cache_size() for f in functions] == compiled
 
 
 def test_per_row_sampling_filters():

@@ -361,7 +361,8 @@ def test_openai_client_chat_completions_n_logprobs_and_streaming(files, start):
 
 def test_serve_command_answers_text_prompts_of_a_plain_llama_until_ctrl_c(files, capsys):
   """The command as a judge's client meets it: it prints its URL once ready (with --port 0, the
-  port it got), answers chat requests, and Ctrl-C (SIGINT) stops it with status 0."""
+  port it got; with --precompile, once every shape is compiled), answers chat requests, and Ctrl-C
+  (SIGINT) stops it with status 0."""
   _, llama_dir, _ = files
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
@@ -389,8 +390,8 @@ def test_serve_command_answers_text_prompts_of_a_plain_llama_until_ctrl_c(files,
   previous = signal.signal(signal.SIGINT, signal.default_int_handler)
   try:
     threading.Thread(target=client, daemon=True).start()
-    assert cli.main(["serve", "--model", llama_dir, "--port", str(port), "--slots", "2",
-                     "--max-new-tokens", "6"]) == 0
+    assert cli.main(["serve", "--model", llama_dir, "--port", str(port), "--slots", "2", "--precompile",
+                     "--max-len", "128", "--prefill-chunk", "64", "--max-new-tokens", "6"]) == 0
   finally:
     signal.signal(signal.SIGINT, previous)
   out, err = capsys.readouterr()

@@ -30,12 +30,14 @@ def add_parser(commands) -> None:
   engine.add_argument("--slots", type=flags.number(int, 1), default=8,
                       help="requests decoded together (rows of the KV cache)")
   engine.add_argument("--max-len", type=flags.number(int, 64), default=None,
-                      help="cache slots per row: a padded prompt and its max_tokens must fit (default: the model's "
-                           "context and half a prefill chunk)")
+                      help="cache slots per row: a prompt and its max_tokens must fit (default: the model's context)")
   engine.add_argument("--prefill-chunk", type=flags.number(int, 32), default=512,
                       help="prompt tokens prefilled between two decode calls (a long video prompt takes several)")
   engine.add_argument("--decode-steps", type=flags.number(int, 1), default=8,
                       help="tokens decoded per device call (new requests join between calls)")
+  engine.add_argument("--precompile", action="store_true",
+                      help="compile every prefill and decode shape before serving (slot engine), so that no "
+                           "request waits for a compile; takes a while, more with a long --max-len")
   engine.add_argument("--queue-size", type=flags.number(int, 1), default=256,
                       help="requests that may wait for a slot; more are refused with 503")
   engine.add_argument("--prefix-cache-mb", type=flags.number(float, 0), default=256,
@@ -76,11 +78,14 @@ def local_folder(path: str) -> str:
 def run(args) -> int:
   from vllm_jax import serve
 
+  if args.precompile and args.engine != "slots":
+    return flags.error("--precompile compiles the slot engine's shapes: drop it or use --engine slots")
   try:  # listen first: a busy port fails before the model loads
     server = serve.Server(None, args.host, args.port, engine=args.engine, slots=args.slots, max_len=args.max_len,
                           steps=args.decode_steps, prefill_chunk=args.prefill_chunk, queue_size=args.queue_size,
                           prefix_cache_mb=args.prefix_cache_mb, batch_wait_ms=args.batch_wait_ms,
-                          max_body_mb=args.max_body_mb, cors_origins=tuple(args.cors_origin))
+                          max_body_mb=args.max_body_mb, cors_origins=tuple(args.cors_origin),
+                          precompile=args.precompile)
   except OSError as e:
     return flags.error(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
   try:

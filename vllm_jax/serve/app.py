@@ -175,7 +175,10 @@ class Server:
   def __init__(self, model: Model | None, host: str = "127.0.0.1", port: int = 8000, *, engine: str = "slots",
                slots: int = 8, max_len: int | None = None, steps: int = 8, prefill_chunk: int = 512,
                queue_size: int = 256, prefix_cache_mb: float = 256, batch_wait_ms: float = 20,
-               max_body_mb: float = 64, cors_origins: tuple[str, ...] = ()):
+               max_body_mb: float = 64, cors_origins: tuple[str, ...] = (), precompile: bool = False):
+    if precompile and engine != "slots":
+      raise ValueError("precompile needs the slot engine")
+    self.precompile = precompile
     self.engine_kind, self.engine_options = engine, dict(slots=slots, max_len=max_len, max_waiting=queue_size)
     if engine == "slots":
       self.engine_options.update(steps=steps, prefill_chunk=prefill_chunk, prefix_cache_mb=prefix_cache_mb)
@@ -201,7 +204,10 @@ class Server:
   def set_model(self, model: Model) -> None:
     from vllm_jax.serve.static import StaticEngine
     kind = engine_lib.Engine if self.engine_kind == "slots" else StaticEngine
-    self.engine = kind(model.llama, model.llm_params, model.stop_ids, **self.engine_options).start()
+    engine = kind(model.llama, model.llm_params, model.stop_ids, **self.engine_options)
+    if self.precompile:
+      engine.precompile()
+    self.engine = engine.start()
     self.model = model
 
   @property

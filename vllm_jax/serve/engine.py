@@ -1,16 +1,20 @@
 """Continuous batching: a fixed number of decode slots over one KV cache, refilled as rows finish.
 
-  submit -> waiting -> prefill (batch 1, `prefill_chunk` prompt tokens per engine step, reusing the
-  longest cached prefix) -> insert into a free slot -> decode with every busy slot, `steps` tokens
-  per device call -> a stop token, a stop string, max_tokens or a cancel frees the slot
+  submit -> waiting -> a free row (its cache starting from the longest kept prompt it begins with)
+  -> prefill into the row, several rows' pieces per call, up to `prefill_chunk` prompt tokens per
+  engine step -> decode with every row whose prompt is in, `steps` tokens per device call -> a stop
+  token, a stop string, max_tokens or a cancel frees the row
 
 One thread (`run`) owns the device state; any thread may `submit` and `cancel`. Each request's
 `notify` gets `Update`s: its new tokens after every decode call, then one with `finish_reason`.
 
 A row's sampling is its own: temperature, top-k, top-p and max_tokens per row, and the key of its
 n-th token is fold_in(key(seed), n), so a sampled answer does not depend on what shares its batch.
-Compiled shapes are bounded: prompt caches in power-of-two lengths, prefill pieces in powers of
-two up to `prefill_chunk`, one decode shape per EXTENT slots of cache the busy rows fill.
+Compiled shapes are bounded, and `precompile` compiles them all before serving: prefill calls of
+power-of-two rows x power-of-two piece lengths (at most `prefill_chunk` tokens) over a power-of-two
+number of cache slots, kept prompt caches in power-of-two lengths, one decode shape per EXTENT
+slots of cache the decoding rows fill. A row's prompt token i sits in cache slot i: pieces are
+right-padded, and padding takes no slots.
 
 Prefix reuse: prompt caches are kept (least recently used first out, `prefix_cache_mb`), and a new
 prompt starts from the longest one whose ids and embeddings it begins with (the chat `Session`'s
@@ -85,13 +89,11 @@ class Slots:
 
 @dataclasses.dataclass
 class Prefill:
-  """A request being prefilled into its own batch-1 cache."""
+  """A request whose prompt is being cached into its row."""
   request: Request
   embeds: np.ndarray      # [1, P, E]
-  cache: KVCache          # batch 1, capacity a power of two
-  slots: list[int]        # the cache slot of each prompt token cached so far
-  done: int               # prompt tokens cached so far
-  reused: int             # of which found in a kept prompt cache
+  done: int               # prompt tokens cached so far (token i sits in cache slot i)
+  reused: int             # of which copied from a kept prompt cache
 
 
 @dataclasses.dataclass
@@ -99,8 +101,7 @@ class Prefix:
   """A finished prompt's cache, kept for reuse."""
   ids: list[int]
   embeds: np.ndarray
-  cache: KVCache
-  slots: list[int]
+  cache: KVCache          # batch 1, the prompt's token i in slot i
 
   @property
   def nbytes(self) -> int:
@@ -144,47 +145,59 @@ def _choose(logits, keys, count, temperature, top_k, top_p):
   return ids, jnp.take_along_axis(logprobs, ids[:, None], axis=-1)[:, 0], top_ids, top
 
 
-@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))
-def _extend(config: LlamaConfig, params, cache: KVCache, embeds: jax.Array, mask: jax.Array) -> KVCache:
-  return Llama(config).apply({"params": params}, inputs_embeds=embeds, attention_mask=mask, cache=cache,
-                             method=Llama.hidden_states)[1]
-
-
-@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))
-def _extend_and_choose(config: LlamaConfig, params, cache: KVCache, embeds, mask, key, temperature, top_k,
-                       top_p):
-  """The prompt's last piece, and its first token (drawn with count 0)."""
-  model = Llama(config)
-  hidden, cache = model.apply({"params": params}, inputs_embeds=embeds, attention_mask=mask, cache=cache,
-                              method=Llama.hidden_states)
-  logits = model.apply({"params": params}, hidden[:, -1], method=Llama.logits)
-  return cache, _choose(logits, key[None], jnp.zeros(1, jnp.int32), temperature[None], top_k[None], top_p[None])
-
-
 @functools.partial(jax.jit, static_argnames=("capacity",))
-def _resized(cache: KVCache, capacity: int, keep: jax.Array) -> KVCache:
-  """A batch-1 prompt cache with `capacity` slots holding the first `keep` of `cache`'s."""
-  def fit(x, axis):
-    size = x.shape[axis]
-    if size >= capacity:
-      return jax.lax.slice_in_dim(x, 0, capacity, axis=axis)
-    return jnp.pad(x, [(0, capacity - size if a == axis else 0) for a in range(x.ndim)])
-  valid = fit(cache.valid, 1) & (jnp.arange(capacity) < keep)
-  return KVCache(k=fit(cache.k, 3), v=fit(cache.v, 3), valid=valid, index=keep.astype(jnp.int32))
+def _prompt_cache(cache: KVCache, row, length, capacity: int) -> KVCache:
+  """Row `row`'s first `length` slots as a batch-1 cache of `capacity` slots (a prompt kept for reuse)."""
+  take = lambda x: jax.lax.dynamic_slice_in_dim(jax.lax.dynamic_slice_in_dim(x, row, 1, axis=1), 0, capacity, axis=3)
+  valid = jax.lax.dynamic_slice_in_dim(cache.valid, row, 1)[:, :capacity] & (jnp.arange(capacity) < length)
+  return KVCache(k=take(cache.k), v=take(cache.v), valid=valid, index=jnp.asarray(length, jnp.int32))
 
 
 @functools.partial(jax.jit, donate_argnames=("slots",))
-def _insert(slots: Slots, row, prompt: KVCache, first, limit, key, temperature, top_k, top_p, stopped) -> Slots:
-  """Put a prefilled prompt (batch 1) into slot `row`, its first token drawn."""
+def _start_row(slots: Slots, row, prompt: KVCache | None, length) -> Slots:
+  """Empty row `row` for a new prompt, its first `length` tokens copied from a kept prompt cache."""
   cache = slots.cache
-  put = lambda buffer, new: jax.lax.dynamic_update_slice(buffer, new, (0, row, 0, 0, 0))
-  valid = jnp.zeros(cache.max_len, bool).at[:prompt.max_len].set(prompt.valid[0])
-  cache = KVCache(k=put(cache.k, prompt.k), v=put(cache.v, prompt.v), valid=cache.valid.at[row].set(valid),
-                  index=cache.index.at[row].set(prompt.index))
-  return Slots(cache=cache, last=slots.last.at[row].set(first), count=slots.count.at[row].set(1),
-               active=slots.active.at[row].set(~stopped & (limit > 1)), limit=slots.limit.at[row].set(limit),
-               keys=slots.keys.at[row].set(key), temperature=slots.temperature.at[row].set(temperature),
-               top_k=slots.top_k.at[row].set(top_k), top_p=slots.top_p.at[row].set(top_p))
+  valid = jnp.zeros(cache.max_len, bool)
+  if prompt is not None:
+    put = lambda buffer, new: jax.lax.dynamic_update_slice(buffer, new, (0, row, 0, 0, 0))
+    cache = cache.replace(k=put(cache.k, prompt.k), v=put(cache.v, prompt.v))
+    valid = valid.at[:prompt.max_len].set(prompt.valid[0]) & (jnp.arange(cache.max_len) < length)
+  cache = cache.replace(valid=cache.valid.at[row].set(valid), index=cache.index.at[row].set(length))
+  return slots.replace(cache=cache, active=slots.active.at[row].set(False))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "extent"), donate_argnames=("slots",))
+def _prefill(config: LlamaConfig, extent: int, params, slots: Slots, rows, embeds, lengths, last, limit, keys,
+             temperature, top_k, top_p, stop_ids):
+  """Cache the next piece of several rows' prompts at once: embeds [n, T, E] (right padded, `lengths`
+  [n] tokens each) go into `rows` [n] (len(slots) for a padding row: read as empty, never written).
+  Each row draws a token (count 0) after its piece; rows whose piece ends their prompt (`last` [n])
+  start decoding from it with their settings (`limit` ... `top_p`, [n] each) -> (slots, (ids,
+  logprobs, top ids, top log-probabilities) [n] of those tokens). Only the first `extent` cache
+  slots are read and written: they hold every row's prompt so far and this piece."""
+  model, cache = Llama(config), slots.cache
+  get = lambda x, axis, fill=0: jnp.take(x, rows, axis=axis, mode="fill", fill_value=fill)
+  piece = KVCache(k=get(cache.k[:, :, :, :extent], 1), v=get(cache.v[:, :, :, :extent], 1),
+                  valid=get(cache.valid[:, :extent], 0, False), index=get(cache.index, 0))
+  mask = jnp.arange(embeds.shape[1]) < lengths[:, None]
+  hidden, piece = model.apply({"params": params}, inputs_embeds=embeds, attention_mask=mask, cache=piece,
+                              method=Llama.hidden_states)
+  final = jnp.take_along_axis(hidden, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
+  logits = model.apply({"params": params}, final, method=Llama.logits)
+  chosen = _choose(logits, keys, jnp.zeros_like(lengths), temperature, top_k, top_p)
+  first = chosen[0]
+
+  # A row's decode settings matter once it is active: those of rows still prefilling are overwritten later.
+  put = lambda x, new, axis=0: x.at[(slice(None),) * axis + (rows,)].set(new, mode="drop")
+  near = lambda x, new: x.at[:, rows, :, :extent].set(new, mode="drop")
+  cache = KVCache(k=near(cache.k, piece.k), v=near(cache.v, piece.v),
+                  valid=cache.valid.at[rows, :extent].set(piece.valid, mode="drop"),
+                  index=put(cache.index, piece.index - embeds.shape[1] + lengths))  # right padding takes no slots
+  active = last & ~jnp.isin(first, stop_ids) & (limit > 1)
+  return slots.replace(cache=cache, last=put(slots.last, first), count=put(slots.count, jnp.ones_like(first)),
+                       active=put(slots.active, active), limit=put(slots.limit, limit), keys=put(slots.keys, keys),
+                       temperature=put(slots.temperature, temperature), top_k=put(slots.top_k, top_k),
+                       top_p=put(slots.top_p, top_p)), chosen
 
 
 @functools.partial(jax.jit, static_argnames=("config", "steps", "extent"), donate_argnames=("slots",))
@@ -210,6 +223,7 @@ def _decode(config: LlamaConfig, steps: int, extent: int, params, slots: Slots, 
     out = tuple(buffer.at[:, step].set(new) for buffer, new in zip(out, (ids, logprobs, top_ids, top)))
     count = s.count + s.active
     active = s.active & ~jnp.isin(ids, stop_ids) & (count < s.limit)
+    cache = cache.replace(index=jnp.where(s.active, cache.index, s.cache.index))  # a row being prefilled stays put
     return step + 1, s.replace(cache=cache, last=jnp.where(s.active, ids, s.last), count=count, active=active), out
 
   _, slots, out = jax.lax.while_loop(lambda c: (c[0] < steps) & jnp.any(c[1].active), body, (0, slots, out))
@@ -308,24 +322,23 @@ class Worker:
 
 
 class Engine(Worker):
-  """Continuous batching over `slots` rows of `max_len` cache slots each (a request's padded prompt
-  and its max_tokens must fit one row). `prefill_chunk` is rounded up to a power of two."""
+  """Continuous batching over `slots` rows of `max_len` cache slots each (a request's prompt and its
+  max_tokens must fit one row). `prefill_chunk` is rounded up to a power of two."""
 
   def __init__(self, config: LlamaConfig, params, stop_ids: Sequence[int], *, slots: int = 8,
                max_len: int | None = None, steps: int = 8, prefill_chunk: int = 512, max_waiting: int = 256,
                prefix_cache_mb: float = 256):
     self.config, self.params, self.steps = config, params, steps
     self.prefill_chunk = _pow2(prefill_chunk, MIN_PIECE)
-    # By default a row holds the whole context and the padding of a prompt's last piece (under half a chunk).
-    self.max_len = max_len or config.max_position_embeddings + max(self.prefill_chunk // 2, MIN_PIECE)
+    self.max_len = max_len or config.max_position_embeddings
     super().__init__(max_waiting)
     self.prefix_bytes = prefix_cache_mb * 2**20
     self.stop_ids = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
     self.stop_id_set = set(stop_ids)
     self.slots = self._empty(slots)
     self.rows: list[Request | None] = [None] * slots
-    self.lengths = [0] * slots  # cache slots each busy row fills (its index)
-    self.prefill: Prefill | None = None  # the request being prefilled (one at a time)
+    self.lengths = [0] * slots  # cache slots each decoding row fills (its index)
+    self.prefilling: dict[int, Prefill] = {}  # rows whose prompt is being cached, first come first
     self.prefixes: collections.OrderedDict[int, Prefix] = collections.OrderedDict()
 
   def _empty(self, slots: int) -> Slots:
@@ -337,17 +350,11 @@ class Engine(Worker):
   # --- any thread -------------------------------------------------------------------------------
 
   def fits(self, prompt_tokens: int, max_tokens: int) -> bool:
-    """Whether a prompt of this length and max_tokens fit a row (the prompt's padding counted)."""
-    return self._slots_for(prompt_tokens) + max_tokens <= self.max_len
-
-  def _slots_for(self, tokens: int) -> int:
-    """Cache slots that prefilling `tokens` prompt tokens takes: whole chunks, then a padded piece."""
-    whole, rest = divmod(tokens, self.prefill_chunk)
-    return whole * self.prefill_chunk + (_pow2(rest, MIN_PIECE) if rest else 0)
+    return prompt_tokens + max_tokens <= self.max_len
 
   def load(self) -> dict[str, int]:
     with self.cond:
-      return {"waiting": len(self.waiting), "prefilling": int(self.prefill is not None),
+      return {"waiting": len(self.waiting), "prefilling": len(self.prefilling),
               "busy_slots": sum(r is not None for r in self.rows), "slots": len(self.rows)}
 
   # --- the engine thread ------------------------------------------------------------------------
@@ -355,7 +362,7 @@ class Engine(Worker):
   def run(self) -> None:
     while True:
       with self.cond:
-        while not self.stopping and not self.waiting and self.prefill is None and not any(self.rows):
+        while not self.stopping and not self.waiting and not any(self.rows):
           self.cond.wait()
         if self.stopping:
           break
@@ -363,36 +370,30 @@ class Engine(Worker):
         self.step()
       except Exception as e:  # a failed device call fails the requests it held, never the engine
         self._fail_running(e)
-    for request in [*self.waiting, *([self.prefill.request] if self.prefill else []), *filter(None, self.rows)]:
+    for request in [*self.waiting, *filter(None, self.rows)]:
       request.notify(Update([], [], [], "cancelled"))
 
   def step(self) -> None:
-    """Drop cancelled requests, prefill up to `prefill_chunk` prompt tokens, decode `steps` tokens."""
+    """Drop cancelled requests, give free rows to waiting ones, cache up to `prefill_chunk` prompt
+    tokens, decode `steps` tokens."""
     self._drop_cancelled()
-    budget = self.prefill_chunk
-    while budget > 0:
-      if self.prefill is None:
-        with self.cond:
-          if None not in self.rows or not self.waiting:
-            break
-          request = self.waiting.popleft()
-      else:
-        request = self.prefill.request
+    while None in self.rows:
+      with self.cond:
+        if not self.waiting:
+          break
+        request = self.waiting.popleft()
       try:
-        if self.prefill is None:
-          self.prefill = self._start_prefill(request)
-        else:
-          budget -= self._prefill_piece(self.prefill)
+        self._admit(self.rows.index(None), request)
       except Exception as e:  # this request fails (its media, say), the engine goes on
-        self.prefill = None
         request.notify(Update([], [], [], "error", error=e))
-    if any(self.rows):
+    if self.prefilling:
+      self._prefill()
+    if any(r is not None and row not in self.prefilling for row, r in enumerate(self.rows)):
       self._decode()
 
   def _fail_running(self, error: Exception) -> None:
-    failed = [self.prefill.request] if self.prefill else []
-    failed += [r for r in self.rows if r is not None]
-    self.prefill, self.rows = None, [None] * len(self.rows)
+    failed = [r for r in self.rows if r is not None]
+    self.rows, self.prefilling = [None] * len(self.rows), {}
     self.slots = self._empty(len(self.rows))  # a failed call may have consumed the donated state
     for request in failed:
       request.notify(Update([], [], [], "error", error=error))
@@ -401,9 +402,6 @@ class Engine(Worker):
     with self.cond:
       gone = [r for r in self.waiting if r.cancelled]
       self.waiting = collections.deque(r for r in self.waiting if not r.cancelled)
-    if self.prefill is not None and self.prefill.request.cancelled:
-      gone.append(self.prefill.request)
-      self.prefill = None
     for row, request in enumerate(self.rows):
       if request is not None and request.cancelled:
         self._free(row)
@@ -411,24 +409,19 @@ class Engine(Worker):
     for request in gone:
       request.notify(Update([], [], [], "cancelled"))
 
-  def _start_prefill(self, request: Request) -> Prefill:
+  def _admit(self, row: int, request: Request) -> None:
+    """Give `row` to a request: its cache starts from the longest kept prompt it begins with."""
     ids = [int(i) for i in request.ids]
     embeds = prompt_embeds(self.config, self.params, request)
     prefix, common = self._longest_prefix(ids, embeds)
-    start = prefix.slots[common - 1] + 1 if common else 0
-    if start + self._slots_for(len(ids) - common) + request.max_tokens > self.max_len:
-      common = start = 0  # the reused prompt's padding leaves no room: prefill it all
-    capacity = min(_pow2(start + self._slots_for(len(ids) - common)), self.max_len)
     if common:
       self.prefixes.move_to_end(id(prefix))
-      cache = _resized(prefix.cache, capacity, jnp.asarray(start))
-      slots = prefix.slots[:common]
-    else:
-      cache, slots = KVCache.init(self.config, 1, capacity), []
+    self.slots = _start_row(self.slots, row, prefix.cache if common else None, jnp.int32(common))
     self.stats["prompt_tokens"] += len(ids)
     self.stats["reused_tokens"] += common
     request.ids = ids
-    return Prefill(request, embeds, cache, slots, common, common)
+    self.rows[row] = request
+    self.prefilling[row] = Prefill(request, embeds, common, common)
 
   def _longest_prefix(self, ids: list[int], embeds: np.ndarray) -> tuple[Prefix | None, int]:
     """The kept prompt cache sharing the most leading tokens (ids and embeddings) with this prompt,
@@ -447,37 +440,87 @@ class Engine(Worker):
         best, best_common = prefix, common
     return best, best_common
 
-  def _prefill_piece(self, job: Prefill) -> int:
-    """Cache the next piece of a prompt (the last one also draws the first token and takes a slot).
-    -> the piece's length."""
-    request, total = job.request, len(job.request.ids)
-    length = min(total - job.done, self.prefill_chunk)
-    size = _pow2(length, MIN_PIECE)
-    piece = np.zeros((1, size, job.embeds.shape[-1]), job.embeds.dtype)
-    piece[:, size - length:] = job.embeds[:, job.done:job.done + length]  # left padding: the last token is last
-    mask = np.arange(size)[None] >= size - length
-    start = int(job.cache.index)
-    job.slots += list(range(start + size - length, start + size))
-    job.done += length
-    if job.done < total:
-      job.cache = _extend(self.config, self.params, job.cache, piece, mask)
-      return size
-    s = request.sampling
-    key = row_key(request.seed)
-    temperature = jnp.float32(s.temperature)
-    cache, chosen = _extend_and_choose(self.config, self.params, job.cache, piece, mask, key, temperature,
-                                       jnp.int32(s.top_k), jnp.float32(s.top_p))
-    self.prefill = None
-    self._keep_prefix(Prefix(request.ids, job.embeds, cache, job.slots))
-    first, logprob, top_ids, top = (np.asarray(x)[0] for x in chosen)
-    update = Update([int(first)], [float(logprob)], [list(zip(top_ids.tolist(), top.tolist()))], reused=job.reused)
-    row = self.rows.index(None)
-    self.slots = _insert(self.slots, row, cache, first, request.max_tokens, key, temperature, s.top_k, s.top_p,
-                         jnp.isin(first, self.stop_ids))
-    self.rows[row] = request
-    self.lengths[row] = start + size  # the slots its prompt fills
-    self._deliver(row, update)
-    return size
+  def _prefill(self) -> None:
+    """Cache the next piece of the prompts being prefilled: as many rows as fit `prefill_chunk`
+    tokens, first come first, in one call (rows and piece length both powers of two). A prompt that
+    ends draws its first token and starts decoding; it is kept for reuse."""
+    group, size = [], MIN_PIECE
+    for row, job in self.prefilling.items():
+      grown = max(size, _pow2(min(len(job.request.ids) - job.done, self.prefill_chunk), MIN_PIECE))
+      if group and _pow2(len(group) + 1) * grown > self.prefill_chunk:
+        break
+      group.append(row)
+      size = grown
+    jobs = [self.prefilling[row] for row in group]
+    lengths = [min(len(job.request.ids) - job.done, size) for job in jobs]
+    embeds = np.zeros((_pow2(len(group)), size, self.config.hidden_size), jnp.dtype(self.config.dtype))
+    for i, (job, length) in enumerate(zip(jobs, lengths)):
+      embeds[i, :length] = job.embeds[0, job.done:job.done + length]
+    last = [job.done + length == len(job.request.ids) for job, length in zip(jobs, lengths)]
+    extent = self._prefill_extent(max(job.done for job in jobs) + size)
+    first, logprob, top_ids, top = self._prefill_call(extent, group, embeds, lengths, last, [j.request for j in jobs])
+    for i, (row, job) in enumerate(zip(group, jobs)):
+      job.done += lengths[i]
+      if not last[i]:
+        continue
+      del self.prefilling[row]
+      self.lengths[row] = job.done
+      if self.prefix_bytes > 0:
+        cache = _prompt_cache(self.slots.cache, row, job.done, self._capacity(job.done))
+        self._keep_prefix(Prefix(job.request.ids, job.embeds, cache))
+      self._deliver(row, Update([int(first[i])], [float(logprob[i])], [list(zip(top_ids[i].tolist(), top[i].tolist()))],
+                                reused=job.reused))
+
+  def _prefill_call(self, extent: int, rows: list[int], embeds: np.ndarray, lengths: list[int], last: list[bool],
+                    requests: list[Request]) -> list[np.ndarray]:
+    """One `_prefill` call for `requests` in `rows`, padded with empty rows to embeds' batch -> the
+    tokens drawn: ids, logprobs, top ids, top logprobs, on the host."""
+    pad = len(embeds) - len(rows)
+    sampling = [r.sampling for r in requests] + [SamplingConfig()] * pad
+    self.slots, chosen = _prefill(
+        self.config, extent, self.params, self.slots, np.array(rows + [len(self.rows)] * pad, np.int32), embeds,
+        np.array(lengths + [0] * pad, np.int32), np.array(last + [False] * pad),
+        np.array([r.max_tokens for r in requests] + [0] * pad, np.int32),
+        jnp.stack([row_key(r.seed) for r in requests] + [row_key(0)] * pad),
+        np.array([s.temperature for s in sampling], np.float32), np.array([s.top_k for s in sampling], np.int32),
+        np.array([s.top_p for s in sampling], np.float32), self.stop_ids)
+    self.stats["prefill_calls"] += 1
+    return [np.asarray(x) for x in chosen]
+
+  def _capacity(self, tokens: int) -> int:
+    """The slots of a kept prompt cache: a power of two, so few shapes."""
+    return min(_pow2(tokens), self.max_len)
+
+  def _prefill_extent(self, end: int) -> int:
+    """The cache slots a prefill call reads and writes when its pieces end by slot `end`."""
+    return min(max(_pow2(end), EXTENT), self.max_len)
+
+  def _decode_extent(self, longest: int) -> int:
+    """The cache slots a decode call reads when its longest row fills `longest`: room for `steps`
+    more, in multiples of EXTENT."""
+    return min(-(-(longest + self.steps) // EXTENT) * EXTENT, self.max_len)
+
+  def precompile(self) -> int:
+    """Compile every shape the engine can meet (call before `start`), so that no request waits for
+    a compile -> how many shapes: decode extents, prefill (rows, piece, extent), prompt caches."""
+    assert self.thread is None, "precompile before start"
+    shapes = 0
+    for extent in sorted({self._decode_extent(n) for n in range(self.max_len)}):  # every row inactive: no step
+      self.slots, _ = _decode(self.config, self.steps, extent, self.params, self.slots, self.stop_ids)
+      shapes += 1
+    dtype = jnp.dtype(self.config.dtype)
+    for batch in sorted({_pow2(n) for n in range(1, len(self.rows) + 1)}):
+      for size in (1 << k for k in range(MIN_PIECE.bit_length() - 1, self.prefill_chunk.bit_length())):
+        if batch > 1 and batch * size > self.prefill_chunk:
+          continue
+        for extent in sorted({self._prefill_extent(end) for end in range(size, self.max_len + size)}):
+          self._prefill_call(extent, [], np.zeros((batch, size, self.config.hidden_size), dtype), [], [], [])
+          shapes += 1
+    for capacity in sorted({self._capacity(n) for n in range(1, self.max_len + 1)}):
+      self.slots = _start_row(self.slots, 0, _prompt_cache(self.slots.cache, 0, 0, capacity), jnp.int32(0))
+      shapes += 2
+    self.slots = _release(_start_row(self.slots, 0, None, jnp.int32(0)), 0)
+    return shapes + 2
 
   def _keep_prefix(self, prefix: Prefix) -> None:
     for key, kept in list(self.prefixes.items()):
@@ -488,13 +531,13 @@ class Engine(Worker):
       self.prefixes.popitem(last=False)
 
   def _decode(self) -> None:
-    longest = max(self.lengths[row] for row, request in enumerate(self.rows) if request is not None)
-    extent = min(-(-(longest + self.steps) // EXTENT) * EXTENT, self.max_len)
+    extent = self._decode_extent(max(self.lengths[row] for row, request in enumerate(self.rows)
+                                     if request is not None and row not in self.prefilling))
     self.slots, out = _decode(self.config, self.steps, extent, self.params, self.slots, self.stop_ids)
     tokens, logprobs, top_ids, top = (np.asarray(x) for x in out)
     self.stats["decode_calls"] += 1
     for row, request in enumerate(self.rows):
-      if request is not None:
+      if request is not None and row not in self.prefilling:
         made = int((tokens[row] >= 0).sum())
         alternatives = ([list(zip(top_ids[row, i].tolist(), top[row, i].tolist())) for i in range(made)]
                         if request.logprobs else [])
@@ -518,4 +561,5 @@ class Engine(Worker):
 
   def _free(self, row: int) -> None:
     self.rows[row] = None
+    self.prefilling.pop(row, None)
     self.slots = _release(self.slots, row)

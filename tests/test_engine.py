@@ -57,7 +57,7 @@ def test_answers_equal_batch_one_generation_while_slots_are_refilled(params, eng
     assert all(u.finish_reason is None for u in updates[:-1])
 
 
-def test_a_sampled_answer_depends_on_its_seed_alone(engine):
+def test_a_sampled_answer_depends_on_its_seed_alone(params, engine):
   sampling = gen.SamplingConfig(1.0, 20, 0.9)
   ids = prompts()[1]
   first = tokens(engine.generate([Request(ids, 20, sampling, seed=7)])[0])
@@ -65,6 +65,13 @@ def test_a_sampled_answer_depends_on_its_seed_alone(engine):
                            Request(prompts()[2], 5)])
   assert tokens(crowd[1]) == first
   assert tokens(engine.generate([Request(ids, 20, sampling, seed=8)])[0]) != first
+  # generate draws a row with its own seed as the engine does: the same answer, beside another row.
+  other = prompts()[0]
+  rows = np.zeros((2, len(ids)), np.int32)
+  rows[0, -len(other):], rows[1] = other, ids
+  out = gen.generate(CONFIG, params, input_ids=rows, attention_mask=rows > 0, max_new_tokens=20,
+                     sampling=sampling, stop_token_ids=[STOP], seed=[1, 7])
+  assert out.tokens[1, :out.lengths[1]].tolist() == first
 
 
 def test_a_shared_prefix_is_reused_and_changes_no_answer(params, engine):

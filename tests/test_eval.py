@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+import vllm_jax
 from test_video_loading import write_video
 from vllm_jax import cli, serve, systems
 from vllm_jax.configs.video_llama import model_config
@@ -170,6 +171,30 @@ def test_open_ended_resumes_scores_and_counts_a_missing_video(data, tmp_path, ca
   # Answers made with other settings are not mixed in.
   assert cli.main(args + ["--max-new-tokens", "6"]) == 2
   assert "holds answers made with other settings (max_new_tokens: 5 -> 6)" in capsys.readouterr().err
+
+
+def test_a_resumed_sampled_run_answers_as_an_uninterrupted_one(data, tmp_path, capsys):
+  """Sampled answers are seeded per question: a run stopped after one question and resumed (other
+  batches) answers as one run without a stop. run.json holds the settings in effect (audio: false
+  for a model without an audio branch), results.json the package version and the model's fingerprint."""
+  model, root = data
+  annotations = write_json(tmp_path / "qa.json", [q for q in OPEN_ENDED if q["question_id"] != "q3"])
+
+  def run(out, *extra):
+    assert cli.main(["eval", "--model", model, "--format", "open-ended", "--annotations", annotations,
+                     "--media-root", str(root / "videos"), "--out", str(tmp_path / out), "--batch-size", "2",
+                     "--max-new-tokens", "8", "--temperature", "1.0", "--seed", "5", *extra]) == 0
+    return {r["id"]: r["answer"] for r in read_answers(tmp_path / out)}
+
+  whole = run("whole")
+  run("resumed", "--limit", "1")
+  assert run("resumed") == whole
+  assert run("other_seed", "--seed", "6") != whole  # sampled, and by the run's seed
+  capsys.readouterr()
+  assert json.loads((tmp_path / "whole" / "run.json").read_text())["audio"] is False
+  settings = [json.loads((tmp_path / out / "results.json").read_text())["settings"] for out in ("whole", "resumed")]
+  assert settings[0]["audio"] is False and settings[0]["version"] == vllm_jax.__version__
+  assert re.fullmatch("[0-9a-f]{64}", settings[0]["parameters"]) and settings[1]["parameters"] == settings[0]["parameters"]
 
 
 @functools.partial(jax.jit, static_argnames="config")

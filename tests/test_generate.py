@@ -35,7 +35,7 @@ def tiny(tmp_path_factory):
 
 def test_sampling_filters():
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 2000))
-  keys = jax.random.split(jax.random.key(0), 1)[0]
+  keys = jax.random.split(jax.random.key(0), len(logits))
   greedy = gen.sample_logits(logits, keys, gen.SamplingConfig())
   assert np.all(np.asarray(greedy) == 0)
   top2 = np.asarray(gen.sample_logits(logits, keys, gen.SamplingConfig(temperature=1.0, top_k=2)))

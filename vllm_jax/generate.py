@@ -48,11 +48,29 @@ class DecodeState:
   tokens: jax.Array   # [B, room] int32, room >= max_new_tokens
   step: jax.Array     # [] int32, tokens written so far
   done: jax.Array     # [B] bool
-  rng: jax.Array
+  keys: jax.Array     # [B] PRNG keys, one per row (see `row_keys`)
 
 
-def sample_logits(logits: jax.Array, rng: jax.Array, sampling: SamplingConfig) -> jax.Array:
-  """logits: [B, V] -> token ids [B] (greedy, or temperature / top-k / top-p sampling)."""
+def row_key(seed: int) -> jax.Array:
+  """A PRNG key from any 64-bit seed (negative ones as their two's complement)."""
+  seed &= 2**64 - 1
+  return jax.random.fold_in(jax.random.key(seed & 0xFFFFFFFF), seed >> 32)
+
+
+def row_keys(seed: int | Sequence[int], batch: int) -> jax.Array:
+  """One key per row [B]: from each row's own seed (a sequence), or row r's from `seed` folded with r.
+  A row's n-th token is drawn with its key folded with n, so with its own seed a row's sample
+  depends on that seed and its prompt alone, not on the rows beside it."""
+  if np.ndim(seed) == 0:
+    return jax.vmap(lambda r: jax.random.fold_in(row_key(int(seed)), r))(jnp.arange(batch))
+  if len(seed) != batch:
+    raise ValueError(f"{len(seed)} seeds for {batch} rows")
+  return jnp.stack([row_key(int(s)) for s in seed])
+
+
+def sample_logits(logits: jax.Array, keys: jax.Array, sampling: SamplingConfig) -> jax.Array:
+  """logits: [B, V] -> token ids [B] (greedy, or temperature / top-k / top-p sampling, row b
+  drawn with keys[b])."""
   if sampling.temperature == 0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = logits.astype(jnp.float32) / sampling.temperature
@@ -66,7 +84,7 @@ def sample_logits(logits: jax.Array, rng: jax.Array, sampling: SamplingConfig) -
     keep = (jnp.cumsum(probs, axis=-1) - probs) < sampling.top_p
     cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
     logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+  return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
 
 
 PREFILL_CHUNK = 512  # prompt tokens run at once: attention holds [heads, chunk, cache] scores, not [L, L]
@@ -82,19 +100,19 @@ def extend(config: LlamaConfig, params, cache: KVCache, inputs_embeds: jax.Array
 @functools.partial(jax.jit, static_argnames=("config", "sampling", "room"), donate_argnames=("cache",))
 def prefill(config: LlamaConfig, sampling: SamplingConfig, room: int, params, cache: KVCache,
             inputs_embeds: jax.Array, attention_mask: jax.Array, stop_ids: jax.Array,
-            rng: jax.Array, pad_id: jax.Array) -> DecodeState:
+            keys: jax.Array, pad_id: jax.Array) -> DecodeState:
   """Run the prompt through the model and sample the first new token into a buffer of `room`
   tokens. Logits at the last position only: the LM head over the whole prompt ([T, vocab]) would
   be most of a short prompt's time."""
   model = Llama(config)
   hidden, cache = model.apply({"params": params}, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                               cache=cache, method=Llama.hidden_states)
-  rng, key = jax.random.split(rng)
-  first = sample_logits(model.apply({"params": params}, hidden[:, -1], method=Llama.logits), key, sampling)
+  step_keys = jax.vmap(jax.random.fold_in)(keys, jnp.zeros(keys.shape, jnp.int32))
+  first = sample_logits(model.apply({"params": params}, hidden[:, -1], method=Llama.logits), step_keys, sampling)
   batch = first.shape[0]
   tokens = jnp.full((batch, room), pad_id, jnp.int32).at[:, 0].set(first)
   return DecodeState(cache=cache, tokens=tokens, step=jnp.ones((), jnp.int32),
-                     done=jnp.isin(first, stop_ids), rng=rng)
+                     done=jnp.isin(first, stop_ids), keys=keys)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "sampling"), donate_argnames=("state",))
@@ -109,11 +127,11 @@ def decode(config: LlamaConfig, sampling: SamplingConfig, params, state: DecodeS
   def body(s: DecodeState):
     last = jax.lax.dynamic_index_in_dim(s.tokens, s.step - 1, axis=1)
     logits, cache = model.apply({"params": params}, last, attention_mask=~s.done[:, None], cache=s.cache)
-    rng, key = jax.random.split(s.rng)
-    token = jnp.where(s.done, pad_id, sample_logits(logits[:, -1], key, sampling))
+    step_keys = jax.vmap(jax.random.fold_in, (0, None))(s.keys, s.step)
+    token = jnp.where(s.done, pad_id, sample_logits(logits[:, -1], step_keys, sampling))
     tokens = jax.lax.dynamic_update_index_in_dim(s.tokens, token, s.step, axis=1)
     return DecodeState(cache=cache, tokens=tokens, step=s.step + 1,
-                       done=s.done | jnp.isin(token, stop_ids), rng=rng)
+                       done=s.done | jnp.isin(token, stop_ids), keys=s.keys)
 
   return jax.lax.while_loop(cond, body, state)
 
@@ -126,7 +144,7 @@ def embed_tokens(config: LlamaConfig, params, input_ids: jax.Array) -> jax.Array
 def generate(config: LlamaConfig, params, *, input_ids: jax.Array | np.ndarray | None = None,
              inputs_embeds: jax.Array | None = None, attention_mask=None, max_new_tokens: int = 32,
              sampling: SamplingConfig = SamplingConfig(), stop_token_ids: Sequence[int] = (),
-             stop_strings: Sequence[str] = (), tokenizer=None, seed: int = 0,
+             stop_strings: Sequence[str] = (), tokenizer=None, seed: int | Sequence[int] = 0,
              on_tokens: Callable[[np.ndarray], None] | None = None, chunk: int = 8,
              cache: KVCache | None = None) -> Generation:
   """Generate up to `max_new_tokens` for a batch of left-padded prompts.
@@ -136,6 +154,7 @@ def generate(config: LlamaConfig, params, *, input_ids: jax.Array | np.ndarray |
   with a `tokenizer`, when its text contains one of `stop_strings`. `on_tokens` receives each
   new chunk of tokens [B, n] as soon as it is decoded (`chunk` tokens at a time). A given
   `cache` is continued (the prompt is appended to it) and consumed; the result holds the new one.
+  `seed`: one for the batch, or one per row (then a sampled row depends on its seed alone: `row_keys`).
   A long prompt (an hour of video: 7,200 tokens) runs PREFILL_CHUNK tokens at a time, so that
   its attention scores grow with its length, not with its square.
   """
@@ -165,7 +184,7 @@ def generate(config: LlamaConfig, params, *, input_ids: jax.Array | np.ndarray |
     piece = slice(start, start + PREFILL_CHUNK)
     cache = extend(config, params, cache, inputs_embeds[:, piece], attention_mask[:, piece])
   state = prefill(config, sampling, room, params, cache, inputs_embeds[:, last:],
-                  attention_mask[:, last:], stop_ids, jax.random.key(seed), pad_id)
+                  attention_mask[:, last:], stop_ids, row_keys(seed, batch), pad_id)
   interactive = on_tokens is not None or bool(stop_strings)
   step_size = chunk if interactive else max_new_tokens
   emitted, cut = 0, [None] * batch

@@ -30,9 +30,11 @@ formats (--annotations; relative video paths start at --media-root):
 In --out: answers.jsonl (one record per question, appended per batch: a rerun answers only the
 questions without an answer, and retries missing or undecodable videos, recorded as errors),
 run.json (the model and the settings the answers were made with: a rerun with others is refused),
-results.json (settings, overall and per-category scores with counts) and, with a judge, judge.json
-(its replies by question id, prediction and judge model: a rerun asks only about new predictions).
-The per-category table is printed at the end. Exits with 1 when a question failed (or the judge did).
+results.json (settings, the package version and the parameters' SHA-256, overall and per-category
+scores with counts) and, with a judge, judge.json (its replies by question id, prediction and judge
+model: a rerun asks only about new predictions). Sampled answers are seeded per question (--seed
+and the question id): a resumed run answers as an uninterrupted one. The per-category table is
+printed at the end. Exits with 1 when a question failed (or the judge did).
 With --mesh the parameters are placed on the mesh and each batch is split over its data x fsdp devices."""
 
 
@@ -99,7 +101,7 @@ def run(args) -> int:
     return flags.error(f"--audio: {args.model} has no audio branch")
   run_file = paths.join(args.out, "run.json")
   if not paths.exists(run_file):  # once the model runs: a failed start leaves no --out behind
-    paths.write_json(run_file, answer_settings(args))
+    paths.write_json(run_file, answer_settings(args, use_audio))
   judge = None
   if args.judge_url:
     judge = Judge(args.judge_url, args.judge_model, os.environ.get(args.judge_api_key_env or "") or None,
@@ -125,9 +127,11 @@ def run(args) -> int:
 ANSWER_SETTINGS = ("format", "audio", "num_frames", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "dtype")
 
 
-def answer_settings(args) -> dict:
-  """What the answers depend on, recorded in --out/run.json by the first run."""
-  return {"model": paths.resolve(args.model), **{k: getattr(args, k) for k in ANSWER_SETTINGS}}
+def answer_settings(args, use_audio: bool | None = None) -> dict:
+  """What the answers depend on, recorded in --out/run.json by the first run: the settings in effect
+  (`use_audio`: whether the model hears the audio, once it is known; before, what --audio asked)."""
+  settings = {"model": paths.resolve(args.model), **{k: getattr(args, k) for k in ANSWER_SETTINGS}}
+  return {**settings, "audio": args.audio if use_audio is None else use_audio}
 
 
 def check_answer_settings(args) -> str | None:
@@ -137,7 +141,9 @@ def check_answer_settings(args) -> str | None:
   if not paths.exists(path):
     return None
   before = paths.read_json(path)
-  changed = [f"{k}: {before.get(k)} -> {v}" for k, v in answer_settings(args).items() if before.get(k) != v]
+  # Without --audio/--no-audio the model decides, as it did for the answers there (the model is compared).
+  changed = [f"{k}: {before.get(k)} -> {v}" for k, v in answer_settings(args).items()
+             if before.get(k) != v and not (k == "audio" and v is None)]
   if changed:
     return (f"--out {args.out} holds answers made with other settings ({'; '.join(changed)}): give another "
             "--out, or remove it to start again")

@@ -8,29 +8,42 @@ In `out_dir` (a folder or a URL, gs://...):
                  for a missing or undecodable video. A rerun keeps the answered questions and retries
                  the others (errors, torn lines, records lacking what the scoring needs).
   results.json   {"settings", "overall", "categories"}: the mean of every score over the answered
-                 questions, overall and per category, with their counts ("answered", "errors").
+                 questions, overall and per category, with their counts ("answered", "errors");
+                 settings hold the package version and the model parameters' fingerprint.
   judge.json     the LLM judge's replies (open-ended with a judge), see `vllm_jax.eval.judge`.
 
 Scores per question (each averaged): open-ended "exact" (SQuAD-normalised exact match) and "f1"
 (token F1), with a judge "judge_yes" (its 'pred' is yes) and "judge_score" (0-5); multiple choice
 "accuracy" (the option the answer's letter or text picks) and "likelihood_accuracy" (the option
 of highest log-probability); synthetic: `vllm_jax.eval.synthetic.score`.
+
+A sampled answer (temperature > 0) is drawn with its own seed, from the run's seed and the question
+id (`question_seed`): it does not depend on the batch it fell in, so a resumed run answers as an
+uninterrupted one.
 """
 
 import collections
+import hashlib
 import json
 import sys
 from typing import Sequence
 
 import numpy as np
 
+import vllm_jax
 from vllm_jax import paths
+from vllm_jax.data import feature_cache
 from vllm_jax.eval import Item, formats, metrics
 
 FORMATS = ("open-ended", "multiple-choice", "synthetic")
 MC_SCORING = ("letter", "likelihood", "both")
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 RAW_METRICS = ("judge_score",)  # shown as they are, not as percentages
+
+
+def question_seed(seed: int, question_id: str) -> int:
+  """The sampling seed of one question of a run (64 bits of a hash of both)."""
+  return int.from_bytes(hashlib.sha256(f"{seed}:{question_id}".encode()).digest()[:8], "little")
 
 
 def load_items(fmt: str, annotations: str, media_root: str, answer_file: str | None = None) -> list[Item]:
@@ -141,7 +154,7 @@ def evaluate(system, fmt: str, items: Sequence[Item], out_dir: str, *, media_roo
           errors[item.id] = f"{type(e).__name__}: {e}"
           failed.append({"key": item.id, "id": item.id, "category": item.category, "error": errors[item.id]})
       new = answer_batch(system, fmt, batch, needs, use_audio=use_audio, rows=batch_size, option_rows=option_rows,
-                         max_new_tokens=max_new_tokens, sampling=sampling, seed=seed + start) if batch else []
+                         max_new_tokens=max_new_tokens, sampling=sampling, seed=seed) if batch else []
       records.update((record["key"], record) for record in new)
       out.write("".join(json.dumps(record) + "\n" for record in failed + new))
       bar.update(len(failed) + len(new))
@@ -150,8 +163,10 @@ def evaluate(system, fmt: str, items: Sequence[Item], out_dir: str, *, media_roo
   judge_problems = {}
   if judge is not None:
     judge_problems = add_verdicts(judge, items, records, scores, progress)
-  summary = {"settings": {**(settings or {}), "format": fmt, "num_items": len(items), "errors": len(errors),
-                          "error_items": errors, **judge_problems}, **summarize(items, scores, errors)}
+  summary = {"settings": {**(settings or {}), "format": fmt, "version": vllm_jax.__version__,
+                          "parameters": feature_cache.fingerprint(system.params), "num_items": len(items),
+                          "errors": len(errors), "error_items": errors, **judge_problems},
+             **summarize(items, scores, errors)}
   paths.write_text(paths.join(out_dir, "results.json"), json.dumps(summary, indent=1))
   print(format_table(summary))
   return summary
@@ -160,7 +175,8 @@ def evaluate(system, fmt: str, items: Sequence[Item], out_dir: str, *, media_roo
 def answer_batch(system, fmt: str, batch: Sequence[tuple[Item, object]], needs: Sequence[str], *, use_audio: bool,
                  rows: int, option_rows: int, max_new_tokens: int, sampling, seed: int) -> list[dict]:
   """A batch of questions with their loaded media -> their answer records (see the module doc):
-  generated answers in `rows` rows, option log-probabilities in `option_rows`."""
+  generated answers in `rows` rows (each sampled with its `question_seed`), option log-probabilities in
+  `option_rows`."""
   from vllm_jax.eval import likelihood
   new = [{"key": item.id, "id": item.id, "category": item.category, "question": prompt(fmt, item),
           "audio": bool(use_audio and media.audio_valid)} for item, media in batch]
@@ -174,7 +190,8 @@ def answer_batch(system, fmt: str, batch: Sequence[tuple[Item, object]], needs: 
 
   if "answer" in needs:
     answers = system.answer(media, conversations([r["question"] for r in new]), use_audio=use_audio, rows=rows,
-                            max_new_tokens=max_new_tokens, sampling=sampling, seed=seed)
+                            max_new_tokens=max_new_tokens, sampling=sampling,
+                            seed=[question_seed(seed, item.id) for item, _ in batch])
     for record, (item, _), answer in zip(new, batch, answers):
       record["answer"] = answer
       if fmt == "multiple-choice":

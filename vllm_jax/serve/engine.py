@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vllm_jax.generate import SamplingConfig, embed_tokens
+from vllm_jax.generate import SamplingConfig, embed_tokens, row_key
 from vllm_jax.models.llama import KVCache, Llama, LlamaConfig
 
 TOP_LOGPROBS = 20   # the most alternatives a token reports (OpenAI's limit)
@@ -106,12 +106,6 @@ class Prefix:
   @property
   def nbytes(self) -> int:
     return self.cache.k.nbytes * 2 + self.embeds.nbytes
-
-
-def row_key(seed: int) -> jax.Array:
-  """A PRNG key from any 64-bit seed (negative ones as their two's complement)."""
-  seed &= 2**64 - 1
-  return jax.random.fold_in(jax.random.key(seed & 0xFFFFFFFF), seed >> 32)
 
 
 def sample_rows(logits: jax.Array, keys: jax.Array, count: jax.Array, temperature: jax.Array,

@@ -133,18 +133,21 @@ class System:
     return conv_lib.encode_text(self.tokenizer, [(prompt, False)], self.placeholders(media))[0]
 
   def answer(self, media: Sequence[Media], conversations: Sequence[conv_lib.Conversation], *,
-             use_audio: bool = False, max_new_tokens: int = 64, sampling=None, seed: int = 0,
+             use_audio: bool = False, max_new_tokens: int = 64, sampling=None, seed: int | Sequence[int] = 0,
              rows: int | None = None, on_tokens: Callable[[np.ndarray], None] | None = None) -> list[str]:
     """The answers to a batch of conversations (each ending in a question about its media).
 
     `rows` pads the batch with copies of its first item to that many rows, so that every batch of
     a run compiles once; `on_tokens` receives each new chunk of token ids [rows, n] (streaming).
+    `seed`: one for the batch, or one per conversation (a sampled answer then depends on its own).
     """
     from vllm_jax import generate
     from vllm_jax.data.tokenizer import left_pad
     media, conversations = list(media), list(conversations)
     fill = max(0, (rows or len(media)) - len(media))
     media, conversations = media + media[:1] * fill, conversations + conversations[:1] * fill
+    if np.ndim(seed):
+      seed = list(seed) + list(seed[:1]) * fill
     ids, mask = left_pad([self.prompt_ids(c.prompt(), m) for c, m in zip(conversations, media)], multiple=32)
     embeds = self.embed(ids, self.encode_media(media, use_audio=use_audio), conversations)
     result = generate.generate(

@@ -51,10 +51,13 @@ setup(
         "tensorboard": ["tensorboard>=2.15"],
         # The chat page in the browser: `vllm-jax web`.
         "web": ["gradio>=6.31"],
+        # The field's harness: `lmms-eval --model vllm_jax --model_args model=DIR ...`.
+        "lmms-eval": ["lmms-eval>=0.7.3"],
         "dev": ["torch>=2.4", "safetensors>=0.4", "pytest>=8", "pytest-xdist>=3.6",
                 "kaldi-native-fbank>=1.20",
-                "gcp-storage-emulator>=2024.8",
-                "openai>=1.40"],  # the server's tests use OpenAI's own client  # gs:// tests against a local Cloud Storage emulator
+                "gcp-storage-emulator>=2024.8",  # gs:// tests against a local Cloud Storage emulator
+                "openai>=1.40"],  # the server's tests use OpenAI's own client
     },
-    entry_points={"console_scripts": ["vllm-jax=vllm_jax.cli:main"]},
+    entry_points={"console_scripts": ["vllm-jax=vllm_jax.cli:main"],
+                  "lmms_eval.models": ["vllm_jax=vllm_jax.eval.lmms:manifest"]},
 )

@@ -20,8 +20,9 @@ if [ -n "$packages" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; th
     || echo "could not install $packages: tests/test_slurm.py / tests/test_web.py skip"
 fi
 pip install -q -e '.[web]' playwright  # the web page's extra, and the browser driver of its test
-# lmms-eval, the field's evaluation harness, against `vllm-jax serve` (tests/test_lmms_eval.py). Its
-# declared dependencies would swap torch for a CUDA build: install it and what it imports by hand.
+# lmms-eval, the field's evaluation harness, with `--model vllm_jax` and against `vllm-jax serve`
+# (tests/test_lmms_eval.py). Its declared dependencies would swap torch for a CUDA build: install it
+# and what it imports by hand.
 pip install -q --no-deps lmms-eval==0.7.3 pytablewriter==1.2.1 DataProperty==1.1.1 mbstrdecoder==1.1.5 \
   pathvalidate==3.3.1 tabledata==1.3.5 tcolorpy==0.1.7 typepy==1.3.5 chardet==6.0.0.post1
 pip install -q datasets loguru python-dotenv sacrebleu evaluate tenacity "filelock<4"

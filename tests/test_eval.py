@@ -375,6 +375,6 @@ def test_batches_split_over_a_data_parallel_mesh(data, tmp_path):
     embeds = system.embed(ids, system.encode_media([system.load_media(str(root / "videos" / "vid0.mp4"))] * 8),
                           [None] * 8)
     positions = np.broadcast_to(np.arange(31, dtype=np.int32), (8, 31))  # each token scores the next
-    out = likelihood.token_logprobs(system.config.llama, system.params["llm"], embeds, np.ones_like(ids), positions,
-                                    ids[:, 1:])
+    out, _ = likelihood.token_logprobs(system.config.llama, system.params["llm"], embeds, np.ones_like(ids),
+                                       positions, ids[:, 1:])
   assert len(out.addressable_shards) == 8 and {s.data.shape for s in out.addressable_shards} == {(1, 31)}

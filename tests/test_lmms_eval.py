@@ -1,5 +1,6 @@
-"""lmms-eval (the field's evaluation harness) scores a model served by `vllm-jax serve`: a tiny random
-Video-LLaMA folder is served the way users serve one, and lmms-eval's OpenAI-compatible model runs a
+"""lmms-eval (the field's evaluation harness) runs vllm_jax two ways: as its own model (`--model
+vllm_jax`, registered by entry point; at the end of this file), and against a model served by
+`vllm-jax serve`: a tiny random Video-LLaMA folder is served the way users serve one, and lmms-eval's OpenAI-compatible model runs a
 local open-ended video task (generated mp4s, a jsonl of questions, a task YAML in an include path)
 against it, offline. lmms-eval sends a video in one of two ways, both tested:
   - "video_url": `--model openai --model_args ...,pass_video_url=True` sends one
@@ -141,3 +142,98 @@ def test_lmms_eval_scores_a_served_video_llama(task, server, tmp_path, mode):
     answer = answer[0] if isinstance(answer, list) else answer
     assert isinstance(answer, str) and not answer.startswith(FAILED), (row, log)
     assert row["target"] == DOCS[row["doc_id"]][1]
+
+
+# --- vllm_jax as lmms-eval's model (`--model vllm_jax`, registered by entry point) ------------------
+
+CHOICES = [("What moves?", ["a red circle", "a blue square", "nothing"], 1),
+           ("Which way?", ["left", "right", "up", "down"], 2),
+           ("How many?", ["one", "two"], 0)]
+ROUNDS = '''def doc_to_text(doc, lmms_eval_specific_kwargs=None, previous_output=None, round_idx=None,
+                previous_round_info=None):
+    """Round 0: the question; round 1: the follow-up about the same video; then done."""
+    if round_idx is None:
+        return doc["question"]
+    if round_idx == 1:
+        return [doc["video"]], "Describe the video.", False, previous_output, None
+    return None, None, True, previous_output, None
+
+
+def process_results(doc, results):
+    rounds = results[0]  # the answer of each round
+    return {"rounds": float(len(rounds) == 2 and all(isinstance(r, str) for r in rounds))}
+'''
+
+
+@pytest.fixture(scope="module")
+def own_tasks(task):
+  """The task folder's videos as three more tasks: MVBench-shaped multiple choice (ranked by
+  likelihood), open-ended questions, and a two-round conversation (its doc_to_text in utils.py)."""
+  model, media, _ = task
+  root = os.path.dirname(media)
+  include = os.path.join(root, "own_tasks")
+  os.makedirs(include)
+  clips = [os.path.join(media, f"clip{i}.mp4") for i in range(len(DOCS))]
+  mc = [{"id": f"m{i}", "video": clip, "question": q, "candidates": options, "answer": options[label], "label": label}
+        for i, (clip, (q, options, label)) in enumerate(zip(clips, CHOICES))]
+  files = {"mc": mc, "open": [{"id": f"o{i}", "video": clip, "question": q, "answer": a}
+                              for i, (clip, (q, a)) in enumerate(zip(clips, DOCS))]}
+  for name, docs in files.items():
+    with open(os.path.join(root, f"{name}.jsonl"), "w") as f:
+      f.write("".join(json.dumps(doc) + "\n" for doc in docs))
+  common = lambda name: f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {root}/{name}.jsonl\n" \
+                        "test_split: test\ndoc_to_visual: video\n"
+  tasks = {
+      "vj_mc": common("mc") + "output_type: multiple_choice\ndoc_to_text: question\ndoc_to_choice: candidates\n"
+               "doc_to_target: label\nmetric_list:\n  - metric: acc\n",
+      "vj_open": common("open") + "output_type: generate_until\ndoc_to_text: question\ndoc_to_target: answer\n"
+                 "generation_kwargs:\n  max_new_tokens: 6\n  temperature: 0\n  until: []\n"
+                 "metric_list:\n  - metric: exact_match\n",
+      "vj_rounds": common("open") + "output_type: generate_until_multi_round\ndoc_to_text: !function utils.doc_to_text\n"
+                   "doc_to_target: answer\nprocess_results: !function utils.process_results\n"
+                   "generation_kwargs:\n  max_new_tokens: 6\n  temperature: 0\n"
+                   "metric_list:\n  - metric: rounds\n    aggregation: mean\n    higher_is_better: true\n"}
+  for name, text in tasks.items():
+    with open(os.path.join(include, f"{name}.yaml"), "w") as f:
+      f.write(f"task: {name}\n{text}")
+  with open(os.path.join(include, "utils.py"), "w") as f:
+    f.write(ROUNDS)
+  return model, root, include, files
+
+
+def test_lmms_eval_runs_vllm_jax_as_its_model_with_our_scores(own_tasks, tmp_path):
+  """`lmms-eval --model vllm_jax` (found through the entry point, as users run it), each batch split
+  over a 2-device data mesh: its multiple-choice accuracy and option log-probabilities are
+  `vllm-jax eval --mc-scoring likelihood`'s (one device), its open-ended answers are `vllm-jax
+  eval`'s, and a two-round task gets both rounds."""
+  model, root, include, files = own_tasks
+  env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"),
+             TOKENIZERS_PARALLELISM="false", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  proc = subprocess.run([sys.executable, "-m", "lmms_eval", "--model", "vllm_jax", "--model_args",
+                         f"model={model},mesh=2x1x1", "--tasks", "vj_mc,vj_open,vj_rounds", "--include_path", include,
+                         "--output_path", str(tmp_path / "results"), "--log_samples", "--batch_size", "2"],
+                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+  log = (proc.stdout + proc.stderr)[-6000:]
+  assert proc.returncode == 0 and "Error during evaluation" not in proc.stdout + proc.stderr, log
+  results = glob.glob(str(tmp_path / "results" / "**" / "*_results.json"), recursive=True)
+  assert len(results) == 1, log
+  scores = json.loads(open(results[0]).read())["results"]
+  samples = lambda name: sorted((json.loads(line) for line in open(glob.glob(
+      str(tmp_path / "results" / "**" / f"*_samples_{name}.jsonl"), recursive=True)[0])), key=lambda r: r["doc_id"])
+  assert scores["vj_rounds"]["rounds,none"] == 1.0, scores
+
+  from vllm_jax import cli
+  for name, fmt, extra in (("mc", "multiple-choice", ["--mc-scoring", "likelihood"]), ("open", "open-ended", [])):
+    annotations = tmp_path / f"{name}.json"
+    annotations.write_text(json.dumps(files[name]))
+    assert cli.main(["eval", "--model", model, "--format", fmt, "--annotations", str(annotations), "--media-root",
+                     "/", "--out", str(tmp_path / name), "--batch-size", "2", "--max-new-tokens", "6", *extra]) == 0
+  ours = json.loads((tmp_path / "mc" / "results.json").read_text())["overall"]
+  assert scores["vj_mc"]["acc,none"] == pytest.approx(ours["likelihood_accuracy"]), (scores, ours)
+  answers = {r["id"]: r for r in map(json.loads, (tmp_path / "mc" / "answers.jsonl").read_text().splitlines())}
+  for row in samples("vj_mc"):  # lmms-eval's option values are losses: the smallest is picked
+    theirs = [-float(loss) for loss, _ in row["filtered_resps"]]
+    assert theirs == pytest.approx(answers[f"m{row['doc_id']}"]["logprobs"], abs=1e-4), row
+  answers = {r["id"]: r["answer"] for r in map(json.loads, (tmp_path / "open" / "answers.jsonl").read_text().splitlines())}
+  for row in samples("vj_open"):
+    assert row["filtered_resps"] == answers[f"o{row['doc_id']}"].strip(), row

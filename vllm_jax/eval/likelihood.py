@@ -16,9 +16,9 @@ from vllm_jax.models.llama import Llama, LlamaConfig
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def token_logprobs(config: LlamaConfig, params, inputs_embeds: jax.Array, attention_mask: jax.Array,
-                   positions: jax.Array, targets: jax.Array) -> jax.Array:
-  """embeddings [B, T, E], mask [B, T]; positions, targets [B, A] -> [B, A]: log p(targets[b, a] |
-  the tokens up to positions[b, a]). The vocabulary is projected at those positions only, not at
+                   positions: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """embeddings [B, T, E], mask [B, T]; positions, targets [B, A] -> ([B, A] log p(targets[b, a] |
+  the tokens up to positions[b, a]), [B, A] whether that target is the likeliest token). The vocabulary is projected at those positions only, not at
   all T (a video prompt's [B, T, V] logits would be most of the memory)."""
   model = Llama(config)
   hidden, _ = model.apply({"params": params}, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
@@ -26,7 +26,7 @@ def token_logprobs(config: LlamaConfig, params, inputs_embeds: jax.Array, attent
   hidden = jnp.take_along_axis(hidden, positions[..., None], axis=1)
   logits = model.apply({"params": params}, hidden, method=Llama.logits)
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0], jnp.argmax(logp, axis=-1) == targets
 
 
 def answer_ids(system, conversation, media: Media, text: str) -> tuple[list[int], int]:
@@ -54,6 +54,14 @@ def option_logprobs(system, media: Sequence[Media], conversations: Sequence, opt
   """The total log-probability of each option as the answer to each conversation (ending in its
   question): one array [len(options[i])] per item. `rows` pads the forward to that many rows
   (copies of the first), so that every batch of a run compiles once."""
+  return [logprobs for logprobs, _ in option_scores(system, media, conversations, options, use_audio=use_audio,
+                                                   rows=rows)]
+
+
+def option_scores(system, media: Sequence[Media], conversations: Sequence, options: Sequence[Sequence[str]], *,
+                  use_audio: bool = False, rows: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+  """As `option_logprobs`, with whether greedy decoding would give each option: per item
+  (total log-probabilities [n], greedy [n] bool)."""
   spans, owner = [], []
   for i, (conversation, m, texts) in enumerate(zip(conversations, media, options)):
     for text in texts:
@@ -71,8 +79,10 @@ def option_logprobs(system, media: Sequence[Media], conversations: Sequence, opt
   for r, (s, start) in enumerate(spans):
     n = len(s) - start
     positions[r, :n], targets[r, :n], scored[r, :n] = np.arange(start - 1, len(s) - 1), s[start:], True
-  logp = np.asarray(token_logprobs(system.config.llama, system.params["llm"], embeds, jnp.asarray(mask),
-                                   jnp.asarray(positions), jnp.asarray(targets)))
+  logp, likeliest = (np.asarray(x) for x in token_logprobs(system.config.llama, system.params["llm"], embeds,
+                                                             jnp.asarray(mask), jnp.asarray(positions),
+                                                             jnp.asarray(targets)))
   totals = np.where(scored, logp, 0.0).sum(axis=1)[:len(spans)]
+  greedy = np.where(scored, likeliest, True).all(axis=1)[:len(spans)]
   bounds = np.cumsum([0] + [len(t) for t in options])
-  return [totals[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+  return [(totals[a:b], greedy[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]

@@ -137,8 +137,9 @@ def run(cfg) -> dict:
   """The demo of a `configs/demo.py` config -> {"accuracy", "seconds", paths of the artefacts}."""
   import jax
 
-  from vllm_jax import cli
+  from vllm_jax.chat_session import MediaChat
   from vllm_jax.configs import demo as demo_config
+  from vllm_jax.generate import SamplingConfig
   from vllm_jax.data.tokenizer import train_tokenizer
   from vllm_jax.systems.video_llama import VideoLlamaSystem
   from vllm_jax.train import optim
@@ -180,11 +181,12 @@ def run(cfg) -> dict:
                title=f"Video-LLaMA demo: {len(losses)} steps on {cfg.demo.num_train} synthetic videos")
   print(f"report: {paths.shown(report)}")
 
-  video = rows[0]["item"].media
+  video = rows[0]["item"].media  # asked as `vllm-jax chat` asks, the command shown for the reader to try
   print(f"\n$ vllm-jax chat --model {paths.shown(model_dir)} --video {paths.shown(video)} "
         f"--question {json.dumps(cfg.demo.question)}")
-  cli.main(["chat", "--model", model_dir, "--video", video, "--question", cfg.demo.question,
-            "--max-new-tokens", "24"])
+  system = VideoLlamaSystem.load(model_dir)
+  chat = MediaChat(system, system.load_media(video, use_audio=system.has_audio), system.has_audio)
+  print(chat.ask(cfg.demo.question, 24, SamplingConfig(), seed=0)[0])
   print(f"(true caption: {rows[0]['item'].answer})")
   seconds = time.perf_counter() - start
   print(f"demo done in {seconds / 60:.1f} min; everything is in {paths.shown(workdir)}")

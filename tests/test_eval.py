@@ -267,12 +267,15 @@ def test_multiple_choice_letter_and_likelihood(data, tmp_path, capsys):
     (["--annotations", "nope.json"], "argument --annotations: no such file: nope.json"),
     (["--mesh", "8,1,1", "--batch-size", "4"], "error: --batch-size 4: each batch is split over the mesh's data x"),
     (["--annotations", "bad"], "error: .*bad.json item 1: missing 'question'"),
+    (["--annotations", "folder"], "error: --annotations .* is a folder: --format open-ended reads a file"),
+    (["--subtitles", "folder"], "error: --subtitles is for --format videomme"),
+    (["--format", "egoschema"], "error: --format egoschema needs its published answers: --answer-file"),
 ])
 def test_bad_flags_exit_2_with_one_line(data, tmp_path, capsys, extra, message):
   model, root = data
   good = write_json(tmp_path / "qa.json", OPEN_ENDED)
   bad = write_json(tmp_path / "bad.json", [OPEN_ENDED[0], {"question_id": 1, "video_name": "vid0", "answer": "x"}])
-  extra = [{"bad": bad}.get(e, e) for e in extra]
+  extra = [{"bad": bad, "folder": str(root)}.get(e, e) for e in extra]
   args = ["eval", "--model", model, "--format", "open-ended", "--annotations", good, "--out", str(tmp_path / "o")]
   try:
     status = cli.main(args + extra)

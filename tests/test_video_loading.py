@@ -149,3 +149,28 @@ def test_audio_only_file_given_as_video_says_so(tmp_path):
     out.mux(sound.encode())
   with pytest.raises(MediaError, match="has no video stream"):
     load_media(path, 4, 32)
+
+
+def test_bounds_and_frame_folders_for_every_sampler(tmp_path):
+  """Frames only within [start, end] seconds, from a video or a folder of frame images (the i-th at
+  i / folder_fps s): uniform and linspace sampling, the 1 fps stream, the audio clips; none there
+  is an error naming the file."""
+  video = write_video(tmp_path / "clip.mp4", num_frames=40, fps=10, size=(32, 32), audio_seconds=4)
+  folder = tmp_path / "frames"
+  folder.mkdir()
+  for i in range(1, 25):
+    Image.fromarray(np.full((24, 32, 3), 8 * i, np.uint8)).save(folder / f"{i:05d}.png")
+  assert V.load_video(video, 4, 32, bounds=(1.2, 2.5)).timestamps == [1.2, 1.5, 1.9, 2.2]
+  assert V.load_video(video, 4, 32, sampling="linspace", bounds=(1.2, 2.5)).timestamps == [1.2, 1.6, 2.0, 2.5]
+  assert V.FrameStream(video, 1.0, None, (1.2, 3.5)).timestamps == [1.2, 2.2, 3.2]
+  out = V.load_video(str(folder), 4, 32, bounds=(2.0, 6.0), folder_fps=3.0)
+  assert out.timestamps == [2.0, 3.0, 4.0, 5.0]
+  np.testing.assert_allclose(gray_levels(out.frames), [56, 80, 104, 128], atol=2)  # files 7, 10, 13, 16
+  stream = V.FrameStream(str(folder), 1.0, None, (2.0, 6.0), 3.0)
+  assert stream.timestamps == [2.0, 3.0, 4.0, 5.0, 6.0] and next(stream.chunks(8, 32)).shape == (5, 32, 32, 3)
+  assert load_media(video, 4, 32, with_audio=True, bounds=(1.0, 2.0)).audio_valid
+  assert load_media(str(folder), 4, 32, with_audio=True, folder_fps=3.0).audio is None
+  with pytest.raises(MediaError, match=r"clip.mp4 has no frame within 9-10 s \(40 frames at 10 fps\)"):
+    V.load_video(video, 4, 32, bounds=(9, 10))
+  with pytest.raises(FileNotFoundError, match="frame folder not found: .*nowhere"):
+    V.load_video(str(tmp_path / "nowhere"), 4, 32, folder_fps=3.0)

@@ -32,7 +32,7 @@ def frames_shown(system, media) -> list[tuple[np.ndarray, str]]:
   if media.frames.frames is not None:
     pixels = media.frames.frames[pick]
   else:  # a streamed video (LLaMA-VID): decode only the frames shown
-    stream = video_lib.FrameStream(media.path, system.config.fps, len(times))
+    stream = video_lib.FrameStream(media.path, system.config.fps, len(times), media.bounds, media.folder_fps)
     pixels = stream.frames(pick, system.config.vit.image_size)
   pictures = np.clip((pixels * video_lib.CLIP_STD + video_lib.CLIP_MEAN) * 255, 0, 255).round().astype(np.uint8)
   return [(p, "image" if media.is_image else f"t = {times[i]} s") for p, i in zip(pictures, pick)]

@@ -18,24 +18,49 @@ formats (--annotations; relative video paths start at --media-root):
                    then v_video_name.*, ActivityNet's file names). Scores: SQuAD-normalised exact match
                    and token F1 per category ("type", else "all"); with --judge-url also an LLM judge's
                    yes-rate and mean score (0-5), as Video-ChatGPT's evaluation.
-  multiple-choice  MVBench, Video-MME, NExT-QA, EgoSchema converted to a JSON list (or JSON lines) of
-                   {"question_id": optional, "video", "question", "candidates": [...], "answer": the
-                   correct option's text, letter or index, "category": optional} ("options" and
-                   "choices" are read as candidates, "task_type" as category). The options are listed as
-                   "(A) ..." and the letter is asked for; --mc-scoring letter reads the option from the
-                   answer (its letter, or its text), likelihood ranks the options by the total
-                   log-probability of their tokens as the answer (no generation), both does both.
+  multiple-choice  a JSON list (or JSON lines) of {"question_id": optional, "video", "question",
+                   "candidates": [...], "answer": the correct option's text, letter or index, "category":
+                   optional} ("options" and "choices" are read as candidates, "task_type" as category):
+                   NExT-QA, or any set converted to it. The options are listed as "(A) ..." and the
+                   letter is asked for; --mc-scoring letter reads the option from the answer (its
+                   letter, or its text), likelihood ranks the options by the total log-probability of
+                   their tokens as the answer (no generation), both does both.
+  The benchmarks as published (multiple choice, scored as above):
+  mvbench          --annotations MVBench/json (or one task file of it) --media-root MVBench/video: per
+                   task (category, e.g. "Action Sequence") [{"video", "question", "candidates", "answer",
+                   "start", "end"}]; ids "action_sequence/0"; bounded tasks read only the frames within
+                   [start, end] s; Episodic Reasoning's videos are folders of frames at 3 fps.
+  egoschema        --annotations questions.json --answer-file subset_answers.json --media-root videos:
+                   [{"q_uid", "question", "option 0".."option 4"}], {q_uid: index}, <q_uid>.mp4; the
+                   questions without a published answer are skipped.
+  videomme         --annotations videomme/test-00000-of-00001.parquet (or its rows as JSON) --media-root
+                   data: {"videoID", "question_id", "duration", "domain", "task_type", "question",
+                   "options": ["A. ..."], "answer": letter}; per task type, duration and domain; asked
+                   with Video-MME's prompt, and with --subtitles DIR (<videoID>.srt) the subtitles at the
+                   sampled frames before it.
+  longvideobench   --annotations lvb_val.json --media-root videos: [{"id", "video_path", "question",
+                   "candidates", "correct_choice", "question_category", "duration_group"}]; per
+                   question_category and duration_group.
+  mlvu             --annotations MLVU/json (or one of 1_plotQA.json .. 7_topic_reasoning.json)
+                   --media-root MLVU/video: [{"video", "question", "candidates", "answer",
+                   "question_type"}], videos in video/<task file's stem>/; per question_type.
   synthetic        the demo's held-out split (vllm_jax.eval.synthetic): per-attribute accuracy.
 
 In --out: answers.jsonl (one record per question, appended per batch: a rerun answers only the
 questions without an answer, and retries missing or undecodable videos, recorded as errors),
 run.json (the model and the settings the answers were made with: a rerun with others is refused),
-results.json (settings, the package version and the parameters' SHA-256, overall and per-category
-scores with counts) and, with a judge, judge.json (its replies by question id, prediction and judge
-model: a rerun asks only about new predictions). Sampled answers are seeded per question (--seed
-and the question id): a resumed run answers as an uninterrupted one. The per-category table is
-printed at the end. Exits with 1 when a question failed (or the judge did).
+results.json (settings, the package version and the parameters' SHA-256, overall, per-category and
+per-group scores with counts) and, with a judge, judge.json (its replies by question id, prediction
+and judge model: a rerun asks only about new predictions). Sampled answers are seeded per question
+(--seed and the question id): a resumed run answers as an uninterrupted one. The per-category table
+(then one per further grouping) is printed at the end. Exits with 1 when a question failed (or the
+judge did).
 With --mesh the parameters are placed on the mesh and each batch is split over its data x fsdp devices."""
+
+
+def annotations_path(path: str) -> str:
+  """An argparse type: an annotation file, or a folder of task files (mvbench, mlvu)."""
+  return path if flags.checked(paths.is_dir, path) else flags.existing_file(path)
 
 
 def add_parser(commands) -> None:
@@ -44,9 +69,14 @@ def add_parser(commands) -> None:
                                description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--model", required=True, help="a video model folder")
   parser.add_argument("--format", required=True, choices=FORMATS)
-  parser.add_argument("--annotations", required=True, type=flags.existing_file, help="the set's questions")
+  parser.add_argument("--annotations", required=True, type=annotations_path,
+                      help="the set's questions (mvbench, mlvu: their json folder, or one task file)")
   parser.add_argument("--answer-file", type=flags.existing_file, default=None,
-                      help="open-ended: the reference answers in a file of their own (test_a.json)")
+                      help="the reference answers in a file of their own: open-ended's test_a.json, egoschema's "
+                           "subset_answers.json")
+  parser.add_argument("--subtitles", type=flags.existing_folder, default=None, metavar="DIR",
+                      help="videomme: the subtitles (<videoID>.srt); those at the sampled frames are asked with "
+                           "the question")
   parser.add_argument("--media-root", type=flags.existing_folder, default=None,
                       help="folder that video paths start from (default: the annotation file's folder)")
   parser.add_argument("--out", required=True, help="folder for answers.jsonl and results.json (created)")
@@ -69,10 +99,16 @@ def run(args) -> int:
   from vllm_jax.eval import run as eval_run
   from vllm_jax.eval.judge import Judge
   from vllm_jax.train import sharding
-  if args.answer_file and args.format != "open-ended":
-    return flags.error("--answer-file is for --format open-ended")
-  if args.mc_scoring and args.format != "multiple-choice":
-    return flags.error("--mc-scoring is for --format multiple-choice")
+  if args.answer_file and args.format not in ("open-ended", "egoschema"):
+    return flags.error("--answer-file is for --format open-ended and egoschema")
+  if args.format == "egoschema" and not args.answer_file:
+    return flags.error("--format egoschema needs its published answers: --answer-file subset_answers.json")
+  if args.subtitles and args.format != "videomme":
+    return flags.error("--subtitles is for --format videomme")
+  if args.mc_scoring and args.format not in eval_run.MULTIPLE_CHOICE:
+    return flags.error(f"--mc-scoring is for --format {', '.join(eval_run.MULTIPLE_CHOICE)}")
+  if paths.is_dir(args.annotations) and args.format not in ("mvbench", "mlvu"):
+    return flags.error(f"--annotations {args.annotations} is a folder: --format {args.format} reads a file")
   if (args.judge_url or args.judge_model or args.judge_api_key_env) and args.format != "open-ended":
     return flags.error("the judge (--judge-url) is for --format open-ended")
   if bool(args.judge_url) != bool(args.judge_model):
@@ -82,7 +118,7 @@ def run(args) -> int:
   if paths.is_file(args.out):
     return flags.error(f"--out: {args.out} is a file, not a folder")
   media_root = args.media_root or paths.parent(args.annotations)
-  items = eval_run.load_items(args.format, args.annotations, media_root, args.answer_file)
+  items = eval_run.load_items(args.format, args.annotations, media_root, args.answer_file, args.subtitles)
   if not items:
     return flags.error(f"{args.annotations} holds no questions")
   items = items[:args.limit]
@@ -108,8 +144,9 @@ def run(args) -> int:
                   cache_path=paths.join(args.out, "judge.json"))
   mc_scoring = args.mc_scoring or "letter"
   settings = {"model": args.model, "annotations": args.annotations, "answer_file": args.answer_file,
-              "media_root": media_root, "limit": args.limit, "audio": use_audio, "num_frames": args.num_frames,
-              "mc_scoring": mc_scoring if args.format == "multiple-choice" else None,
+              "subtitles": args.subtitles, "media_root": media_root, "limit": args.limit, "audio": use_audio,
+              "num_frames": args.num_frames,
+              "mc_scoring": mc_scoring if args.format in eval_run.MULTIPLE_CHOICE else None,
               "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
               "top_k": args.top_k, "seed": args.seed, "dtype": args.dtype, "mesh": args.mesh,
               "judge_url": args.judge_url}
@@ -124,7 +161,8 @@ def run(args) -> int:
   return 1 if summary["settings"]["errors"] or summary["settings"].get("judge_errors") else 0
 
 
-ANSWER_SETTINGS = ("format", "audio", "num_frames", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "dtype")
+ANSWER_SETTINGS = ("format", "subtitles", "audio", "num_frames", "max_new_tokens", "temperature", "top_p", "top_k",
+                   "seed", "dtype")
 
 
 def answer_settings(args, use_audio: bool | None = None) -> dict:

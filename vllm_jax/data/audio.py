@@ -169,6 +169,11 @@ def audio_clips(waveform: np.ndarray | None,
   return np.ascontiguousarray(features.transpose(0, 2, 1)[:, None]), True
 
 
-def load_audio_clips(path: str, config: AudioClipConfig = AudioClipConfig()) -> tuple[np.ndarray, bool]:
-  """Video or audio file -> (features [N, 1, mel, frames] float32, valid); see the module doc."""
-  return audio_clips(load_audio(path, config.sample_rate), config)
+def load_audio_clips(path: str, config: AudioClipConfig = AudioClipConfig(),
+                     bounds: tuple[float, float] | None = None) -> tuple[np.ndarray, bool]:
+  """Video or audio file -> (features [N, 1, mel, frames] float32, valid); see the module doc.
+  `bounds`: only the track within these (start, end) seconds."""
+  waveform = load_audio(path, config.sample_rate)
+  if bounds is not None and waveform is not None:
+    waveform = waveform[round(bounds[0] * config.sample_rate):round(bounds[1] * config.sample_rate)]
+  return audio_clips(waveform, config)

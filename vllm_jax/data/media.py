@@ -6,6 +6,7 @@ Behaviour on bad inputs (what `chat` prints and `infer` records):
   video without audio track -> frames only, `audio_valid=False` (answered from the frames)
   fewer frames than asked   -> every frame, padded and masked (see `vllm_jax.data.video`)
   images                    -> one frame (an animated one: its first), never audio
+  a folder of frame images  -> a video at `folder_fps` frames per second, never audio
 """
 
 import dataclasses
@@ -25,6 +26,10 @@ class Media:
   frames: Frames
   audio: np.ndarray | None = None   # [clips, 1, mel, frames] float32, when audio was asked for
   audio_valid: bool = False         # False: no audio track (or a silent or empty one)
+  # How the frames were read, for a streamed video decoded again later (LLaMA-VID): only those within
+  # these (start, end) seconds; a folder of frame images at this many frames per second.
+  bounds: tuple[float, float] | None = None
+  folder_fps: float | None = None
 
   @property
   def is_image(self) -> bool:
@@ -38,13 +43,16 @@ def media_path(root: str, name: str) -> str:
 
 
 def load_media(path: str, num_frames: int = 8, size: int = 224, with_audio: bool = False,
-               audio_config: audio_lib.AudioClipConfig = audio_lib.AudioClipConfig(), **video_kwargs) -> Media:
-  """Frames of a video or image file, and (with `with_audio`, videos only) its audio clips."""
-  frames = load_visual(path, num_frames, size, **video_kwargs)
-  if not with_audio or is_image_path(path):
-    return Media(path, frames)
+               audio_config: audio_lib.AudioClipConfig = audio_lib.AudioClipConfig(),
+               bounds: tuple[float, float] | None = None, folder_fps: float | None = None, **video_kwargs) -> Media:
+  """Frames of a video or image file (or, with `folder_fps`, a folder of frame images), and (with
+  `with_audio`, video files only) its audio clips; only within `bounds` = (start, end) seconds
+  when given (see `vllm_jax.data.video`)."""
+  frames = load_visual(path, num_frames, size, bounds=bounds, folder_fps=folder_fps, **video_kwargs)
+  if not with_audio or is_image_path(path) or folder_fps is not None:
+    return Media(path, frames, bounds=bounds, folder_fps=folder_fps)
   try:
-    clips, valid = audio_lib.load_audio_clips(path, audio_config)
+    clips, valid = audio_lib.load_audio_clips(path, audio_config, bounds)
   except audio_lib.AudioDecodeError as e:
     raise MediaError(str(e)) from e
-  return Media(path, frames, clips, valid)
+  return Media(path, frames, clips, valid, bounds=bounds)

@@ -27,6 +27,10 @@ and an animated image (gif, webp, apng) is read as its first frame.
 LLaMA-VID samples a video at 1 fps and resizes each frame as an image (below); `FrameStream`
 decodes such a video a chunk of frames at a time.
 
+`bounds` = (start, end) seconds restricts either sampling to the frames within [start, end]
+(MVBench's bounded tasks); their timestamps stay the video's own. `folder_fps` reads a folder of
+frame images (in name order, the i-th at i / folder_fps seconds; MVBench's TVQA frames) as a video.
+
 `resize="short_side_crop"` is Video-LLaVA's preprocessing instead (`resize="squash"`, the
 default, is the above). Videos are decoded at their native size and each frame is resized so
 its short side is 224 (pytorchvideo's ShortSideScale: torch bilinear, align_corners=False, no
@@ -196,8 +200,10 @@ def _check_resize(resize: str) -> None:
 
 def load_video(path: str, num_frames: int = 8, size: int = 224, sampling: str = "uniform",
                rng: np.random.Generator | None = None, train_crop: bool = False,
-               num_threads: int = 2, resize: str = "squash") -> Frames:
-  """Decode `num_frames` sampled frames of a video file; see the module doc.
+               num_threads: int = 2, resize: str = "squash", bounds: tuple[float, float] | None = None,
+               folder_fps: float | None = None) -> Frames:
+  """Decode `num_frames` sampled frames of a video file (or, with `folder_fps`, a folder of frame
+  images), only those within `bounds` seconds when given; see the module doc.
 
   `train_crop` applies the training RandomResizedCrop (scale 0.5-1, bicubic) to the decoded
   frames, in place of the `resize` step. `num_threads` are decord's decoding threads for this
@@ -207,22 +213,75 @@ def load_video(path: str, num_frames: int = 8, size: int = 224, sampling: str = 
   _check_resize(resize)
   decode_size = dict(width=size, height=size) if resize == "squash" else {}
   path = paths.resolve(path)
-  reader = _open(path, num_threads=num_threads, **decode_size)
+  reader = _open(path, folder_fps, num_threads=num_threads, **decode_size)
   vlen, fps = len(reader), float(reader.get_avg_fps())
-  indices = sample_indices(vlen, num_frames, sampling, rng)
+  fps = fps if fps > 0 else 1.0
+  first, last = frame_window(path, vlen, fps, bounds)
+  indices = first + sample_indices(last - first + 1, num_frames, sampling, rng)
   pixels = _decode(reader, path, indices)  # [n, H, W, 3] uint8
   if train_crop:
     pixels = random_resized_crop(pixels, size, rng or np.random.default_rng())
   elif resize == "short_side_crop":
     pixels = short_side_crop(pixels, size)
   frames, mask = pad_frames(normalize(pixels), num_frames)
-  fps = fps if fps > 0 else 1.0
   return Frames(frames, mask, [round(float(i) / fps, 1) for i in indices])
 
 
-def _open(path: str, **kwargs):
+def frame_window(path: str, vlen: int, fps: float, bounds: tuple[float, float] | None) -> tuple[int, int]:
+  """The first and last of a video's `vlen` frames within `bounds` = (start, end) seconds (all of
+  them when None); MediaError when none is."""
+  if bounds is None:
+    return 0, vlen - 1
+  start, end = bounds
+  # The tolerance keeps a bound that falls on a frame (0.3 s at 10 fps) from losing it to rounding.
+  first = max(0, math.ceil(start * fps - 1e-6))
+  last = min(vlen - 1, math.floor(end * fps + 1e-6))
+  if first > last:
+    raise MediaError(f"{path} has no frame within {start:g}-{end:g} s ({vlen} frames at {fps:g} fps)")
+  return first, last
+
+
+class FrameFolder:
+  """A folder of frame images read as a video at `fps` frames per second, in name order (zero-padded
+  numbers, as frame extractors write them): in place of decord's reader for `load_video` and
+  `FrameStream`. `width` and `height`: each frame resized to them (bicubic), as decord resizes."""
+
+  def __init__(self, path: str, fps: float, width: int | None = None, height: int | None = None):
+    if not paths.is_dir(path):
+      raise FileNotFoundError(f"frame folder not found: {path}")
+    self.path, self.fps, self.size = path, fps, (width, height) if width and height else None
+    self.names = [name for name in paths.listdir(path) if is_image_path(name)]
+    if not self.names:
+      raise MediaError(f"{path} holds no frame images ({', '.join(IMAGE_EXTENSIONS)})")
+
+  def __len__(self) -> int:
+    return len(self.names)
+
+  def get_avg_fps(self) -> float:
+    return self.fps
+
+  def get_batch(self, indices) -> np.ndarray:
+    """The frames at `indices` -> [n, H, W, 3] uint8."""
+    from PIL import Image, UnidentifiedImageError
+    frames = []
+    for index in indices:
+      file = paths.join(self.path, self.names[index])
+      try:
+        with Image.open(paths.media_source(file)) as image:
+          image = _to_rgb(image)
+          frames.append(np.asarray(image.resize(self.size, Image.BICUBIC) if self.size else image))
+      except (UnidentifiedImageError, OSError) as e:
+        raise MediaError(f"cannot decode frame {file}: {e}") from e
+    if len({f.shape for f in frames}) > 1:
+      raise MediaError(f"the frames in {self.path} differ in size")
+    return np.stack(frames)
+
+
+def _open(path: str, folder_fps: float | None = None, **kwargs):
   """A decord VideoReader on a video with frames (a stored object's decoded from its bytes in
-  memory); MediaError (naming the file) otherwise."""
+  memory), or with `folder_fps` a FrameFolder; MediaError (naming the file) otherwise."""
+  if folder_fps is not None:
+    return FrameFolder(path, folder_fps, kwargs.get("width"), kwargs.get("height"))
   import decord
   source = paths.media_source(path)
   try:
@@ -238,6 +297,8 @@ def _open(path: str, **kwargs):
 
 def _decode(reader, path: str, indices) -> np.ndarray:
   """The frames at `indices` -> [n, H, W, 3] uint8; MediaError on a decoding failure."""
+  if isinstance(reader, FrameFolder):
+    return reader.get_batch(indices)
   import decord
   try:
     return reader.get_batch(list(map(int, indices))).asnumpy()
@@ -246,15 +307,18 @@ def _decode(reader, path: str, indices) -> np.ndarray:
 
 
 class FrameStream:
-  """A video's frames at `fps` per second (at most `max_frames`, evenly spread), decoded a chunk
-  at a time, each frame resized and centre-cropped as CLIPImageProcessor does (LLaMA-VID): an
-  hour-long video never sits in memory whole."""
+  """A video's frames at `fps` per second (at most `max_frames`, evenly spread; within `bounds`
+  seconds when given; `folder_fps`: a folder of frames, see the module doc), decoded a chunk at a
+  time, each frame resized and centre-cropped as CLIPImageProcessor does (LLaMA-VID): an hour-long
+  video never sits in memory whole."""
 
-  def __init__(self, path: str, fps: float = 1.0, max_frames: int | None = None):
+  def __init__(self, path: str, fps: float = 1.0, max_frames: int | None = None,
+               bounds: tuple[float, float] | None = None, folder_fps: float | None = None):
     self.path = paths.resolve(path)
-    self.reader = _open(self.path, num_threads=2)
+    self.reader = _open(self.path, folder_fps, num_threads=2)
     video_fps = float(self.reader.get_avg_fps()) or 1.0
-    self.indices = np.arange(0, len(self.reader), max(1, round(video_fps / fps)))
+    first, last = frame_window(self.path, len(self.reader), video_fps, bounds)
+    self.indices = np.arange(first, last + 1, max(1, round(video_fps / fps)))
     if max_frames and len(self.indices) > max_frames:
       self.indices = self.indices[np.linspace(0, len(self.indices) - 1, max_frames).astype(int)]
     self.timestamps = [round(float(i) / video_fps, 1) for i in self.indices]
@@ -314,7 +378,8 @@ def is_image_path(path: str) -> bool:
 
 def load_visual(path: str, num_frames: int = 8, size: int = 224, resize: str = "squash",
                 **kwargs) -> Frames:
-  """A video or (by extension) an image file -> Frames; `kwargs` go to `load_video` only."""
+  """A video, a frame folder (`folder_fps`) or (by extension) an image file -> Frames; `kwargs` go
+  to `load_video` only."""
   if is_image_path(path):
     return load_image(path, num_frames, size, resize)
   return load_video(path, num_frames, size, resize=resize, **kwargs)

@@ -14,3 +14,7 @@ class Item:
   category: str = "all"                # the per-category table's row
   candidates: tuple[str, ...] = ()     # multiple choice: the options, in order (A, B, C, ...)
   truth: dict[str, Any] = dataclasses.field(default_factory=dict)  # format-specific truth (e.g. attributes)
+  groups: dict[str, str] = dataclasses.field(default_factory=dict)  # further tables: {table: this item's row}
+  bounds: tuple[float, float] | None = None  # only the video's frames within (start, end) seconds are read
+  folder_fps: float | None = None      # media is a folder of frame images, this many per second
+  subtitles: tuple[tuple[float, float, str], ...] = ()  # (start s, end s, text): those at the frames are asked

@@ -7,15 +7,18 @@ In `out_dir` (a folder or a URL, gs://...):
                  likelihood scoring: each option's total log-probability)}, or {"key", "id", "error"}
                  for a missing or undecodable video. A rerun keeps the answered questions and retries
                  the others (errors, torn lines, records lacking what the scoring needs).
-  results.json   {"settings", "overall", "categories"}: the mean of every score over the answered
-                 questions, overall and per category, with their counts ("answered", "errors");
-                 settings hold the package version and the model parameters' fingerprint.
+  results.json   {"settings", "overall", "categories", "groups"}: the mean of every score over the
+                 answered questions, overall, per category and per row of each further table
+                 ("groups": {table: {row: ...}}, e.g. Video-MME's per duration and domain), with their
+                 counts ("answered", "errors"); settings hold the package version and the model
+                 parameters' fingerprint.
   judge.json     the LLM judge's replies (open-ended with a judge), see `vllm_jax.eval.judge`.
 
 Scores per question (each averaged): open-ended "exact" (SQuAD-normalised exact match) and "f1"
 (token F1), with a judge "judge_yes" (its 'pred' is yes) and "judge_score" (0-5); multiple choice
-"accuracy" (the option the answer's letter or text picks) and "likelihood_accuracy" (the option
-of highest log-probability); synthetic: `vllm_jax.eval.synthetic.score`.
+(the generic format and the benchmarks', MULTIPLE_CHOICE) "accuracy" (the option the answer's letter
+or text picks) and "likelihood_accuracy" (the option of highest log-probability); synthetic:
+`vllm_jax.eval.synthetic.score`.
 
 A sampled answer (temperature > 0) is drawn with its own seed, from the run's seed and the question
 id (`question_seed`): it does not depend on the batch it fell in, so a resumed run answers as an
@@ -35,9 +38,15 @@ from vllm_jax import paths
 from vllm_jax.data import feature_cache
 from vllm_jax.eval import Item, formats, metrics
 
-FORMATS = ("open-ended", "multiple-choice", "synthetic")
+MULTIPLE_CHOICE = ("multiple-choice", "mvbench", "egoschema", "videomme", "longvideobench", "mlvu")
+FORMATS = ("open-ended", *MULTIPLE_CHOICE, "synthetic")
 MC_SCORING = ("letter", "likelihood", "both")
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+# Video-MME's evaluation prompt (its README), the subtitles at the sampled frames first when given.
+VIDEOMME_SUBTITLES = "This video's subtitles are listed below:"
+VIDEOMME_INSTRUCTION = ("Select the best answer to the following multiple-choice question based on the video. "
+                        "Respond with only the letter (A, B, C, or D) of the correct option.")
+VIDEOMME_ANSWER = "The best answer is:"
 RAW_METRICS = ("judge_score",)  # shown as they are, not as percentages
 
 
@@ -46,28 +55,54 @@ def question_seed(seed: int, question_id: str) -> int:
   return int.from_bytes(hashlib.sha256(f"{seed}:{question_id}".encode()).digest()[:8], "little")
 
 
-def load_items(fmt: str, annotations: str, media_root: str, answer_file: str | None = None) -> list[Item]:
-  """The questions of an annotation file in format `fmt` (see `formats`, and `synthetic` for the demo's)."""
+def load_items(fmt: str, annotations: str, media_root: str, answer_file: str | None = None,
+               subtitles: str | None = None) -> list[Item]:
+  """The questions of an annotation file (or folder of task files) in format `fmt` (see `formats`,
+  and `synthetic` for the demo's); `answer_file`: open-ended's test_a.json, EgoSchema's
+  subset_answers.json; `subtitles`: Video-MME's folder of .srt files."""
   if fmt == "open-ended":
     return formats.open_ended(annotations, media_root, answer_file)
   if fmt == "multiple-choice":
     return formats.multiple_choice(annotations, media_root)
+  if fmt == "mvbench":
+    return formats.mvbench(annotations, media_root)
+  if fmt == "egoschema":
+    return formats.egoschema(annotations, media_root, answer_file)
+  if fmt == "videomme":
+    return formats.videomme(annotations, media_root, subtitles)
+  if fmt == "longvideobench":
+    return formats.longvideobench(annotations)
+  if fmt == "mlvu":
+    return formats.mlvu(annotations, media_root)
   if fmt == "synthetic":
     from vllm_jax.eval import synthetic
     return synthetic.load(annotations, media_root)
   raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
 
 
-def prompt(fmt: str, item: Item) -> str:
-  """The question the model is asked: for multiple choice with the options and a request for the letter."""
-  if fmt == "multiple-choice":
+def prompt(fmt: str, item: Item, timestamps: Sequence[float] = ()) -> str:
+  """The question the model is asked: for multiple choice with the options and a request for the
+  letter; for Video-MME as its evaluation asks, with the subtitles shown at `timestamps` (the
+  sampled frames' seconds)."""
+  if fmt == "videomme":
+    options = "\n".join(f"{metrics.LETTERS[i]}. {c}" for i, c in enumerate(item.candidates))
+    lines = subtitles_at(item.subtitles, timestamps)
+    shown = f"{VIDEOMME_SUBTITLES}\n" + "\n".join(lines) + "\n" if lines else ""
+    return f"{shown}{VIDEOMME_INSTRUCTION}\n{item.question}\n{options}\n{VIDEOMME_ANSWER}"
+  if fmt in MULTIPLE_CHOICE:
     return f"{item.question}\n{metrics.options_text(item.candidates)}\n{MC_INSTRUCTION}"
   return item.question
 
 
+def subtitles_at(subtitles: Sequence[tuple[float, float, str]], timestamps: Sequence[float]) -> list[str]:
+  """The subtitles shown at any of `timestamps`, in order, each once (Video-MME: those of the
+  sampled frames)."""
+  return [text for start, end, text in subtitles if any(start <= t < end for t in timestamps)]
+
+
 def needed_fields(fmt: str, mc_scoring: str) -> tuple[str, ...]:
   """What an answer record must hold for the scoring."""
-  if fmt != "multiple-choice" or mc_scoring == "letter":
+  if fmt not in MULTIPLE_CHOICE or mc_scoring == "letter":
     return ("answer",)
   return ("logprobs",) if mc_scoring == "likelihood" else ("answer", "logprobs")
 
@@ -99,7 +134,7 @@ def score(fmt: str, item: Item, record: dict, mc_scoring: str = "letter") -> dic
   if fmt == "open-ended":
     return {"exact": metrics.exact_match(record["answer"], item.answer), "f1": metrics.token_f1(record["answer"],
                                                                                                 item.answer)}
-  if fmt == "multiple-choice":
+  if fmt in MULTIPLE_CHOICE:
     correct, scores = item.truth["index"], {}
     if mc_scoring in ("letter", "both"):
       scores["accuracy"] = float(record["choice"] == correct)
@@ -149,7 +184,8 @@ def evaluate(system, fmt: str, items: Sequence[Item], out_dir: str, *, media_roo
       for item in pending[start:start + batch_size]:
         file = item.media if media_root is None else media_path(media_root, item.media)
         try:
-          batch.append((item, system.load_media(file, use_audio=use_audio, num_frames=num_frames)))
+          batch.append((item, system.load_media(file, use_audio=use_audio, num_frames=num_frames, bounds=item.bounds,
+                                                folder_fps=item.folder_fps)))
         except (FileNotFoundError, MediaError, ValueError) as e:
           errors[item.id] = f"{type(e).__name__}: {e}"
           failed.append({"key": item.id, "id": item.id, "category": item.category, "error": errors[item.id]})
@@ -178,8 +214,9 @@ def answer_batch(system, fmt: str, batch: Sequence[tuple[Item, object]], needs: 
   generated answers in `rows` rows (each sampled with its `question_seed`), option log-probabilities in
   `option_rows`."""
   from vllm_jax.eval import likelihood
-  new = [{"key": item.id, "id": item.id, "category": item.category, "question": prompt(fmt, item),
-          "audio": bool(use_audio and media.audio_valid)} for item, media in batch]
+  new = [{"key": item.id, "id": item.id, "category": item.category,
+          "question": prompt(fmt, item, media.frames.timestamps), "audio": bool(use_audio and media.audio_valid)}
+         for item, media in batch]
   media = [m for _, m in batch]
 
   def conversations(questions):
@@ -194,7 +231,7 @@ def answer_batch(system, fmt: str, batch: Sequence[tuple[Item, object]], needs: 
                             seed=[question_seed(seed, item.id) for item, _ in batch])
     for record, (item, _), answer in zip(new, batch, answers):
       record["answer"] = answer
-      if fmt == "multiple-choice":
+      if fmt in MULTIPLE_CHOICE:
         record["choice"] = metrics.parse_choice(answer, item.candidates)
   if "logprobs" in needs:
     # The options are ranked as answers to the bare question (no options listed, no letter asked for).
@@ -232,11 +269,8 @@ def add_verdicts(judge, items: Sequence[Item], records: dict[str, dict], scores:
 
 
 def summarize(items: Sequence[Item], scores: dict[str, dict], errors: dict[str, str]) -> dict:
-  """{"overall": {"answered", "errors", metric: mean}, "categories": {category: the same}}: each
-  metric's mean over the answered questions that have it."""
-  groups: dict[str, list[Item]] = {}
-  for item in items:
-    groups.setdefault(item.category, []).append(item)
+  """{"overall": {"answered", "errors", metric: mean}, "categories": {category: the same}, "groups":
+  {table: {row: the same}}}: each metric's mean over the answered questions that have it."""
 
   def summary(group: list[Item]) -> dict:
     answered = [scores[item.id] for item in group if item.id in scores]
@@ -244,15 +278,28 @@ def summarize(items: Sequence[Item], scores: dict[str, dict], errors: dict[str, 
     means = {name: float(np.mean([s[name] for s in answered if name in s])) for name in names}
     return {"answered": len(answered), "errors": sum(item.id in errors for item in group), **means}
 
-  return {"overall": summary(list(items)), "categories": {name: summary(g) for name, g in sorted(groups.items())}}
+  def table(row_of) -> dict:
+    rows: dict[str, list[Item]] = {}
+    for item in items:
+      rows.setdefault(row_of(item), []).append(item)
+    return {name: summary(rows[name]) for name in sorted(rows)}
+
+  tables = list(dict.fromkeys(name for item in items for name in item.groups))
+  return {"overall": summary(list(items)), "categories": table(lambda item: item.category),
+          "groups": {name: table(lambda item: item.groups.get(name, "-")) for name in tables}}
 
 
 def format_table(summary: dict) -> str:
-  """The per-category table: questions answered, errors, and each metric (rates in %)."""
-  rows = [*summary["categories"].items(), ("overall", summary["overall"])]
+  """The per-category table, then one per further grouping: questions answered, errors, and each
+  metric (rates in %), the overall row last."""
+  tables = [("category", summary["categories"]), *summary["groups"].items()]
+  return "\n\n".join(_table(title, [*rows.items(), ("overall", summary["overall"])]) for title, rows in tables)
+
+
+def _table(title: str, rows: list[tuple[str, dict]]) -> str:
   names = list(dict.fromkeys(k for _, row in rows for k in row if k not in ("answered", "errors")))
-  width = max(12, *(len(name) for name, _ in rows))
-  lines = [f"{'category':<{width}} {'answered':>8} {'errors':>6} " + " ".join(f"{n:>{max(8, len(n))}}" for n in names)]
+  width = max(12, len(title), *(len(name) for name, _ in rows))
+  lines = [f"{title:<{width}} {'answered':>8} {'errors':>6} " + " ".join(f"{n:>{max(8, len(n))}}" for n in names)]
   for name, row in rows:
     cells = []
     for metric in names:

@@ -105,8 +105,11 @@ class System:
   def has_audio(self) -> bool:
     return False
 
-  def load_media(self, path: str, use_audio: bool = False, num_frames: int | None = None) -> Media:
-    """A video or image file -> Media. Raises FileNotFoundError or MediaError."""
+  def load_media(self, path: str, use_audio: bool = False, num_frames: int | None = None,
+                 bounds: tuple[float, float] | None = None, folder_fps: float | None = None) -> Media:
+    """A video or image file (or, with `folder_fps`, a folder of frame images at that rate) -> Media,
+    its frames only within `bounds` = (start, end) seconds when given. Raises FileNotFoundError or
+    MediaError."""
     raise NotImplementedError
 
   def conversation(self, media: Media, use_audio: bool = False) -> conv_lib.Conversation:

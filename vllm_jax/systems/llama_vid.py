@@ -108,15 +108,16 @@ class LlamaVidSystem(System):
 
   # --- inference ----------------------------------------------------------------------------
 
-  def load_media(self, path, use_audio=False, num_frames=None):
+  def load_media(self, path, use_audio=False, num_frames=None, bounds=None, folder_fps=None):
     """An image, or a video's frames at `fps` (at most `num_frames` of them, evenly spread, if
     given). Video frames are decoded later, in chunks, by `encode_media`."""
     del use_audio  # no audio branch
     size = self.config.vit.image_size
     if video_lib.is_image_path(path):
       return Media(path, video_lib.load_image(path, 1, size, resize="short_side_crop"))
-    stream = video_lib.FrameStream(path, self.config.fps, num_frames)
-    return Media(path, video_lib.Frames(None, np.ones(len(stream), bool), stream.timestamps))
+    stream = video_lib.FrameStream(path, self.config.fps, num_frames, bounds, folder_fps)
+    return Media(path, video_lib.Frames(None, np.ones(len(stream), bool), stream.timestamps), bounds=bounds,
+                 folder_fps=folder_fps)
 
   def conversation(self, media, use_audio=False):
     return conv_lib.Conversation(self.template).open_with(IMAGE_TOKEN + "\n", follow=True)
@@ -135,7 +136,8 @@ class LlamaVidSystem(System):
       if m.frames.frames is not None:
         pixel_chunks = (m.frames.frames[i:i + cfg.chunk_frames] for i in range(0, n, cfg.chunk_frames))
       else:
-        pixel_chunks = video_lib.FrameStream(m.path, cfg.fps, n).chunks(cfg.chunk_frames, cfg.vit.image_size)
+        pixel_chunks = video_lib.FrameStream(m.path, cfg.fps, n, m.bounds, m.folder_fps).chunks(
+            cfg.chunk_frames, cfg.vit.image_size)
       if n > cfg.chunk_frames:
         from tqdm import tqdm
         pixel_chunks = tqdm(pixel_chunks, total=-(-n // cfg.chunk_frames), unit="chunk", file=sys.stderr,

@@ -73,9 +73,10 @@ class VideoLlamaSystem(System):
   def has_audio(self) -> bool:
     return self.config.audio is not None
 
-  def load_media(self, path, use_audio=False, num_frames=None):
+  def load_media(self, path, use_audio=False, num_frames=None, bounds=None, folder_fps=None):
     return load_media(path, num_frames or self.config.num_frames, self.config.vision.vit.image_size,
-                      with_audio=use_audio, audio_config=clip_config(self.config))
+                      with_audio=use_audio, audio_config=clip_config(self.config), bounds=bounds,
+                      folder_fps=folder_fps)
 
   def conversation(self, media, use_audio=False):
     return conv_lib.Conversation.for_media(self.template, media.frames.timestamps, media.is_image,

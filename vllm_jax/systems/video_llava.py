@@ -41,12 +41,13 @@ class VideoLlavaSystem(System):
   placeholder_tokens = (IMAGE_TOKEN, VIDEO_TOKEN)
   placeholder_fields = ("image_token_id", "video_token_id")
 
-  def load_media(self, path, use_audio=False, num_frames=None):
+  def load_media(self, path, use_audio=False, num_frames=None, bounds=None, folder_fps=None):
     del use_audio  # no audio branch
     cfg = self.config
     if num_frames not in (None, cfg.num_frames):
       raise ValueError(f"Video-LLaVA reads {cfg.num_frames} frames per video (the prompt holds their tokens)")
-    return load_media(path, cfg.num_frames, cfg.video_tower.image_size, **PREPROCESS)
+    return load_media(path, cfg.num_frames, cfg.video_tower.image_size, bounds=bounds, folder_fps=folder_fps,
+                      **PREPROCESS)
 
   def conversation(self, media, use_audio=False):
     return conv_lib.Conversation(self.template).open_with((IMAGE_TOKEN if media.is_image else VIDEO_TOKEN) + "\n")

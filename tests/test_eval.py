@@ -197,6 +197,26 @@ def test_a_resumed_sampled_run_answers_as_an_uninterrupted_one(data, tmp_path, c
   assert re.fullmatch("[0-9a-f]{64}", settings[0]["parameters"]) and settings[1]["parameters"] == settings[0]["parameters"]
 
 
+def test_a_preset_answers_with_its_systems_protocol_and_flags_win(data, tmp_path, capsys):
+  """--preset video-llama: its sampling in run.json (--num-frames and --max-new-tokens given as well
+  win: the tiny model has 4 frame positions), its paper table's numbers printed; another system's
+  preset is refused before the model loads."""
+  model, root = data
+  annotations = write_json(tmp_path / "qa.json", OPEN_ENDED[:2])
+  args = ["eval", "--model", model, "--format", "open-ended", "--annotations", annotations, "--media-root",
+          str(root / "videos"), "--batch-size", "2"]
+  assert cli.main(args + ["--out", str(tmp_path / "out"), "--preset", "video-llama", "--max-new-tokens", "5",
+                          "--num-frames", "4"]) == 0
+  settings = json.loads((tmp_path / "out" / "run.json").read_text())
+  assert (settings["num_frames"], settings["max_new_tokens"], settings["temperature"], settings["top_p"]) == \
+      (4, 5, 1.0, 0.9)
+  assert "video-llama as published" in capsys.readouterr().out
+  assert cli.main(args + ["--out", str(tmp_path / "other"), "--preset", "video-llava"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("error:") == 1 and "--preset video-llava is video_llava's protocol" in err, err
+  assert not (tmp_path / "other").exists()
+
+
 @functools.partial(jax.jit, static_argnames="config")
 def forward(config, params, embeds):
   return Llama(config).apply({"params": params}, inputs_embeds=embeds)[0]

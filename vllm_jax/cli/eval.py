@@ -3,9 +3,11 @@
 import argparse
 import contextlib
 import os
+import textwrap
 
 from vllm_jax import paths
 from vllm_jax.cli import flags
+from vllm_jax.eval.presets import PRESETS, PUBLISHED
 
 DESCRIPTION = """Answer every question of an evaluation set and score the answers.
 
@@ -55,7 +57,11 @@ and judge model: a rerun asks only about new predictions). Sampled answers are s
 (--seed and the question id): a resumed run answers as an uninterrupted one. The per-category table
 (then one per further grouping) is printed at the end. Exits with 1 when a question failed (or the
 judge did).
-With --mesh the parameters are placed on the mesh and each batch is split over its data x fsdp devices."""
+With --mesh the parameters are placed on the mesh and each batch is split over its data x fsdp devices.
+
+--preset NAME answers as a reference system's own evaluation did (frames and decoding; flags given
+as well win), and prints that system's published numbers beside the results:
+{presets}"""
 
 
 def annotations_path(path: str) -> str:
@@ -66,7 +72,8 @@ def annotations_path(path: str) -> str:
 def add_parser(commands) -> None:
   from vllm_jax.eval.run import FORMATS, MC_SCORING
   parser = commands.add_parser("eval", help="score a model on a video question-answering set, batched and resumable",
-                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+                               description=DESCRIPTION.replace("{presets}", preset_lines()),
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--model", required=True, help="a video model folder")
   parser.add_argument("--format", required=True, choices=FORMATS)
   parser.add_argument("--annotations", required=True, type=annotations_path,
@@ -89,9 +96,13 @@ def add_parser(commands) -> None:
   parser.add_argument("--judge-model", default=None, help="the model name sent to the judge")
   parser.add_argument("--judge-api-key-env", default=None, metavar="VAR",
                       help="environment variable holding the judge's API key (sent as a Bearer token)")
+  parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                      help="a reference system's evaluation protocol: its frames, max_new_tokens and sampling")
   flags.media_flags(parser)
   flags.sampling_flags(parser)
-  parser.set_defaults(run=run)
+  # A preset fills the settings the command line leaves out; the usual defaults fill the rest.
+  parser.set_defaults(run=run, usual=[(name, parser.get_default(name)) for name in PRESET_FIELDS],
+                      **dict.fromkeys(PRESET_FIELDS))
 
 
 def run(args) -> int:
@@ -117,6 +128,9 @@ def run(args) -> int:
     return flags.error(f"--judge-api-key-env: the environment variable {args.judge_api_key_env} is not set")
   if paths.is_file(args.out):
     return flags.error(f"--out: {args.out} is a file, not a folder")
+  problem = apply_preset(args)
+  if problem:
+    return flags.error(problem)
   media_root = args.media_root or paths.parent(args.annotations)
   items = eval_run.load_items(args.format, args.annotations, media_root, args.answer_file, args.subtitles)
   if not items:
@@ -158,7 +172,36 @@ def run(args) -> int:
                                 sampling=flags.sampling(args), seed=args.seed, judge=judge, settings=settings,
                                 progress=not flags.quiet())
   print(f"results: {paths.join(args.out, 'results.json')}")
+  if args.preset:
+    published = "; ".join(f"{name} {acc} / {score}" for name, (acc, score) in PUBLISHED[args.preset].items())
+    print(f"{args.preset} as published (7B, judged accuracy / score, Video-ChatGPT's protocol): {published}")
   return 1 if summary["settings"]["errors"] or summary["settings"].get("judge_errors") else 0
+
+
+def preset_lines() -> str:
+  return "\n".join(textwrap.fill(f"{name:<16} {preset.source}", 100, initial_indent="  ", subsequent_indent=" " * 19)
+                   for name, preset in sorted(PRESETS.items()))
+
+
+PRESET_FIELDS = ("num_frames", "max_new_tokens", "temperature", "top_p")
+
+
+def apply_preset(args) -> str | None:
+  """--preset's settings where the command line gave none, the usual defaults elsewhere -> a problem
+  (the preset is another system's), else None."""
+  preset = PRESETS.get(args.preset)
+  if preset is not None:
+    from vllm_jax import pretrained
+    try:
+      kind = pretrained.model_type(args.model)
+    except (FileNotFoundError, ValueError) as e:
+      return str(e)
+    if kind != preset.system:
+      return f"--preset {args.preset} is {preset.system}'s protocol; {args.model} is a {kind} model"
+  for name, usual in args.usual:
+    if getattr(args, name) is None:
+      setattr(args, name, getattr(preset, name) if preset is not None else usual)
+  return None
 
 
 ANSWER_SETTINGS = ("format", "subtitles", "audio", "num_frames", "max_new_tokens", "temperature", "top_p", "top_k",

@@ -209,7 +209,7 @@ def test_infer_never_overwrites_what_is_not_its_answers(files, tmp_path, capsys)
   src, notes = tmp_path / "q.jsonl", tmp_path / "notes.txt"
   src.write_text(json.dumps({"video": paths["av"], "question": "What?"}) + "\n")
   notes.write_text("my notes\n")
-  for output, message in ((src, "is the --input file"), (notes, "is not an answers file")):
+  for output, message in ((src, "is --input"), (notes, "is not an answers file")):
     before = output.read_text()
     assert cli.main(["infer", "--model", model, "--input", str(src), "--output", str(output)]) == 2
     assert message in capsys.readouterr().err and output.read_text() == before

@@ -9,7 +9,8 @@ and leaves a URL as it is; every function here resolves its argument, so `model`
 
 Object stores cannot rename or append: `write_text` writes a local file to a temporary sibling
 and renames it into place (an object is replaced whole by one write, which is atomic there too);
-`Appender` appends locally and rewrites the object on a store.
+`Appender` appends locally and rewrites the object on a store; `staged_folder` writes a folder
+beside its place and moves it there once complete (a rename locally, a copy on a store).
 
 Failures of the storage itself (no such bucket, no network, no credentials) raise `StorageError`,
 one line naming the path and the cause.
@@ -20,6 +21,7 @@ import io
 import json
 import logging
 import os
+import secrets
 import tempfile
 from typing import Any, Iterator
 
@@ -67,6 +69,17 @@ def shown(path: str) -> str:
 def _epath(path: str) -> epath.Path:
   """The `etils.epath.Path` of a user path."""
   return epath.Path(resolve(path))
+
+
+def covers(path: str, other: str) -> str | None:
+  """Whether replacing `path` replaces `other`: "is" (the same file or folder), "holds" (`other`
+  lies inside it), or None. Local symlinks are followed."""
+  path, other = (p if is_url(p) else os.path.realpath(p) for p in (resolve(path), resolve(other)))
+  if path == other:
+    return "is"
+  if other.startswith(path.rstrip("/") + "/"):
+    return "holds"
+  return None
 
 
 def join(path: str, *names: str) -> str:
@@ -249,6 +262,40 @@ def copy_tree(source: str, dest: str) -> None:
     makedirs(dest)
     for child in src.iterdir():
       copy_tree(str(child), str(dst / child.name))
+
+
+@contextlib.contextmanager
+def staged_folder(path: str, replace: bool = False) -> Iterator[str]:
+  """A temporary sibling of folder `path` (`.NAME.partial-XXXXXXXX`, in the same parent) to write
+  the folder in, moved to `path` once the block ends without an error: `path` never holds a
+  half-written folder, and an error (or Ctrl-C) removes the sibling and leaves `path` as it was.
+  `path` must be missing or an empty folder, unless `replace`: then what it holds is removed once
+  the new folder is complete.
+
+  Locally the move is a rename (with `replace`, the old folder is renamed aside first and deleted
+  after). An object store has no rename: the complete folder is copied into place within the
+  store, after the old one is deleted (with `replace`), so a failure during that last step can
+  leave part of the folder under `path` (the temporary prefix is removed all the same)."""
+  path = resolve(path) if is_url(path) else os.path.realpath(resolve(path))
+  staging = join(parent(path), f".{name(path)}.partial-{secrets.token_hex(4)}")
+  makedirs(staging)
+  try:
+    yield staging
+    if is_url(path):
+      with _storage(path):
+        if replace:
+          remove(path)
+        fs, source = _store(staging)
+        fs.copy(f"{source}/", f"{_store(path)[1]}/", recursive=True)  # the contents; no download
+    elif replace and os.path.exists(path):
+      old = f"{staging}.old"
+      os.rename(path, old)
+      os.rename(staging, path)
+      remove(old)
+    else:
+      os.rename(staging, path)  # onto nothing or an empty folder; a folder written meanwhile is kept (an error)
+  finally:
+    remove(staging)
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ def add_parser(commands) -> None:
                   "model folder: config.json, orbax params/ and the tokenizer files. Tensors are "
                   "streamed one at a time; any missing, unexpected or mis-shaped key is named.")
   llama.add_argument("--hf-dir", required=True, type=hf_folder, help="folder with config.json and the weight files")
-  llama.add_argument("--out", required=True, help="output model folder (created)")
+  out_flags(llama)
   llama.add_argument("--dtype", default=None, choices=DTYPES, help="store parameters in this dtype (default: float32)")
   llama.set_defaults(run=convert_llama)
 
@@ -40,7 +40,7 @@ def add_parser(commands) -> None:
                   help="conversation template (default vicuna_v0; llama_2 for LLaMA-2-chat models)")
   vl.add_argument("--dtype", default=None, choices=DTYPES,
                   help="store the LLaMA parameters in this dtype (default: float32)")
-  vl.add_argument("--out", required=True, help="output model folder (created)")
+  out_flags(vl)
   vl.set_defaults(run=convert_video_llama)
 
   lv = sources.add_parser(
@@ -60,7 +60,7 @@ def add_parser(commands) -> None:
   lv.add_argument("--config", default="7b-original", choices=["7b", "7b-original", "tiny"],
                   help="configs/video_llava.py size for --original")
   lv.add_argument("--dtype", default=None, choices=DTYPES, help="store parameters in this dtype (default: float32)")
-  lv.add_argument("--out", required=True, help="output model folder (created)")
+  out_flags(lv)
   lv.set_defaults(run=convert_video_llava)
 
   vid = sources.add_parser(
@@ -81,7 +81,7 @@ def add_parser(commands) -> None:
   vid.add_argument("--base-llm", type=hf_folder,
                    help="base LLaMA/Vicuna folder, for a stage-1 folder holding only mm_projector.bin")
   vid.add_argument("--dtype", default=None, choices=DTYPES, help="store parameters in this dtype (default: float32)")
-  vid.add_argument("--out", required=True, help="output model folder (created)")
+  out_flags(vid)
   vid.set_defaults(run=convert_llama_vid)
 
   pe = sources.add_parser(
@@ -96,9 +96,15 @@ def add_parser(commands) -> None:
                   help="vllm_jax model folder (a system's, or a plain LLaMA's)")
   pe.add_argument("--adapter", required=True, type=flags.existing_folder, metavar="PEFT_DIR",
                   help="PEFT adapter folder")
-  pe.add_argument("--out", required=True, metavar="DIR", help="output model folder (created)")
+  out_flags(pe)
   pe.add_argument("--merge", action="store_true", help="fold the adapter into the kernels")
   pe.set_defaults(run=convert_peft)
+
+
+def out_flags(parser) -> None:
+  parser.add_argument("--out", required=True, metavar="DIR",
+                      help="output model folder, new or empty (it appears once complete)")
+  flags.overwrite_flag(parser)
 
 
 def hf_folder(path: str) -> str:
@@ -121,10 +127,12 @@ def _report(start: float, params, out: str, detail: str = "") -> None:
 def convert_llama(args) -> int:
   import sys
 
+  flags.check_output_folder("--out", args.out, args.overwrite, {"--hf-dir": args.hf_dir})
   from vllm_jax.converters import llama
   start = time.perf_counter()
-  config, params = llama.convert_hf(args.hf_dir, args.out, param_dtype=args.dtype)  # a tensor at a time
-  copied = llama.copy_tokenizer(args.hf_dir, args.out)
+  with paths.staged_folder(args.out, replace=args.overwrite) as out:
+    config, params = llama.convert_hf(args.hf_dir, out, param_dtype=args.dtype)  # a tensor at a time
+    copied = llama.copy_tokenizer(args.hf_dir, out)
   _report(start, {"llm": params}, args.out, f", {config.param_dtype}")
   if not copied:
     print("warning: no tokenizer files found next to the weights; `chat` needs them", file=sys.stderr)
@@ -143,11 +151,14 @@ def convert_video_llama(args) -> int:
     return flags.error("--llama-dir (or checkpoints.llama_dir in the config) is required")
   if files["al"] and not files["imagebind"]:  # the released AL file dropped its frozen encoder on save
     return flags.error("--al needs --imagebind imagebind_huge.pth: the AL checkpoint holds no ImageBind weights")
+  inputs = {f"--{key.replace('_', '-')}": path for key, path in files.items()}
+  flags.check_output_folder("--out", args.out, args.overwrite, inputs)
   base = VideoLlamaConfig.from_dict(cfg.model.to_dict())
   if args.template:
     base = base.replace(template=args.template)
   config, params, tokenizer = video_llama_full.assemble(base, param_dtype=args.dtype, **files)
-  VideoLlamaSystem(config, params, tokenizer).save(args.out)
+  with paths.staged_folder(args.out, replace=args.overwrite) as out:
+    VideoLlamaSystem(config, params, tokenizer).save(out)
   _report(start, params, args.out, f"; {'with' if config.audio else 'without'} audio")
   return 0
 
@@ -161,6 +172,7 @@ def convert_video_llava(args) -> int:
   from vllm_jax.systems.video_llava import VideoLlavaSystem
   start = time.perf_counter()
   folder = args.hf_dir or args.original
+  flags.check_output_folder("--out", args.out, args.overwrite, {"--hf-dir" if args.hf_dir else "--original": folder})
   tokenizer = load_tokenizer(folder)
   ids = VideoLlavaSystem.add_media_tokens(tokenizer)
   if args.hf_dir:
@@ -175,13 +187,17 @@ def convert_video_llava(args) -> int:
   if ids != (config.image_token_id, config.video_token_id):
     return flags.error(f"the tokenizer in {folder} maps <image>/<video> to {list(ids)}, its config.json says "
                        f"{[config.image_token_id, config.video_token_id]}")
-  VideoLlavaSystem(config, params, tokenizer).save(args.out)
+  with paths.staged_folder(args.out, replace=args.overwrite) as out:
+    VideoLlavaSystem(config, params, tokenizer).save(out)
   temporal = config.video_tower.temporal_frames
   _report(start, params, args.out, f"; video tower {'with' if temporal else 'without'} temporal attention")
   return 0
 
 
 def convert_llama_vid(args) -> int:
+  flags.check_output_folder("--out", args.out, args.overwrite, {
+      "--model-dir": args.model_dir, "--bert-tokenizer": args.bert_tokenizer, "--eva-vit": args.eva_vit,
+      "--base-llm": args.base_llm})
   from vllm_jax.converters import llama_vid as llama_vid_format
   from vllm_jax.data.tokenizer import has_tokenizer, load_instruction_tokenizer, load_tokenizer
   from vllm_jax.systems.llama_vid import LlamaVidSystem
@@ -198,12 +214,14 @@ def convert_llama_vid(args) -> int:
   LlamaVidSystem.check_instruction_tokenizer(config, instruction_tokenizer, args.bert_tokenizer)
   reader = llama_vid_format.open_sources(args.model_dir, eva_vit=args.eva_vit, base_llm=args.base_llm)
   params = llama_vid_format.convert_checkpoint(reader, config)
-  LlamaVidSystem(config, params, tokenizer, instruction_tokenizer).save(args.out)
+  with paths.staged_folder(args.out, replace=args.overwrite) as out:
+    LlamaVidSystem(config, params, tokenizer, instruction_tokenizer).save(out)
   _report(start, params, args.out, f"; {config.vit.image_size} px, {config.tokens_per_frame} tokens per frame")
   return 0
 
 
 def convert_peft(args) -> int:
+  flags.check_output_folder("--out", args.out, args.overwrite, {"--model": args.model, "--adapter": args.adapter})
   from vllm_jax import pretrained, systems
   from vllm_jax.converters import peft
   from vllm_jax.data.tokenizer import save_tokenizer
@@ -223,13 +241,14 @@ def convert_peft(args) -> int:
   llm = optim.merge(adapter, llm)
   if args.merge:
     llm, llama = lora.merge(llm, llama.lora), llama.replace(lora=None)
-  if plain:
-    pretrained.save_llama(args.out, llama, llm)
-    if tokenizer is not None:
-      save_tokenizer(tokenizer, args.out)
-  else:
-    system.config, system.params = system.config.replace(llama=llama), {**system.params, "llm": llm}
-    system.save(args.out)
+  with paths.staged_folder(args.out, replace=args.overwrite) as out:
+    if plain:
+      pretrained.save_llama(out, llama, llm)
+      if tokenizer is not None:
+        save_tokenizer(tokenizer, out)
+    else:
+      system.config, system.params = system.config.replace(llama=llama), {**system.params, "llm": llm}
+      system.save(out)
   how = "merged into the kernels" if args.merge else f"kept as adapters (rank {llama.lora.rank})"
   _report(start, {"llm": llm}, args.out, f"; the LoRA of {args.adapter} {how}")
   return 0

@@ -3,6 +3,7 @@
 import sys
 import time
 
+from vllm_jax import paths
 from vllm_jax.cli import flags
 
 HELP = """Turn a training run into something to use or share. Checkpoints of a run hold only what it
@@ -20,6 +21,10 @@ trained (unless train.save_frozen): the rest comes from the model folder the run
   --hf-llama DIR     the LLM alone, adapters merged, as a Hugging Face LLaMA folder (config.json,
                      safetensors, the tokenizer with the media placeholders) that transformers'
                      LlamaForCausalLM.from_pretrained loads.
+
+Each folder is written beside its place and appears only once complete. One that already holds
+something is refused, unless --overwrite (then it is replaced once the new one is complete); one
+that is or holds the run's workdir, its init_from or another output is always refused.
 
 A run from a random init (no init_from) can be exported only if its checkpoints hold the frozen
 parameters too (train.save_frozen=true).
@@ -41,13 +46,14 @@ def add_parser(commands) -> None:
                       help="the run's train.workdir (run.json, checkpoints/)")
   export.add_argument("--step", type=flags.number(int, 0), default=None, metavar="N",
                       help="checkpoint step (default: the latest)")
-  export.add_argument("--out", metavar="MODEL_DIR", help="model folder to write (created)")
+  export.add_argument("--out", metavar="MODEL_DIR", help="model folder to write (new or empty)")
   export.add_argument("--keep-lora", action="store_true",
                       help="with --out: keep the LoRA adapters apart instead of merging them")
-  export.add_argument("--peft", metavar="DIR", help="PEFT adapter folder to write (created)")
+  export.add_argument("--peft", metavar="DIR", help="PEFT adapter folder to write (new or empty)")
   export.add_argument("--peft-base", default="", metavar="NAME",
                       help="base_model_name_or_path in the adapter config, e.g. lmsys/vicuna-7b-v1.5")
-  export.add_argument("--hf-llama", metavar="DIR", help="Hugging Face LLaMA folder to write (created)")
+  export.add_argument("--hf-llama", metavar="DIR", help="Hugging Face LLaMA folder to write (new or empty)")
+  flags.overwrite_flag(export)
   export.set_defaults(run=run)
 
 
@@ -63,6 +69,12 @@ def run(args) -> int:
   from vllm_jax.data.tokenizer import save_tokenizer
   from vllm_jax.nn import lora
   from vllm_jax.train import run as run_lib
+  init_from = run_lib.read_run_file(args.workdir)["init_from"]
+  inputs = {"--workdir": args.workdir, "the run's init_from": init_from and paths.shown(init_from)}
+  for flag, path in (("--out", args.out), ("--peft", args.peft), ("--hf-llama", args.hf_llama)):
+    if path:
+      flags.check_output_folder(flag, path, args.overwrite, inputs)
+      inputs[flag] = path  # nor may the outputs cover one another
   start = time.perf_counter()
   model, step = run_lib.trained_model(args.workdir, args.step)
   config, params = model.config, model.params
@@ -80,13 +92,16 @@ def run(args) -> int:
   if args.out:
     if not args.keep_lora:
       model.config, model.params = config.replace(llama=plain_llama), {**params, "llm": merged_llm}
-    model.save(args.out)
+    with paths.staged_folder(args.out, replace=args.overwrite) as out:
+      model.save(out)
     print(f"wrote model folder {args.out}{' (LoRA merged)' if adapters and not args.keep_lora else ''}")
   if args.peft:
-    peft.save_adapter(config.llama, params["llm"], args.peft, base_model=args.peft_base)
+    with paths.staged_folder(args.peft, replace=args.overwrite) as out:
+      peft.save_adapter(config.llama, params["llm"], out, base_model=args.peft_base)
     print(f"wrote PEFT adapter {args.peft} (rank {adapters.rank}, alpha {adapters.alpha:g})")
   if args.hf_llama:
-    llama_format.save_hf(plain_llama, merged_llm, args.hf_llama)
-    save_tokenizer(model.tokenizer, args.hf_llama)
+    with paths.staged_folder(args.hf_llama, replace=args.overwrite) as out:
+      llama_format.save_hf(plain_llama, merged_llm, out)
+      save_tokenizer(model.tokenizer, out)
     print(f"wrote Hugging Face LLaMA {args.hf_llama}{' (LoRA merged)' if adapters else ''}")
   return 0

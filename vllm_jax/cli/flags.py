@@ -39,7 +39,34 @@ def new_file(path: str) -> str:
   folder = checked(paths.parent, path)
   if not paths.is_url(folder) and not paths.is_dir(folder):
     raise argparse.ArgumentTypeError(f"the folder of {path} does not exist")
+  if checked(paths.is_dir, path):
+    raise argparse.ArgumentTypeError(f"{path} is a folder: give a file")
   return path
+
+
+def overwrite_flag(parser) -> None:
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace an output folder that already holds something (the old folder is "
+                           "removed only once the new one is complete); without it, such a folder is refused")
+
+
+def apart_from_inputs(flag: str, path: str, inputs: dict[str, str | None]) -> None:
+  """Refuse an output that is or holds one of `inputs` ({what to call it: its path}; None: not
+  given), whatever the flags: ValueError, the command's one error line."""
+  for label, given in inputs.items():
+    relation = paths.covers(path, given) if given else None
+    if relation:
+      raise ValueError(f"{flag} {path} {relation} {label} {given}: give another path")
+
+
+def check_output_folder(flag: str, path: str, overwrite: bool, inputs: dict[str, str | None]) -> None:
+  """Before anything loads: refuse (ValueError) an output folder that is or holds an input, and,
+  without `overwrite`, one that exists and is not an empty folder. Write it in
+  `paths.staged_folder(path, replace=overwrite)`."""
+  apart_from_inputs(flag, path, inputs)
+  if not overwrite and paths.exists(path) and not (paths.is_dir(path) and not paths.listdir(path)):
+    raise ValueError(f"{flag} {path} already exists: give a new (or empty) folder, or add --overwrite to "
+                     "replace it")
 
 
 # Set before jax, libtpu and transformers are imported: their loggers read the environment once.

@@ -13,8 +13,9 @@ DESCRIPTION = ('Each input line is {"video": path (or "image": path), "question"
                'line repeats "key" (the id, or a hash of the line without one), "line" (the input line '
                'number), "id", the media path and the question, with "answer" or, for a bad line or a missing '
                'or undecodable file, "error"; the other items go on. Rerunning skips the items already '
-               'answered (by key, so lines may be added or moved) and retries the errors. Exits with 1 when '
-               'an item failed.')
+               'answered (by key, so lines may be added or moved) and retries the errors; sampled answers are '
+               'seeded per item (--seed and its key), so a resumed run answers as an uninterrupted one. '
+               'Exits with 1 when an item failed.')
 
 
 def add_parser(commands) -> None:
@@ -24,7 +25,8 @@ def add_parser(commands) -> None:
   infer.add_argument("--model", required=True, help="a video model folder")
   infer.add_argument("--input", required=True, type=flags.existing_file, help="questions, one JSON object per line")
   infer.add_argument("--output", required=True, type=flags.new_file,
-                     help="answers, appended one JSON object per line")
+                     help="answers, appended one JSON object per line; an existing file must hold this "
+                          "command's answers (it is refused otherwise, and never the --input)")
   infer.add_argument("--media-root", default=None, type=flags.existing_folder,
                      help="folder that relative media paths start from (default: the input file's folder)")
   infer.add_argument("--batch-size", type=flags.number(int, 1), default=4)
@@ -37,9 +39,9 @@ def run(args) -> int:
   from tqdm import tqdm
 
   from vllm_jax.data.media import MediaError, media_path
-  from vllm_jax.eval.run import load_answers
-  if paths.resolve(args.output) == paths.resolve(args.input):
-    return flags.error(f"--output {args.output} is the --input file: give another one")
+  from vllm_jax.eval.run import load_answers, question_seed
+  flags.apart_from_inputs("--output", args.output, {"--input": args.input})
+  check_answers_file(args.output)
   lines = paths.read_text(args.input).splitlines()
   keys = item_keys(lines)
   media_root = args.media_root or paths.parent(args.input)
@@ -81,7 +83,8 @@ def run(args) -> int:
           convs[-1].ask(question)
         # Every batch has the same number of rows: one compiled encoder serves all batches.
         answers = system.answer([m for _, _, m in batch], convs, use_audio=use_audio, rows=args.batch_size,
-                                max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed + start)
+                                max_new_tokens=args.max_new_tokens, sampling=sampling,
+                                seed=[question_seed(args.seed, record["key"]) for record, _, _ in batch])
         results += [{**record, "question": question, "answer": answer}
                     for (record, question, _), answer in zip(batch, answers)]
       out.write("".join(json.dumps(record) + "\n" for record in results))
@@ -89,6 +92,23 @@ def run(args) -> int:
   print(f"{len(pending) - errors} answered, {errors} failed (their \"error\" lines are in {args.output})",
         file=sys.stderr)
   return 1 if errors else 0
+
+
+def check_answers_file(path: str) -> None:
+  """Refuse (ValueError) an --output that exists and holds anything but this command's records
+  (JSON objects with "key" and "line"), bar an unfinished object on the last line (a run cut short)."""
+  if not paths.exists(path):
+    return
+  lines = paths.read_bytes(path).decode(errors="replace").splitlines(keepends=True)
+  for number, line in enumerate(lines, 1):
+    try:
+      record = json.loads(line)
+    except ValueError:
+      record = None
+    torn = number == len(lines) and not line.endswith("\n") and line.startswith("{") and record is None
+    if line.strip() and not torn and not (isinstance(record, dict) and {"key", "line"} <= record.keys()):
+      raise ValueError(f"--output {path} is not an answers file of infer (line {number} is not one of its "
+                       "records): it is left as it is; give another file")
 
 
 def item_keys(lines: list[str]) -> list[str]:

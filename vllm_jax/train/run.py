@@ -189,6 +189,14 @@ def train(cfg, system, progress: bool = False) -> trainer.LoopResult:
       ckpt.close()
 
 
+def read_run_file(workdir: str) -> dict:
+  """`workdir`/run.json, as `write_run_file` wrote it."""
+  path = paths.join(workdir, RUN_FILE)
+  if not paths.exists(path):
+    raise FileNotFoundError(f"no {RUN_FILE} in {workdir}: not the train.workdir of a run")
+  return paths.read_json(path)
+
+
 def trained_model(workdir: str, step: int | None = None):
   """The model a run trained -> (its system holding it, the checkpoint step): the config with
   the run's LoRA adapters (unmerged), the trained parameters of the checkpoint at `step` (default:
@@ -196,10 +204,7 @@ def trained_model(workdir: str, step: int | None = None):
   the checkpoint's frozen ones (`train.save_frozen`). On the default device; the optimizer state
   is not read."""
   from vllm_jax import systems  # pylint: disable=g-import-not-at-top  (systems build on the trainer)
-  path = paths.join(workdir, RUN_FILE)
-  if not paths.exists(path):
-    raise FileNotFoundError(f"no {RUN_FILE} in {workdir}: not the train.workdir of a run")
-  record = paths.read_json(path)
+  record = read_run_file(workdir)
   cfg = ml_collections.ConfigDict(record["config"])
   system = systems.get(record["system"])
   if record["init_from"]:

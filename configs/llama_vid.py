@@ -158,7 +158,7 @@ def train_config(cfg: ml_collections.ConfigDict, stage: str, tiny: bool = False)
   # Examples have fixed shapes: every video is padded to max_frames frames and every text to
   # max_len tokens. A video's run takes frames x 2 tokens in each of its questions.
   cfg.data = ml_collections.ConfigDict(dict(
-      instruct_json="",          # conversations with an "image" or "video" path (LLaVA-style JSON)
+      instruct_json="",          # conversations with an "image" or "video" path, or neither (text only)
       instruct_dir="",           # media paths in the JSON are relative to this folder
       text_format="caption" if stage1 else "conversation",  # stage 1's captions, or vicuna_v1 chats
       tokenizer="",              # LLaMA tokenizer folder for a random init (init_from brings its own)

@@ -123,7 +123,7 @@ def train_config(cfg: ml_collections.ConfigDict, stage: str, tiny: bool = False)
     cfg.model.llama.lora = ml_collections.ConfigDict(LORA.to_dict())
   cfg.train = train_section(steps=steps, batch_size=BATCH[data_stage], log_every=50, checkpoint_every=1000)
   cfg.data = ml_collections.ConfigDict(dict(
-      instruct_json="",          # conversations with an "image" or "video" path (LLaVA-style JSON)
+      instruct_json="",          # conversations with an "image" or "video" path, or neither (text only)
       instruct_dir="",           # media paths in the JSON are relative to this folder
       instruct_format="llava",   # "llava" (LLaVA / Video-ChatGPT JSON)
       tokenizer="",              # tokenizer folder for a random init (init_from brings its own)

@@ -10,6 +10,7 @@ import decord
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
@@ -97,6 +98,40 @@ def test_instruction_formats(tmp_path):
   assert videochat["media"] == "/vid/v/1.mp4" and videochat["kind"] == "video"
   assert [t["from"] for t in videochat["conversation"]] == ["human", "gpt", "human", "gpt"]
   assert videochat["conversation"][3]["value"] == "A park."
+
+
+KINDS = ("image", "video", "text")
+
+
+def caption_and_kind(record):
+  """Record -> input_ids [SEQ] (its caption), kind [] (an index into KINDS): no media read."""
+  return dict(input_ids=tokens(record["caption"])[0], kind=np.int32(KINDS.index(record["kind"])))
+
+
+def test_text_only_conversations_make_a_third_group(tmp_path):
+  """LLaVA's published keys: an item with neither "image" nor "video" (LLaVA-665K's ShareGPT part,
+  Video-LLaVA's nlp_tune.json) is a text-only record; `by_media_kind` makes images, videos and
+  text three groups, and kept examples stay apart by record although text-only ones share no media."""
+  turn = lambda question, answer: [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+  items = [{"id": "0", "image": "coco/train2017/1.jpg", "conversations": turn("<image>\nWhat is it?", "A cat.")},
+           {"id": "1", "video": "videochatgpt/v_1.mp4", "conversations": turn("<video>\nWhat happens?", "Run.")},
+           {"id": "2", "conversations": turn("Write a haiku.", "Autumn moon.")},
+           {"id": "3", "image": "coco/train2017/2.jpg", "conversations": turn("<image>\nAnd this?", "A dog.")},
+           {"id": "4", "conversations": turn("Say hi.", "Hi.") + turn("Again?", "Hi again.")}]
+  (tmp_path / "mix.json").write_text(json.dumps(items))
+  records = datasets.llava_records(str(tmp_path / "mix.json"), "/data")
+  assert [r["kind"] for r in records] == ["image", "video", "text", "image", "text"]
+  assert records[1]["media"] == "/data/videochatgpt/v_1.mp4"
+  assert records[4] == dict(media=None, kind="text", caption="Hi again.", conversation=items[4]["conversations"])
+
+  data_cfg = ml_collections.ConfigDict(dict(shuffle=True, num_epochs=1, cache_examples=True))
+  groups = datasets.by_media_kind(data_cfg, records, caption_and_kind, seed=0)
+  assert [weight for _, weight in groups] == [2, 1, 2]
+  for (group, _), kind in zip(groups, KINDS):
+    examples = list(group)
+    want = sorted(tuple(tokens(r["caption"])[0]) for r in records if r["kind"] == kind)
+    assert sorted(tuple(e["input_ids"]) for e in examples) == want
+    assert {KINDS[int(e["kind"])] for e in examples} == {kind}
 
 
 class FramesToText(nn.Module):

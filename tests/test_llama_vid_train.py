@@ -21,7 +21,8 @@ from vllm_jax.data import conversation as conv_lib
 from vllm_jax.data import datasets, synthetic
 from vllm_jax.data.tokenizer import load_instruction_tokenizer, train_tokenizer, train_wordpiece_tokenizer
 from vllm_jax.data.video import CLIP_MEAN, CLIP_STD
-from vllm_jax.models.llama_vid import INSTRUCT_QFORMER, LlamaVid, LlamaVidConfig, abstract_params
+from vllm_jax.models.llama import Llama
+from vllm_jax.models.llama_vid import INSTRUCT_QFORMER, LlamaVid, LlamaVidConfig, abstract_params, pack_turn_tokens
 from vllm_jax.models.vit import EVA_VIT_G
 from vllm_jax.systems.base import apply
 from vllm_jax.systems.llama_vid import LlamaVidSystem, media_tokens
@@ -202,6 +203,9 @@ def test_caption_example_layout(files):
   assert "".join(w.removeprefix("##") for w in words[1:-1]) == "describethevideo."
   with pytest.raises(ValueError, match="one human question and one gpt answer"):
     decode(records(root)["img0.png"])  # two questions
+  with pytest.raises(ValueError, match="a caption example needs media"):
+    decode(dict(media=None, kind="text", caption="Hi.", conversation=[
+        {"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "Hi."}]))
 
 
 def test_random_init_reads_the_configured_tokenizers(files):
@@ -266,6 +270,64 @@ def test_packed_media_tokens_match_direct_rows(files, chunk_frames, loss_chunk):
   loss, count = trainer.cross_entropy(logits, batch["labels"])
   got_loss, got_count = jax.jit(LlamaVidSystem.loss_fn(config))(params, batch, None)
   assert int(got_count) == int(count) > 0 and abs(float(got_loss) - float(loss)) <= 1e-5 * abs(float(loss))
+
+
+def test_text_only_records_train_as_the_plain_llama(files, tmp_path):
+  """Text-only records (no "image" or "video": LLaVA-665K's ShareGPT part) are a group of their
+  own; an example has 0 frames, zero pixels and instruction rows, and its questions as they are. A
+  batch of them runs no media branch and its loss is the plain LLaMA's on the same ids and labels;
+  next to an image, a text row takes no media tokens and nothing is NaN. Stage-2 steps on both
+  batches have finite losses and gradients."""
+  root, config, params = files
+  chats = [[("What is shown?", "Grey frames.")], [("Does it change?", "It gets brighter."), ("Is it bright?", "No.")]]
+  text_items = [{"id": f"text{i}", "conversations": [{"from": who, "value": value} for turn in chat
+                                                     for who, value in zip(("human", "gpt"), turn)]}
+                for i, chat in enumerate(chats)]
+  name, turns = IMAGES[0]
+  (tmp_path / "mixed.json").write_text(json.dumps([items(name, "image", turns)] + text_items))
+  cfg = load_config(os.path.join(ROOT, "configs/llama_vid.py:tiny_stage2"), [
+      f"--config.init_from={root / 'model'}", f"--config.data.instruct_json={tmp_path / 'mixed.json'}",
+      f"--config.data.instruct_dir={root / 'videos'}", "--config.train.batch_size=2"])
+  tokenizer_dir = str(root / "model" / "tokenizer")
+  assert [weight for _, weight in LlamaVidSystem.dataset(cfg, config, tokenizer_dir)] == [1, 2]  # images, text
+  decode = LlamaVidSystem.decoder(cfg, config, tokenizer_dir)
+  image, *texts = [decode(r) for r in datasets.llava_records(str(tmp_path / "mixed.json"), str(root / "videos"))]
+  tokenizer = LlamaVidSystem.training_tokenizer(tokenizer_dir)
+  for example, chat in zip(texts, chats):
+    assert int(example["num_frames"]) == 0 and not example["pixels"].any()
+    assert not example["instruction_ids"].any() and not example["instruction_mask"].any()
+    assert config.image_token_id not in example["input_ids"]
+    text = tokenizer.decode(example["input_ids"][:example["attention_mask"].sum()])
+    assert squeeze(text) == squeeze("<s>" + conv_lib.VICUNA_V1_SYSTEM + " " + "".join(
+        f"USER: {q} ASSISTANT: {a}</s>" for q, a in chat))
+
+  model, loss_fn = LlamaVid(config), jax.jit(LlamaVidSystem.loss_fn(config))
+  text_batch, mixed_batch = stack(texts), stack([image, texts[0]])
+  logits, _ = Llama(config.llama).apply({"params": params["llm"]}, text_batch["input_ids"],
+                                        attention_mask=text_batch["attention_mask"])
+  want, count = trainer.cross_entropy(logits, text_batch["labels"])
+  got, got_count = loss_fn(params, text_batch, None)
+  assert int(got_count) == int(count) > 0 and abs(float(got) - float(want)) <= 1e-5 * abs(float(want))
+
+  packed = np.asarray(jax.jit(lambda p, b: media_tokens(model, p, b))(params, mixed_batch))
+  assert np.isfinite(packed).all()
+  # One turn (stage 1's layout): a row of 0 frames must not index past its tokens (NaN).
+  assert np.isfinite(pack_turn_tokens(jnp.ones((2, 1, 3, 2, 4)), jnp.array([1, 0]))).all()
+  image_tokens = direct_tokens(config, params, image)
+  direct = np.zeros_like(packed)
+  direct[0, :len(image_tokens)] = image_tokens
+  embeds = apply(model, "embed", params, mixed_batch["input_ids"], direct)
+  logits, _ = apply(model, "decode", params, embeds, mixed_batch["attention_mask"])
+  want, count = trainer.cross_entropy(logits, mixed_batch["labels"])
+  got, got_count = loss_fn(params, mixed_batch, None)
+  assert int(got_count) == int(count) > 0 and abs(float(got) - float(want)) <= 1e-5 * abs(float(want))
+
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  t = run_lib.make_trainer(cfg, mesh, LlamaVidSystem, config)
+  state = t.init(jax.tree.map(jnp.copy, params))
+  for batch in (text_batch, mixed_batch):
+    state, metrics = t.train_step(state, sharding.make_global_batch(batch, mesh))
+    assert bool(metrics["finite"]) and np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
 
 
 def test_stage2_run_lowers_the_loss_and_moves_only_its_parameters(files):

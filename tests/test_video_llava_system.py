@@ -22,6 +22,7 @@ from vllm_jax.converters import llama as llama_format
 from vllm_jax.converters import video_llava as video_llava_format
 from vllm_jax.data import datasets
 from vllm_jax.data.tokenizer import train_tokenizer
+from vllm_jax.models.llama import Llama
 from vllm_jax.systems.video_llava import VideoLlavaSystem
 from vllm_jax.train import optim, sharding, trainer
 from vllm_jax.train import run as run_lib
@@ -206,6 +207,45 @@ def test_train_from_converted_folder_through_the_cli(files, tmp_path, capsys):
                    "--config.train.steps=3", "--config.train.log_every=1", "--config.train.batch_size=8"]) == 0
   steps = trainer.read_metrics(workdir)
   assert [m["step"] for m in steps] == [1, 2, 3] and all(np.isfinite(m["loss"]) for m in steps)
+
+
+def test_text_only_records_train_as_the_plain_llama(files, tmp_path):
+  """Text-only records (no "image" or "video": nlp_tune.json's) are a third group; their examples
+  have no media turn and zero pixels of the usual shape; their loss is the plain LLaMA's on the
+  same ids and labels (no tower runs, nothing is spliced), and a stage-2 step on them is finite."""
+  root, model, _ = files
+  chats = [[("What is shown?", "A red circle moves left.")],
+           [("What is moving?", "A circle."), ("And then?", "It stops.")]]
+  text_items = [{"id": f"text{i}", "conversations": [{"from": who, "value": value} for turn in chat
+                                                     for who, value in zip(("human", "gpt"), turn)]}
+                for i, chat in enumerate(chats)]
+  (tmp_path / "mixed.json").write_text(json.dumps(json.loads((root / "train.json").read_text()) + text_items))
+  cfg = load_config(os.path.join(ROOT, "configs/video_llava.py:tiny_stage2"), [
+      f"--config.init_from={model}", f"--config.data.instruct_json={tmp_path / 'mixed.json'}",
+      f"--config.data.instruct_dir={root / 'media'}", "--config.train.batch_size=2"])
+  system = systems.load(model)
+  config = system.config
+  groups = VideoLlavaSystem.dataset(cfg, config, os.path.join(model, "tokenizer"))
+  assert [weight for _, weight in groups] == [4, 4, 2]  # images, videos, text
+  batch = {k: v for k, v in next(iter(datasets.batches([groups[2]], 2, process_index=0, process_count=1))).items()
+           if k != "skipped"}
+  ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+  assert batch["pixels"].shape == VideoLlavaSystem.batch_spec(cfg, config)["pixels"].shape
+  assert not batch["pixels"].any() and not np.isin(ids, [config.image_token_id, config.video_token_id]).any()
+  texts = {system.tokenizer.decode(row[m > 0]).replace(" ", "") for row, m in zip(ids, mask)}
+  system_prompt = "<s>" + system.template.system.replace(" ", "")
+  assert texts == {system_prompt + "".join(f"USER:{q}ASSISTANT:{a}</s>" for q, a in chat).replace(" ", "")
+                   for chat in chats}
+
+  logits, _ = Llama(config.llama).apply({"params": system.params["llm"]}, ids, attention_mask=mask)
+  want, count = trainer.cross_entropy(logits, labels)
+  got, got_count = jax.jit(VideoLlavaSystem.loss_fn(config))(system.params, batch, None)
+  assert int(got_count) == int(count) > 0 and abs(float(got) - float(want)) <= 1e-6 * abs(float(want))
+
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  t = run_lib.make_trainer(cfg, mesh, VideoLlavaSystem, config)
+  _, metrics = t.train_step(t.init(jax.tree.map(jnp.copy, system.params)), sharding.make_global_batch(batch, mesh))
+  assert bool(metrics["finite"]) and np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
 
 
 def test_sharded_forward_and_stage1_step_match_single_device(files):

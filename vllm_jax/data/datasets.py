@@ -1,7 +1,8 @@
 """Training data: annotation readers, and grain pipelines that decode, skip unreadable media and batch.
 
 Records are plain dicts:
-  media: absolute path or URL (gs://...) of the image or video; kind: "image" | "video";
+  media: absolute path or URL (gs://...) of the image or video, None for a text-only record;
+  kind: "image" | "video" | "text";
   caption: str (caption data) and/or conversation: [{"from": "human" | "gpt", "value": str}, ...].
 A `decode(record) -> example` function (a top-level, picklable callable: it runs in grain worker
 processes) turns a record into fixed-shape numpy arrays: frames, token ids, labels. When it raises,
@@ -37,12 +38,14 @@ def webvid_records(csv_path: str, video_dir: str) -> list[Record]:
 
 def llava_records(json_path: str, media_dir: str) -> list[Record]:
   """LLaVA JSON: CC3M-595k captions or instruction data, `[{"id", "image" | "video", "conversations":
-  [{"from", "value"}, ...]}]`; the last answer doubles as the caption."""
+  [{"from", "value"}, ...]}]`; the last answer doubles as the caption. An item with neither media
+  key is a text-only conversation (LLaVA-665K's ShareGPT part, Video-LLaVA's nlp_tune.json): kind
+  "text", media None."""
   records = []
   for item in paths.read_json(json_path):
-    kind = "video" if "video" in item else "image"
+    kind = next((k for k in ("video", "image") if k in item), "text")
     conversation = [{"from": t["from"], "value": t["value"]} for t in item["conversations"]]
-    records.append(dict(media=media_path(media_dir, item[kind]), kind=kind,
+    records.append(dict(media=None if kind == "text" else media_path(media_dir, item[kind]), kind=kind,
                         conversation=conversation, caption=conversation[-1]["value"]))
   return records
 
@@ -148,15 +151,17 @@ def batches(ds: grain.MapDataset | Sequence[tuple[grain.MapDataset, float]], glo
 
 @dataclasses.dataclass(frozen=True)
 class Cached:
-  """A decode whose examples are kept in this process's memory, keyed by media path: a decode
-  that gives the same example for a record every epoch decodes a small dataset once."""
+  """A decode whose examples are kept in this process's memory, keyed by the whole record (records
+  may share media, and text-only ones have none): a decode that gives the same example for a
+  record every epoch decodes a small dataset once."""
   decode: Decode
   memo: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
   def __call__(self, record: Record) -> dict[str, np.ndarray]:
-    if record["media"] not in self.memo:
-      self.memo[record["media"]] = self.decode(record)
-    return self.memo[record["media"]]
+    key = repr(record)
+    if key not in self.memo:
+      self.memo[key] = self.decode(record)
+    return self.memo[key]
 
 
 def from_sources(data_cfg, sources: Sequence[tuple[Sequence[Record], Decode, float, int]]) -> grain.MapDataset:
@@ -171,10 +176,12 @@ def from_sources(data_cfg, sources: Sequence[tuple[Sequence[Record], Decode, flo
 
 
 def by_media_kind(data_cfg, records: Sequence[Record], decode: Decode, seed: int) -> list[tuple[grain.MapDataset, int]]:
-  """Images and videos as two groups [(examples, weight: their count)], each batch then drawn
-  from one (`batches`), as the references group their batches by modality."""
+  """Images, videos and text-only records as up to three groups [(examples, weight: their count)],
+  each batch then drawn from one (`batches`). The references' modality-grouped sampler keeps
+  text-only batches apart from those with media (only the last, partial batch of each mixes);
+  images and videos go apart here too, so that a batch runs only the encoder it needs."""
   groups = []
-  for i, kind in enumerate(("image", "video")):
+  for i, kind in enumerate(("image", "video", "text")):
     chosen = [r for r in records if r["kind"] == kind]
     if chosen:
       groups.append((from_sources(data_cfg, [(chosen, decode, 1.0, seed + i)]), len(chosen)))

@@ -165,10 +165,11 @@ def pack_turn_tokens(tokens: jax.Array, num_frames: jax.Array) -> jax.Array:
   tokens [B, R, F, T, E]: row b's T tokens of frame f read with the instruction of turn r, the
   first num_frames[b] [B] frames real. A training row holds one placeholder run per turn, each
   n = num_frames[b] frames x T tokens (frame-major), so its k-th placeholder takes position
-  k % (n*T) of turn k // (n*T). -> [B, R*F*T, E]; entries past a row's placeholders are never read.
+  k % (n*T) of turn k // (n*T). -> [B, R*F*T, E]; entries past a row's placeholders are never read
+  (a row of 0 frames, text only, has none: its runs count as 1 frame, keeping the indices in range).
   """
   b, r, f, t, e = tokens.shape
-  run = num_frames[:, None] * t                                # [B, 1] placeholders per turn
+  run = jnp.maximum(num_frames[:, None], 1) * t               # [B, 1] placeholders per turn
   k = jnp.arange(r * f * t)[None]                              # [1, R*F*T]
   index = jnp.minimum(k // run, r - 1) * (f * t) + k % run     # [B, R*F*T] into each row's R*F*T tokens
   return jnp.take_along_axis(tokens.reshape(b, r * f * t, e), index[..., None], axis=1)

@@ -242,10 +242,11 @@ class LlamaVidSystem(System):
 
   @classmethod
   def dataset(cls, cfg, config, tokenizer_dir):
-    """Two groups, images and videos, each batch drawn from one: a batch of images then runs the
-    ViT and the Q-Former on one frame per row instead of max_frames (`media_tokens`). The
-    reference mixes them in its batches; grouping changes which examples share a step, not what
-    each one contributes."""
+    """Up to three groups, images, videos and text-only records, each batch drawn from one: a
+    batch of images then runs the ViT and the Q-Former on one frame per row instead of max_frames,
+    a text-only batch on none (`media_tokens`). The reference keeps text-only batches apart but
+    mixes images and videos; grouping changes which examples share a step, not what each one
+    contributes."""
     data = cfg.data
     if not data.instruct_json:
       raise ValueError("no training data: set data.instruct_json (+ data.instruct_dir)")
@@ -258,8 +259,9 @@ def media_tokens(model: LlamaVid, params, batch: dict[str, jax.Array]) -> jax.Ar
   placeholders take, in order (`pack_turn_tokens`): the ViT runs once per frame, the text-guided
   part once per (turn, frame) with that turn's instruction. Both take `chunk_frames` frames of
   each row at a time: for an hour of frames at once, the ViT's activations and the Q-Former's
-  scores over queries and instruction would take tens of GiB. When every row is a one-frame item
-  (an image batch), only frame 0 runs; the tokens of the other frames are zeros, never read.
+  scores over queries and instruction would take tens of GiB. When no row has more than one frame
+  (an image batch), only frame 0 runs; the tokens of the other frames are zeros, never read. When
+  no row has any (a text-only batch), nothing runs: all the tokens are zeros, and none is read.
   The config's `context_remat_policy` says what each pass of the text-guided part keeps for the
   backward pass."""
   pixels, text_ids, text_mask = batch["pixels"], batch["instruction_ids"], batch["instruction_mask"]
@@ -295,8 +297,11 @@ def media_tokens(model: LlamaVid, params, batch: dict[str, jax.Array]) -> jax.Ar
     tokens = jnp.swapaxes(tokens, 0, 1)
     return jnp.pad(tokens, ((0, 0), (0, 0), (0, max_frames - frames.shape[1]), (0, 0), (0, 0)))
 
-  tokens = jax.lax.cond(jnp.all(batch["num_frames"] == 1), lambda: turn_tokens(pixels[:, :1]),
-                        lambda: turn_tokens(pixels))
+  first_frame = lambda: turn_tokens(pixels[:, :1])
+  nothing = lambda: jnp.zeros_like(jax.eval_shape(first_frame))
+  # By the most frames of any row: none, one (frame 0 only) or more (every frame).
+  most = jnp.minimum(jnp.max(batch["num_frames"]), 2)
+  tokens = jax.lax.switch(most, (nothing, first_frame, lambda: turn_tokens(pixels)))
   return pack_turn_tokens(tokens, batch["num_frames"])
 
 
@@ -325,6 +330,8 @@ class Decode:
                   LLaVA's preprocessing moves it), the others in front or at the end at random
                   (seeded by the record, so an example is the same every epoch); questions past
                   max_turns are dropped with their answers.
+  A text-only record (conversation format only) has n = 0, zero pixels and instruction rows, and
+  its turns as they are: no media mark, nothing spliced (the reference's text-only samples).
   The text is cut at max_text_len with each placeholder counted once (the reference's collator),
   then the runs are expanded and the result cut at max_len.
   """
@@ -345,11 +352,19 @@ class Decode:
   def __call__(self, record: datasets.Record) -> dict[str, np.ndarray]:
     pixels, n = self.frames(record)
     messages = [dict(m, value=m["value"].replace(VIDEO_MARKER, IMAGE_TOKEN)) for m in record["conversation"]]
-    pieces, questions = self.caption(messages) if self.text_format == "caption" else self.conversation(messages)
+    with_media = record["kind"] != "text"
+    if self.text_format == "caption":
+      if not with_media:
+        raise ValueError("a caption example needs media; this record is text-only")
+      pieces, questions = self.caption(messages)
+    else:
+      pieces, questions = self.conversation(messages, with_media)
     tokenizer = LlamaVidSystem.training_tokenizer(self.tokenizer_dir)
     ids, labels = conv_lib.encode_text(tokenizer, pieces, {IMAGE_TOKEN: (-1, 1)})
     ids, labels = ids[:self.max_text_len], labels[:self.max_text_len]
-    if -1 not in ids:
+    if not with_media and -1 in ids:
+      raise ValueError("a text-only record holds a media mark")
+    if with_media and -1 not in ids:
       raise ValueError(f"the media of {record['media']} lie past max_text_len {self.max_text_len}")
     run = n * self.tokens_per_frame
     expanded_ids, expanded_labels = [], []
@@ -372,8 +387,11 @@ class Decode:
     return example
 
   def frames(self, record: datasets.Record) -> tuple[np.ndarray, int]:
-    """-> (pixels [max_frames, S, S, 3], the frames then zeros; the number of frames)."""
-    if record["kind"] == "image":
+    """-> (pixels [max_frames, S, S, 3], the frames then zeros; the number of frames: 0 for a
+    text-only record)."""
+    if record["kind"] == "text":
+      frames = np.zeros((0, self.image_size, self.image_size, 3), np.float32)
+    elif record["kind"] == "image":
       frames = video_lib.load_image(record["media"], 1, self.image_size, resize="short_side_crop").frames
     else:
       stream = video_lib.FrameStream(record["media"], self.fps, self.max_frames)
@@ -389,21 +407,27 @@ class Decode:
                        f"{[m['from'] for m in messages]}")
     return [(IMAGE_TOKEN, False), (messages[1]["value"] + "\n", True)], [messages[0]["value"]]
 
-  def conversation(self, messages: list[dict[str, str]]) -> tuple[list[tuple[str, bool]], list[str]]:
-    """-> (the conversation text as [(piece, learned)], its questions, each with the media mark)."""
+  def conversation(self, messages: list[dict[str, str]],
+                   with_media: bool = True) -> tuple[list[tuple[str, bool]], list[str]]:
+    """-> (the conversation text as [(piece, learned)], its questions, each with the media mark).
+    Without media: every turn as it is (max_turns bounds only the questions read with media), and
+    no questions."""
     if len(messages) < 2 or len(messages) % 2:
       raise ValueError(f"expected alternating human/gpt messages, got {len(messages)}")
     rng = np.random.default_rng(zlib.crc32(repr(messages).encode()))
+    pairs = list(zip(messages[::2], messages[1::2]))
     turns = []
-    for question, answer in list(zip(messages[::2], messages[1::2]))[:self.max_turns]:
+    for question, answer in pairs[:self.max_turns] if with_media else pairs:
       if (question["from"], answer["from"]) != ("human", "gpt"):
         raise ValueError(f"expected a human then a gpt message, got {question['from']}, {answer['from']}")
       text = question["value"]
-      if IMAGE_TOKEN in text:
-        text = IMAGE_TOKEN + "\n" + text.replace(IMAGE_TOKEN, "").strip()
-      elif rng.integers(2) == 0:
-        text = IMAGE_TOKEN + "\n" + text
-      else:
-        text = text + "\n" + IMAGE_TOKEN
+      if with_media:
+        if IMAGE_TOKEN in text:
+          text = IMAGE_TOKEN + "\n" + text.replace(IMAGE_TOKEN, "").strip()
+        elif rng.integers(2) == 0:
+          text = IMAGE_TOKEN + "\n" + text
+        else:
+          text = text + "\n" + IMAGE_TOKEN
       turns.append((text, answer["value"]))
-    return conv_lib.training_pieces(conv_lib.get_template(self.template), turns), [q for q, _ in turns]
+    pieces = conv_lib.training_pieces(conv_lib.get_template(self.template), turns)
+    return pieces, [q for q, _ in turns] if with_media else []

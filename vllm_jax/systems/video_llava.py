@@ -1,16 +1,17 @@
 """Video-LLaVA as a system: 8 frames by linspace, short side resized to 224 and centre-cropped
 (images as CLIPImageProcessor does), the image and video towers with the shared projector, the
 llava_v1 template with `<image>` (256 tokens) / `<video>` (8 x 257), and training examples from
-LLaVA-style conversation JSON mixing images and videos.
+LLaVA-style conversation JSON mixing images, videos and text-only conversations.
 
 A training example (fixed shapes, so that batches stack and the step compiles once):
-  pixels [T, S, S, 3] float32: a video's T frames, or an image in frame 0 (the rest copies);
+  pixels [T, S, S, 3] float32: a video's T frames, or an image in frame 0 (the rest copies), or
+    zeros for a text-only record (whose text has no media turn);
   input_ids, labels, attention_mask [L] int32, right-padded, labels -100 where nothing is learned.
 The text is the llava_v1 training format with the media turn ("<image>\\n" or "<video>\\n") opening
 the first question, cut at `data.max_text_len` tokens with each placeholder counted once (the
 reference's model_max_length), then expanded; L = `data.max_len` (its tokenizer_model_max_length)
-bounds the expanded sequence. Batches hold only images or only videos (as the reference's
-group_by_modality_length), so each training step runs one tower.
+bounds the expanded sequence. Batches hold only images, only videos or only text (the
+reference's group_by_modality_length keeps text apart), so each training step runs at most one tower.
 """
 
 import dataclasses
@@ -111,7 +112,7 @@ class VideoLlavaSystem(System):
 
   @classmethod
   def dataset(cls, cfg, config, tokenizer_dir):
-    """Two groups, images and videos, as the reference groups its batches by modality."""
+    """Up to three groups, images, videos and text-only records (`datasets.by_media_kind`)."""
     data = cfg.data
     if not data.instruct_json:
       raise ValueError("no training data: set data.instruct_json (+ data.instruct_dir)")
@@ -132,24 +133,32 @@ class Decode:
   num_video_tokens: int
 
   def __call__(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
-    media = load_media(record["media"], self.num_frames, self.image_size, **PREPROCESS)
     tokenizer = VideoLlavaSystem.training_tokenizer(self.tokenizer_dir)
     turns = conv_lib.conversation_turns(record["conversation"])
-    placeholder = IMAGE_TOKEN if media.is_image else VIDEO_TOKEN
-    turns[0] = (placeholder + "\n" + turns[0][0], turns[0][1])
+    if record.get("kind") == "text":
+      # No media turn; zero pixels keep the batch's shape (one compiled step for every group).
+      pixels, run = np.zeros((self.num_frames, self.image_size, self.image_size, 3), np.float32), None
+    else:
+      media = load_media(record["media"], self.num_frames, self.image_size, **PREPROCESS)
+      pixels = media.frames.frames
+      placeholder = IMAGE_TOKEN if media.is_image else VIDEO_TOKEN
+      turns[0] = (placeholder + "\n" + turns[0][0], turns[0][1])
+      run = ((self.image_token_id, self.num_image_tokens) if media.is_image
+             else (self.video_token_id, self.num_video_tokens))
     pieces = conv_lib.training_pieces(conv_lib.LLAVA_V1, turns)
     # Cut with each placeholder counted once, then expand it.
     ids, labels = conv_lib.encode_text(tokenizer, pieces, {IMAGE_TOKEN: (-1, 1), VIDEO_TOKEN: (-1, 1)})
     ids, labels = ids[:self.max_text_len], labels[:self.max_text_len]
-    if -1 not in ids:
-      raise ValueError(f"the media turn of {record['media']} lies past max_text_len {self.max_text_len}")
-    at = ids.index(-1)
-    token_id, count = ((self.image_token_id, self.num_image_tokens) if media.is_image
-                       else (self.video_token_id, self.num_video_tokens))
-    ids = ids[:at] + [token_id] * count + ids[at + 1:]
-    labels = labels[:at] + [conv_lib.IGNORE_INDEX] * count + labels[at + 1:]
-    if len(ids) > self.max_len:
-      ids, labels = ids[:self.max_len], labels[:self.max_len]
+    if run is None and -1 in ids:
+      raise ValueError("a text-only record holds a media mark")
+    if run is not None:
+      if -1 not in ids:
+        raise ValueError(f"the media turn of {record['media']} lies past max_text_len {self.max_text_len}")
+      at = ids.index(-1)
+      token_id, count = run
+      ids = ids[:at] + [token_id] * count + ids[at + 1:]
+      labels = labels[:at] + [conv_lib.IGNORE_INDEX] * count + labels[at + 1:]
+    ids, labels = ids[:self.max_len], labels[:self.max_len]
     example = {k: v[0] for k, v in conv_lib.collate([(ids, labels)], multiple=self.max_len).items()}
-    example["pixels"] = media.frames.frames
+    example["pixels"] = pixels
     return example

@@ -331,8 +331,8 @@ def make_generation_plan(config, devices: Sequence[Any], mesh_shape: Sequence[in
   sampling = generate.SamplingConfig()
   state = generate.DecodeState(cache=cache, tokens=struct((rows, new_tokens), jnp.int32, "batch", None),
                                step=struct((), jnp.int32), done=struct((rows,), bool, "batch"),
-                               rng=jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
-                                                        sharding=spec()))
+                               keys=jax.ShapeDtypeStruct((rows,), jax.eval_shape(lambda: jax.random.key(0)).dtype,
+                                                         sharding=spec("batch")))
   scalar = struct((), jnp.int32)
   with sharding.mesh_context(mesh):
     prefill = _compile(generate.extend, config, params, cache,

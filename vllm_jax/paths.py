@@ -30,9 +30,11 @@ from etils import epath
 
 
 # The store clients log each failed request with its traceback before raising: `_storage` reports
-# the failure in one line. google.auth warns wherever no Compute Engine metadata server answers.
+# the failure in one line. google.auth warns wherever no Compute Engine metadata server answers;
+# fsspec logs each file it opens with read-ahead (at INFO: a line per video in a training log).
 logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
 logging.getLogger("google.auth").setLevel(logging.ERROR)
+logging.getLogger("fsspec").setLevel(logging.WARNING)
 
 
 class StorageError(OSError):

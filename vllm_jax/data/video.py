@@ -4,8 +4,11 @@ resizing, CLIP normalisation.
 A video becomes N frames [N, 224, 224, 3] float32 (channels-last, as `vllm_jax.models.vit`
 takes them), resized straight to 224x224 by the decoder (no crop: the aspect ratio is not
 kept, as in Video-LLaMA), scaled to [0, 1] and normalised with CLIP's mean and std. Only the
-sampled frames are decoded (`get_batch` seeks to each), so a long video costs N decodes,
-not its length.
+sampled frames are decoded, so a long video costs N decodes, not its length. H.264 in mp4 (local
+files) is decoded with PyAV from the keyframe before each sampled frame, passing over the packets
+of pictures that no other picture references (non-reference B-frames), unless sampled; the frames
+are those decord gives, bit for bit (the same FFmpeg decoder; resized by the same bilinear scale
+filter, then converted to RGB). Other codecs and stored objects are decoded by decord's `get_batch`.
 
 Sampling (over the video's `vlen` frames):
   uniform   (evaluation, chat): indices arange(0, vlen, vlen / n) truncated to int;
@@ -39,6 +42,11 @@ CenterCropVideo: offsets round((side - 224) / 2), halves to even). Images follow
 transformers' CLIPImageProcessor: PIL bicubic resize of the short side to 224 (long side
 int(224 * long / short)), centre crop with offsets (side - 224) // 2. Both use the same
 OpenAI CLIP mean and std as above.
+
+`resize="pad"` (images only) is the LLaVA-1.5 family's image_aspect_ratio "pad", which
+Video-LLaVA's and LLaMA-VID's instruction stages train with: the image pasted centred on a square
+canvas of the CLIP mean colour (int(255 * mean) per channel: 122, 116, 104; offsets
+(side - short) // 2), then resized as CLIPImageProcessor resizes (a square needs no crop).
 """
 
 import dataclasses
@@ -53,6 +61,9 @@ CLIP_MEAN = np.array((0.48145466, 0.4578275, 0.40821073), np.float32)
 CLIP_STD = np.array((0.26862954, 0.26130258, 0.27577711), np.float32)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 RESIZE_MODES = ("squash", "short_side_crop")
+IMAGE_RESIZE_MODES = RESIZE_MODES + ("pad",)
+PAD_COLOR = tuple(int(x * 255) for x in CLIP_MEAN.tolist())  # the reference's background: (122, 116, 104)
+ASPECT_RATIOS = ("square", "pad")  # a recipe's data.image_aspect_ratio, the references' flag
 
 
 class MediaError(ValueError):
@@ -177,6 +188,28 @@ def _clip_image_resize(image, size: int) -> np.ndarray:
   return pixels[top:top + size, left:left + size]
 
 
+def image_resize(aspect_ratio: str) -> str:
+  """The `resize` of training images for a recipe's data.image_aspect_ratio: "square" (the
+  reference's default: CLIPImageProcessor's resize and centre crop) or "pad" (padded to a square
+  first)."""
+  if aspect_ratio not in ASPECT_RATIOS:
+    raise ValueError(f"unknown data.image_aspect_ratio {aspect_ratio!r}; expected one of {', '.join(ASPECT_RATIOS)}")
+  return "pad" if aspect_ratio == "pad" else "short_side_crop"
+
+
+def expand_to_square(image, color: tuple[int, ...] = PAD_COLOR):
+  """A PIL image pasted centred on a square canvas of `color` (its longer side), as LLaVA's
+  expand2square pads; a square image is returned as it is."""
+  from PIL import Image
+  width, height = image.size
+  if width == height:
+    return image
+  side = max(width, height)
+  square = Image.new(image.mode, (side, side), color)
+  square.paste(image, ((side - width) // 2, (side - height) // 2))
+  return square
+
+
 def _to_rgb(image):
   """A PIL image of any mode -> 8-bit RGB. PIL's own convert clips 16-bit and float values to
   0..255 (a 16-bit picture turns white) and drops alpha instead of compositing it."""
@@ -193,9 +226,9 @@ def _to_rgb(image):
   return image.convert("RGB")
 
 
-def _check_resize(resize: str) -> None:
-  if resize not in RESIZE_MODES:
-    raise ValueError(f"unknown resize {resize!r}; expected one of {RESIZE_MODES}")
+def _check_resize(resize: str, modes: tuple[str, ...] = RESIZE_MODES) -> None:
+  if resize not in modes:
+    raise ValueError(f"unknown resize {resize!r}; expected one of {modes}")
 
 
 def load_video(path: str, num_frames: int = 8, size: int = 224, sampling: str = "uniform",
@@ -206,7 +239,7 @@ def load_video(path: str, num_frames: int = 8, size: int = 224, sampling: str = 
   images), only those within `bounds` seconds when given; see the module doc.
 
   `train_crop` applies the training RandomResizedCrop (scale 0.5-1, bicubic) to the decoded
-  frames, in place of the `resize` step. `num_threads` are decord's decoding threads for this
+  frames, in place of the `resize` step. `num_threads` are the decoder's threads for this
   reader (keep it small when several readers run in parallel). `path` may be a URL (gs://...).
   Raises FileNotFoundError, MediaError, or `paths.StorageError` when its store cannot be reached.
   """
@@ -278,12 +311,21 @@ class FrameFolder:
 
 
 def _open(path: str, folder_fps: float | None = None, **kwargs):
-  """A decord VideoReader on a video with frames (a stored object's decoded from its bytes in
-  memory), or with `folder_fps` a FrameFolder; MediaError (naming the file) otherwise."""
+  """A reader of a video with frames: an H264Reader (a local H.264 mp4) or a decord VideoReader
+  (a stored object's decoded from its bytes in memory), or with `folder_fps` a FrameFolder;
+  MediaError (naming the file) otherwise."""
   if folder_fps is not None:
     return FrameFolder(path, folder_fps, kwargs.get("width"), kwargs.get("height"))
-  import decord
   source = paths.media_source(path)
+  if isinstance(source, str):
+    reader = H264Reader.open(source, **kwargs)
+    if reader is not None:
+      return reader
+  return _open_decord(path, source, **kwargs)
+
+
+def _open_decord(path: str, source, **kwargs):
+  import decord
   try:
     reader = decord.VideoReader(source, **kwargs)
   except (decord.DECORDError, RuntimeError) as e:  # decord raises RuntimeError on open
@@ -297,13 +339,169 @@ def _open(path: str, folder_fps: float | None = None, **kwargs):
 
 def _decode(reader, path: str, indices) -> np.ndarray:
   """The frames at `indices` -> [n, H, W, 3] uint8; MediaError on a decoding failure."""
-  if isinstance(reader, FrameFolder):
+  if isinstance(reader, (FrameFolder, H264Reader)):
     return reader.get_batch(indices)
   import decord
   try:
     return reader.get_batch(list(map(int, indices))).asnumpy()
   except (decord.DECORDError, RuntimeError) as e:
     raise MediaError(f"cannot decode video {path}: {str(e).splitlines()[0]}") from e
+
+
+class H264Reader:
+  """A local H.264 mp4 read as decord's VideoReader reads it (`len`, `get_avg_fps`, `get_batch`:
+  the same frames, bit for bit; `width` and `height` resize them as decord does), with less
+  decoding (see the module doc). `open` reads the packets once: timestamps, keyframes, and
+  whether each picture is referenced; `get_batch` then decodes each sampled frame from the last
+  keyframe before it, or on from the previous sampled frame when that is nearer, passing over
+  unreferenced pictures that are not sampled."""
+
+  def __init__(self, path: str, pts: np.ndarray, keyframe: np.ndarray, referenced: np.ndarray, fps: float,
+               width: int | None, height: int | None, num_threads: int):
+    self.path, self.pts, self.referenced, self.fps = path, pts, referenced, fps
+    self.size, self.num_threads = (width, height), num_threads
+    self.order = np.argsort(pts, kind="stable")  # presentation index -> decode position
+    self.sorted_pts = pts[self.order]
+    self.keyframes = np.flatnonzero(keyframe)
+
+  @classmethod
+  def open(cls, path: str, width: int | None = None, height: int | None = None,
+           num_threads: int = 0) -> "H264Reader | None":
+    """The reader of a local file, or None when this reader does not read it (no video, another
+    codec, Annex B streams, packets without timestamps, no frame rate): decord reads those."""
+    import av
+    try:
+      with av.open(path) as container:
+        if not container.streams.video:
+          return None
+        stream = container.streams.video[0]
+        length_size = _avc_length_size(stream.codec_context)
+        if length_size is None or not stream.average_rate:
+          return None
+        pts, keyframe, referenced = [], [], []
+        for packet in container.demux(stream):
+          if packet.size:
+            if packet.pts is None:
+              return None
+            pts.append(packet.pts)
+            keyframe.append(packet.is_keyframe)
+            referenced.append(_is_referenced(memoryview(packet), length_size))
+        if not pts or len(set(pts)) != len(pts) or stream.frames not in (0, len(pts)) or not keyframe[0]:
+          return None
+        fps = float(stream.average_rate)
+    except (av.FFmpegError, OSError, ValueError):
+      return None
+    return cls(path, np.array(pts), np.array(keyframe), np.array(referenced), fps, width, height, num_threads)
+
+  def __len__(self) -> int:
+    return len(self.pts)
+
+  def get_avg_fps(self) -> float:
+    return self.fps
+
+  def get_batch(self, indices) -> np.ndarray:
+    """The frames at `indices` (presentation order) -> [n, H, W, 3] uint8; decord's when this
+    reader cannot decode them."""
+    indices = [int(i) for i in indices]
+    frames = self._decode(indices)
+    if frames is None:
+      size = dict(width=self.size[0], height=self.size[1]) if all(self.size) else {}
+      return _decode(_open_decord(self.path, self.path, num_threads=self.num_threads, **size), self.path, indices)
+    return frames
+
+  def _decode(self, indices: list[int]) -> np.ndarray | None:
+    import av
+    pts = self.pts
+    wanted = {int(pts[self.order[i]]) for i in indices}
+    got, at = {}, None  # at: decode position of the last packet read
+    try:
+      with av.open(self.path) as container:
+        stream = container.streams.video[0]
+        codec, packets = stream.codec_context, None
+        codec.thread_count = self.num_threads
+        convert = _rgb_converter(*self.size, stream.time_base)
+        for target in sorted({int(self.order[i]) for i in indices}):
+          # The last keyframe at or before the target in decode order that is not shown after it
+          # (an open GOP's leading pictures need the keyframe before).
+          starts = self.keyframes[(self.keyframes <= target) & (pts[self.keyframes] <= pts[target])]
+          if not len(starts):
+            return None
+          if at is None or starts[-1] > at:
+            container.seek(int(pts[starts[-1]]), stream=stream, backward=True)
+            codec.flush_buffers()
+            packets = container.demux(stream)
+          while int(pts[target]) not in got:
+            packet = next(packets, None)
+            if packet is None or not packet.size:  # the end: drain the decoder's delayed frames
+              frames = codec.decode(None)
+            else:
+              at = self._position(packet.pts)
+              if at is None:
+                return None
+              if not self.referenced[at] and packet.pts not in wanted:
+                continue
+              frames = codec.decode(packet)
+            got.update((f.pts, convert(f)) for f in frames if f.pts in wanted and f.pts not in got)
+            if packet is None and int(pts[target]) not in got:
+              return None
+    except (av.FFmpegError, OSError, ValueError):
+      return None
+    return np.stack([got[int(pts[self.order[i]])] for i in indices])
+
+  def _position(self, pts: int | None) -> int | None:
+    """The decode position of the packet with timestamp `pts` (None: no such packet)."""
+    i = int(np.searchsorted(self.sorted_pts, pts)) if pts is not None else len(self.pts)
+    return int(self.order[i]) if i < len(self.pts) and self.sorted_pts[i] == pts else None
+
+
+def _avc_length_size(codec) -> int | None:
+  """The bytes of each NAL unit's length prefix in an H.264 stream's packets (mp4's avcC
+  extradata); None for any other stream."""
+  extra = codec.extradata
+  if codec.name != "h264" or not extra or len(extra) < 5 or extra[0] != 1:
+    return None
+  return (extra[4] & 3) + 1
+
+
+def _is_referenced(data: memoryview, length_size: int) -> bool:
+  """Whether an H.264 access unit (length-prefixed NAL units) holds a picture that others may
+  reference: a slice NAL unit (types 1-5) with nal_ref_idc > 0, or none found (kept, to be safe)."""
+  at, slices = 0, 0
+  while at + length_size < len(data):
+    size = int.from_bytes(data[at:at + length_size], "big")
+    header = data[at + length_size]
+    if 1 <= header & 0x1F <= 5:
+      slices += 1
+      if header & 0x60:
+        return True
+    at += length_size + size
+  return slices == 0
+
+
+def _rgb_converter(width: int | None, height: int | None, time_base):
+  """A decoded frame (of a stream with `time_base`) -> [H, W, 3] uint8 RGB, resized to `width` x
+  `height` when given with FFmpeg's scale filter (bilinear, in YUV, then converted), as decord resizes."""
+  if not (width and height):
+    return lambda frame: frame.to_ndarray(format="rgb24")
+  import av
+  graphs = {}
+
+  def convert(frame):
+    key = (frame.width, frame.height, frame.format.name)
+    if key not in graphs:
+      graph = av.filter.Graph()
+      source = graph.add_buffer(width=frame.width, height=frame.height, format=frame.format.name,
+                                time_base=time_base)
+      scale = graph.add("scale", f"{width}:{height}:flags=bilinear")
+      rgb, sink = graph.add("format", "rgb24"), graph.add("buffersink")
+      source.link_to(scale)
+      scale.link_to(rgb)
+      rgb.link_to(sink)
+      graph.configure()
+      graphs[key] = graph
+    graphs[key].push(frame)
+    return graphs[key].pull().to_ndarray()
+  return convert
 
 
 class FrameStream:
@@ -352,9 +550,10 @@ def _has_audio_only(source) -> bool:
 
 
 def load_image(path: str, num_frames: int = 1, size: int = 224, resize: str = "squash") -> Frames:
-  """An image file as a one-frame video (padded to `num_frames` masked frames if > 1)."""
+  """An image file as a one-frame video (padded to `num_frames` masked frames if > 1); `resize`:
+  one of IMAGE_RESIZE_MODES (see the module doc)."""
   from PIL import Image, UnidentifiedImageError
-  _check_resize(resize)
+  _check_resize(resize, IMAGE_RESIZE_MODES)
   path = paths.resolve(path)
   source = paths.media_source(path)
   try:
@@ -363,7 +562,7 @@ def load_image(path: str, num_frames: int = 1, size: int = 224, resize: str = "s
       if resize == "squash":
         pixels = np.asarray(image.resize((size, size), Image.BICUBIC))
       else:
-        pixels = _clip_image_resize(image, size)
+        pixels = _clip_image_resize(expand_to_square(image) if resize == "pad" else image, size)
   except (UnidentifiedImageError, OSError) as e:
     raise MediaError(f"cannot decode image {path}: {e}") from e
   frames, mask = pad_frames(normalize(pixels)[None], num_frames)

@@ -31,7 +31,9 @@ the instructions; "" = random init of `model` with `data.tokenizer` and `data.in
           (`context_remat_policy`) and a step accumulates 16 micro-batches of 8, so that it fits
           v5p:2x2x1 (61 GiB of 95 per chip, `vllm-jax plan`).
   stage3: long videos (about 9 K movie conversations, one epoch at 8), lr 2e-5, up to 65536 tokens
-          (the 7b-long context). Trains the LLM and the projector; the context path stays frozen.
+          (the 7b-long context; `init_from` a stage-2 folder, as the reference starts it, has its
+          4096 positions extended to 65536 by linear RoPE scaling, factor 16: `context_length`).
+          Trains the LLM and the projector; the context path stays frozen.
           The loss projects the vocabulary 4096 positions at a time (`loss_chunk`) and a step
           accumulates 2 micro-batches, one row per chip on v5p:2x2x1 (82 GiB of 95, `vllm-jax plan`).
   stage2_lora: stage 2 with LoRA adapters on the LLM in its place (`model.llama.lora`: rank 128,
@@ -56,13 +58,12 @@ import math
 import ml_collections
 
 from vllm_jax.configs.train_llama_tiny import optim_config, train_section
-from vllm_jax.models.llama import LlamaConfig
+from vllm_jax.models.llama import LlamaConfig, extend_context
 from vllm_jax.models.llama_vid import INSTRUCT_QFORMER, LlamaVidConfig
 from vllm_jax.models.qformer import QFormerConfig
 from vllm_jax.models.video_llava import VICUNA_7B_V15
 from vllm_jax.models.vit import EVA_VIT_G
 from vllm_jax.nn.lora import LoraConfig
-from vllm_jax.nn.rope import RopeConfig
 
 SIZES = ("7b", "7b-long", "tiny")
 STAGES = ("stage1", "stage2", "stage3")
@@ -79,14 +80,15 @@ LORA_STAGES = ("stage2_lora",)  # trained on the data of the stage they name
 EXAMPLES = {"stage1": 790_000, "stage2": 763_000, "stage3": 9_000}  # about; sets the schedule length
 BATCH = {"stage1": 256, "stage2": 128, "stage3": 8}
 LONG_CONTEXT = 65536
+TINY_LONG_CONTEXT = 2048  # the tiny stage 3's (the tiny model has 1024 positions)
+VICUNA_CONTEXT = 4096  # the positions Vicuna v1.5's RoPE was trained on
 
 
 def model_config(arg: str) -> LlamaVidConfig:
   if arg in ("7b", "7b-long"):
     llama = VICUNA_7B_V15.replace(vocab_size=32000, max_position_embeddings=4096)
     if arg == "7b-long":
-      llama = llama.replace(max_position_embeddings=LONG_CONTEXT,
-                            rope=RopeConfig(type="linear", factor=LONG_CONTEXT / 4096))
+      llama = extend_context(llama, LONG_CONTEXT)
     return LlamaVidConfig(llama=llama, vit=EVA_VIT_G, qformer=INSTRUCT_QFORMER, content_grid=0)
   if arg == "tiny":
     llama = LlamaConfig(vocab_size=320, hidden_size=40, intermediate_size=64, num_layers=2, num_heads=4,
@@ -138,6 +140,14 @@ def train_config(cfg: ml_collections.ConfigDict, stage: str, tiny: bool = False)
   # Positions the loss projects to the vocabulary at once (0: all). A 65,536-token row's float32
   # logits are 8 GiB, and their gradient as much again.
   cfg.loss_chunk = 4096 if stage == "stage3" and not tiny else 0
+  # The LLM's context in this stage (0: the model's). A longer one than init_from's is reached as
+  # the reference's train.py reaches a model_max_length beyond the LLM's positions: linear RoPE
+  # scaling, factor ceil(context_length / rope_context) (`llama.extend_context`), so stage 3 takes
+  # a stage-2 folder's 4096 positions to 65536 at factor 16. rope_context: the positions the LLM's
+  # RoPE was trained on (0: the folder's context; a converted LLaMA-VID folder states its
+  # model_max_length, 2048, instead of Vicuna's 4096).
+  cfg.context_length = (TINY_LONG_CONTEXT if tiny else LONG_CONTEXT) if stage == "stage3" else 0
+  cfg.rope_context = 0 if tiny else VICUNA_CONTEXT
   cfg.optim = optim_config(trainable=trainable, lr=1e-3 if stage1 else 2e-4 if lora else 2e-5, min_lr=0.0,
                            warmup_start_lr=0.0, warmup_steps=0, warmup_ratio=0.03, weight_decay=0.0, clip_norm=1.0)
   if lora:
@@ -158,7 +168,8 @@ def train_config(cfg: ml_collections.ConfigDict, stage: str, tiny: bool = False)
   # Examples have fixed shapes: every video is padded to max_frames frames and every text to
   # max_len tokens. A video's run takes frames x 2 tokens in each of its questions.
   cfg.data = ml_collections.ConfigDict(dict(
-      instruct_json="",          # conversations with an "image" or "video" path, or neither (text only)
+      instruct_json="",          # conversations with an "image" or "video" path, or neither (text only);
+                                 # or their manifest folder (`vllm-jax make-manifest --format llava`)
       instruct_dir="",           # media paths in the JSON are relative to this folder
       text_format="caption" if stage1 else "conversation",  # stage 1's captions, or vicuna_v1 chats
       tokenizer="",              # LLaMA tokenizer folder for a random init (init_from brings its own)
@@ -171,11 +182,16 @@ def train_config(cfg: ml_collections.ConfigDict, stage: str, tiny: bool = False)
       # Questions of a conversation (later ones are dropped). Costs Q-Former runs: every example
       # of a video batch reads max_turns x max_frames frames.
       max_turns=1 if stage1 else 8,
+      # Images: "pad" to a square of the CLIP mean colour before the resize, as the reference's
+      # stage-2 and stage-3 scripts set it (--image_aspect_ratio pad); stage 1 keeps the
+      # processor's resize and centre crop ("square").
+      image_aspect_ratio="square" if stage1 else "pad",
       shuffle=True,
       num_epochs=-1,             # -1 = repeat forever
       worker_count=0,            # decoding processes per host; 0 = in the main process
       max_skipped=10000,         # abort after this many unreadable examples on a host; -1 = no limit
       cache_examples=False,      # keep every decoded example in memory (small datasets only)
+      feature_cache="",          # a `vllm-jax cache-features` folder: the frozen encoders' outputs replace the media
   ))
   if stage == "stage3":
     # The reference counts frame tokens in its model_max_length: an hour at 1 fps in each of 8

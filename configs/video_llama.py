@@ -145,9 +145,10 @@ def train_config(cfg: ml_collections.ConfigDict, stage: str, tiny: bool = False)
   cfg.train = train_section(steps=12500 if stage1 else 3000, batch_size=256 if stage1 else 32, log_every=50,
                             checkpoint_every=1000)
   cfg.data = ml_collections.ConfigDict(dict(
-      webvid_csv="",             # WebVid-style CSV: captions (stage 1 examples)
+      webvid_csv="",             # WebVid-style CSV: captions (stage 1 examples), or its manifest folder
+                                 # (`vllm-jax make-manifest`: a 10M-row CSV read a record at a time)
       webvid_dir="",             # videos at {webvid_dir}/{page_dir}/{videoid}.mp4
-      instruct_json="",          # instruction conversations (stage 2 examples)
+      instruct_json="",          # instruction conversations (stage 2 examples), or their manifest folder
       instruct_dir="",           # media paths in the JSON are relative to this folder
       instruct_format="llava",   # "llava" (LLaVA / Video-ChatGPT JSON) or "videochat"
       weights=(1.0, 1.0),        # mixture weights (captions, instructions) when both are set

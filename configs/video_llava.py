@@ -123,17 +123,23 @@ def train_config(cfg: ml_collections.ConfigDict, stage: str, tiny: bool = False)
     cfg.model.llama.lora = ml_collections.ConfigDict(LORA.to_dict())
   cfg.train = train_section(steps=steps, batch_size=BATCH[data_stage], log_every=50, checkpoint_every=1000)
   cfg.data = ml_collections.ConfigDict(dict(
-      instruct_json="",          # conversations with an "image" or "video" path, or neither (text only)
+      instruct_json="",          # conversations with an "image" or "video" path, or neither (text only);
+                                 # or their manifest folder (`vllm-jax make-manifest --format llava`)
       instruct_dir="",           # media paths in the JSON are relative to this folder
       instruct_format="llava",   # "llava" (LLaVA / Video-ChatGPT JSON)
       tokenizer="",              # tokenizer folder for a random init (init_from brings its own)
       max_text_len=2048,         # text tokens, each placeholder counted once (the reference's model_max_length)
       max_len=3072,              # tokens after the placeholders are expanded (its tokenizer_model_max_length)
+      # Images: "pad" to a square of the CLIP mean colour before the resize, as the reference's
+      # finetune scripts set it (--image_aspect_ratio pad); pretraining keeps the processor's
+      # resize and centre crop ("square").
+      image_aspect_ratio="square" if stage1 else "pad",
       shuffle=True,
       num_epochs=-1,             # -1 = repeat forever
       worker_count=0,            # decoding processes per host; 0 = in the main process
       max_skipped=10000,         # abort after this many unreadable examples on a host; -1 = no limit
       cache_examples=False,      # keep every decoded example in memory (small datasets only)
+      feature_cache="",          # a `vllm-jax cache-features` folder: the frozen encoders' outputs replace the media
   ))
   if tiny:
     # A schedule of its own, so that runs of any length share it.

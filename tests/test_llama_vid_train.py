@@ -382,3 +382,27 @@ def test_sharded_stage1_step_matches_single_device(files):
     assert not np.array_equal(p1[k], initial[k]), k
   for k, v in frozen1.items():
     assert np.array_equal(v, initial[k]), k
+
+
+def test_stage3_extends_a_stage2_folder_context(files, tmp_path):
+  """Stage 3 from a stage-2 folder of 256 positions, with texts of 448 tokens: the recipe's
+  context_length (2048) is reached by linear RoPE scaling (factor ceil(2048 / 256) = 8, as the
+  reference's train.py scales), the run trains, and the trained model keeps the extended config.
+  Without context_length the run stops at the context check."""
+  root, config, _ = files
+  stage2 = LlamaVidSystem.load(str(root / "model"))
+  stage2.config = config.replace(llama=config.llama.replace(max_position_embeddings=256))
+  stage2.save(str(tmp_path / "stage2"))
+  overrides = {"init_from": tmp_path / "stage2", "train.steps": 4, "train.log_every": 1, "optim.lr": 3e-3,
+               "optim.warmup_steps": 0, "data.cache_examples": True, "data.max_turns": 1}
+  unextended = recipe(root, "tiny_stage3", "clips", **overrides, context_length=0)
+  with pytest.raises(ValueError, match="data.max_len 448 exceeds the LLM's context of 256 tokens"):
+    LlamaVidSystem.decoder(unextended, run_lib.training_config(unextended, LlamaVidSystem, stage2.config),
+                           str(tmp_path / "stage2" / "tokenizer"))
+  cfg = recipe(root, "tiny_stage3", "clips", **overrides, **{"train.workdir": tmp_path / "run"})
+  result = run_lib.train(cfg, LlamaVidSystem)
+  losses = [m["loss"] for m in result.history]
+  assert len(losses) == 4 and np.isfinite(losses).all() and losses[-1] < losses[0], losses
+  trained, _ = run_lib.trained_model(str(tmp_path / "run"))
+  llama = trained.config.llama
+  assert (llama.rope.type, llama.rope.factor, llama.max_position_embeddings) == ("linear", 8.0, 2048)

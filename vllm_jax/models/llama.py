@@ -10,6 +10,7 @@ Parameters (layers scanned, so each layer tensor has a leading `layers` axis L):
 """
 
 import dataclasses
+import math
 
 import flax.linen as nn
 import flax.struct
@@ -47,6 +48,25 @@ class LlamaConfig(ConfigBase):
   attention_impl: str | None = None       # the kernel without a cache: None (XLA), cudnn, splash, auto
   lora: LoraConfig | None = None          # low-rank adapters on the projections `lora.targets` name
   loss_chunk: int = 0                     # training loss: positions projected to the vocabulary at once; 0: all
+
+
+def extend_context(config: LlamaConfig, length: int, trained: int = 0) -> LlamaConfig:
+  """`config` with a context of `length` positions, reached as LLaMA-VID's training script reaches
+  a model_max_length beyond the LLM's: past the positions its RoPE was trained on (`trained`, or
+  the config's context when that is larger), positions are interpolated linearly (RoPE `linear`,
+  factor ceil(length / trained)). A `length` within the config's context changes nothing.
+  `trained` matters when a folder's context is shorter than its RoPE's (a converted LLaMA-VID
+  folder's is its model_max_length, 2048, over Vicuna v1.5's 4096 positions)."""
+  if length <= config.max_position_embeddings:
+    return config
+  trained = max(trained, config.max_position_embeddings)
+  if length <= trained:
+    return config.replace(max_position_embeddings=length)
+  if config.rope.type != "default":
+    raise ValueError(f"cannot extend the LLM's context of {config.max_position_embeddings} positions to {length}: "
+                     f"its RoPE is already scaled ({config.rope.type}, factor {config.rope.factor})")
+  rope = dataclasses.replace(config.rope, type="linear", factor=float(math.ceil(length / trained)))
+  return config.replace(max_position_embeddings=length, rope=rope)
 
 
 @flax.struct.dataclass

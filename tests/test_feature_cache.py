@@ -152,8 +152,7 @@ def test_a_cache_made_otherwise_is_refused(setup, tmp_path):
   system = vl.VideoLlamaSystem
 
   def refusal(cfg):
-    from vllm_jax.cli.cache_features import model_config as folder_config
-    config, tokenizer_dir = folder_config(cfg, system)
+    config, tokenizer_dir = run_lib.model_config(cfg, system)
     with pytest.raises(ValueError) as e:
       system.dataset(cfg, config, tokenizer_dir)
     return str(e.value)
@@ -199,15 +198,15 @@ def test_an_interrupted_cache_write_resumes(setup, tmp_path, monkeypatch):
   make_encoder = feature_cache.make_encoder
 
   def failing(*args):
-    encode, batch = make_encoder(*args)
+    encode = make_encoder(*args)
     calls = []
 
-    def encode_until_killed(frames, clips):
+    def encode_until_killed(name, units):
       calls.append(1)
-      if len(calls) == 2:  # batches are rounded up to the 8 devices: one per chunk
+      if len(calls) == 3:  # one call per 2 records (their 8 frames): the second chunk's first
         raise KeyboardInterrupt
-      return encode(frames, clips)
-    return encode_until_killed, batch
+      return encode(name, units)
+    return encode_until_killed
 
   monkeypatch.setattr(feature_cache, "make_encoder", failing)
   with pytest.raises(KeyboardInterrupt):

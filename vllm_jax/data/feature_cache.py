@@ -1,10 +1,11 @@
-"""Frozen-feature cache for Video-LLaMA training: what the frozen encoders (EVA ViT + ln_vision +
-image Q-Former per frame; the ImageBind audio encoder) make of each training example's media,
-computed once (`vllm-jax cache-features`) instead of every epoch.
+"""Frozen-feature cache: what a system's frozen encoders make of each training record's media,
+computed once (`vllm-jax cache-features`) instead of every epoch. The system says which encoders,
+how a record's media load, how they are encoded and how an example is built from the features
+(`systems.base.System`'s feature-cache methods); this module writes, checks and reads the cache.
 
-The media of a record are sampled as training samples them (frames and crops drawn from a
-generator seeded by (seed, media path)), so a record's features are the same every epoch and the
-cache holds one entry per record: entry i of a source is its i-th record.
+A record's media are loaded as training loads them (deterministically: random frame sampling and
+crops are seeded by the record), so its features are the same every epoch and the cache holds one
+entry per record: entry i of a source is its i-th record.
 
 A cache folder:
   features.json                                   what the cache holds and what made it (below)
@@ -12,15 +13,17 @@ A cache folder:
                                                   records [k * chunk_size, (k + 1) * chunk_size)
 Each ArrayRecord record is a msgpack map (`flax.serialization.msgpack_serialize`) of numpy arrays:
   ok: bool, error: str ("" when ok; else why the media could not be read: training skips the
-  record as it skips unreadable media); frame_features [T, Q, E] float32 (ViT + ln_vision + image
-  Q-Former, before the frame positions), frame_mask [T] bool, timestamps [n] float64, is_image,
-  and with audio: audio_features [N, D] float32 (ImageBind), audio_valid.
-Read with `grain.sources.ArrayRecordDataSource` (no TensorFlow in the input path; float32 bytes
-kept exact, so training from the cache gives the losses of training from the videos).
+  record as it skips unreadable media); the system's facts about the media (timestamps, ...) and,
+  for each encoder input the record has ("frame", "image", "audio", ...), "{input}_features"
+  [n, ...]: its n units' features, in the dtype `System.feature_shapes` gives (Video-LLaMA:
+  float32; Video-LLaVA and LLaMA-VID: their encoders' compute dtype). A record without media (a
+  text-only conversation) has none.
+Read with `grain.sources.ArrayRecordDataSource` (no TensorFlow in the input path; the encoders'
+outputs kept exact, so training from the cache gives the losses of training from the media).
 
 features.json: `encoders` (a SHA-256 over the frozen encoder parameters' paths, dtypes, shapes and
-bytes, as the trainer holds them: cast to `optim.frozen_dtype`), `preprocessing` (frame count, size,
-sampling, crop, seed, audio clips), `sources` (annotation files with their size and the SHA-256 of
+bytes, as the trainer holds them: cast to `optim.frozen_dtype`), `preprocessing` (the system's:
+frame count, size, sampling, ...), `sources` (annotation files with their size and the SHA-256 of
 their text, media folder, record count), `features` (per-record shapes and dtypes): training
 compares all four with its own and refuses a cache that differs, naming what. `layout` (chunk size
 and counts) and `made_from` are not compared.
@@ -48,7 +51,8 @@ from flax import serialization, traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vllm_jax import paths
-from vllm_jax.models.video_llama import VideoLlama, VideoLlamaConfig, abstract_params, init_inputs
+from vllm_jax.data import manifest
+from vllm_jax.data.media import MediaError
 from vllm_jax.train import optim
 
 FORMAT = "vllm_jax.feature_cache/1"
@@ -56,30 +60,24 @@ META = "features.json"
 COMPARED = ("encoders", "preprocessing", "sources", "features")
 LABELS = {"encoders": "encoder weights", "preprocessing": "preprocessing", "sources": "dataset files",
           "features": "feature shapes"}
-VISION_ENCODERS = ("vision/visual_encoder/", "vision/ln_vision/", "vision/qformer/")
-AUDIO_ENCODER = ("audio/encoder/",)
+FEATURES = "_features"  # an encoder input's features are cached as "{input}_features"
 
 
-def encoder_prefixes(with_audio: bool) -> tuple[str, ...]:
-  return VISION_ENCODERS + (AUDIO_ENCODER if with_audio else ())
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """One training source as a cache sees it (`System.feature_sources`)."""
+  name: str                  # e.g. "captions", "instructions": names its chunk files
+  records: list[dict[str, Any]]
+  decode: Any                # the system's example builder, with `media_inputs(record)`
+  files: tuple[str, ...]     # the annotation files the records come from
+  media_dir: str
 
 
-def feature_shapes(config: VideoLlamaConfig, with_audio: bool) -> dict[str, tuple[tuple[int, ...], Any]]:
-  """Per-example cached arrays -> (shape, dtype): frame_features [T, Q, E], frame_mask [T] and,
-  with audio, audio_features [N, D]."""
-  vision, t = config.vision, config.num_frames
-  shapes = {"frame_features": ((t, vision.qformer.num_queries, vision.qformer.hidden_size), np.float32),
-            "frame_mask": ((t,), np.bool_)}
-  if with_audio:
-    shapes["audio_features"] = ((config.audio.max_clips, config.audio.encoder.out_dim), np.float32)
-  return shapes
-
-
-def encoder_params(cfg, config: VideoLlamaConfig) -> dict:
+def encoder_params(cfg, system, config) -> dict:
   """The frozen encoders' parameters (nested, numpy) as training holds them: from `init_from`'s
   folder (only these tensors are read) or the trainer's random init, cast to `optim.frozen_dtype`."""
-  prefixes = encoder_prefixes(cfg.data.with_audio)
-  abstract = {k: v for k, v in optim.flatten(nn.meta.unbox(abstract_params(config))).items()
+  prefixes = system.frozen_encoders(cfg, config)
+  abstract = {k: v for k, v in optim.flatten(nn.meta.unbox(system.abstract_params(config))).items()
               if k.startswith(prefixes)}
   if cfg.init_from:
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
@@ -91,9 +89,10 @@ def encoder_params(cfg, config: VideoLlamaConfig) -> dict:
   else:
     # `trainer.Trainer`'s init: the first half of key(seed); XLA computes only the leaves kept.
     init_key = jax.random.split(jax.random.key(cfg.seed))[0]
-    inputs = {k: jnp.zeros(v.shape, v.dtype) for k, v in init_inputs(config).items()}
+    inputs = {k: jnp.zeros(v.shape, v.dtype) for k, v in system.init_inputs(config).items()}
     keep = lambda p: optim.unflatten({k: v for k, v in optim.flatten(p).items() if k in abstract})
-    params = jax.jit(lambda key: keep(nn.meta.unbox(VideoLlama(config).init(key, **inputs)["params"])))(init_key)
+    model = system.model(config)
+    params = jax.jit(lambda key: keep(nn.meta.unbox(model.init(key, **inputs)["params"])))(init_key)
   return jax.device_get(jax.jit(lambda p: optim.cast(p, cfg.optim.frozen_dtype))(params))
 
 
@@ -107,22 +106,19 @@ def fingerprint(params) -> str:
   return digest.hexdigest()
 
 
-def describe(cfg, config: VideoLlamaConfig, sources: Sequence[Any], params) -> dict:
-  """features.json's compared sections for a run of `cfg` over `sources` (`systems.video_llama.Source`)
-  with the encoder parameters `params` (`encoder_params`), plus `made_from`."""
-  decode = sources[0].decode  # the media settings are common to all sources
+def describe(cfg, system, config, sources: Sequence[Any], params) -> dict:
+  """features.json's compared sections for a run of `cfg` over `sources` (`Source`s) with the
+  encoder parameters `params` (`encoder_params`), plus `made_from`."""
   meta = dict(
       format=FORMAT,
       encoders=dict(fingerprint=fingerprint(params), frozen_dtype=str(cfg.optim.frozen_dtype)),
-      preprocessing=dict(num_frames=decode.num_frames, image_size=decode.image_size, sampling=decode.sampling,
-                         train_crop=decode.train_crop, seed=decode.seed,
-                         audio=None if decode.audio is None else dataclasses.asdict(decode.audio)),
+      preprocessing=system.feature_preprocessing(cfg, config),
       sources={s.name: dict(files={paths.resolve(f): file_fingerprint(f) for f in s.files},
                             media_dir=paths.resolve(s.media_dir or "."), num_records=len(s.records))
                for s in sources},
       features={k: [list(shape), np.dtype(dtype).name] for k, (shape, dtype) in
-                feature_shapes(config, cfg.data.with_audio).items()},
-      made_from=dict(init_from=paths.resolve(cfg.init_from) if cfg.init_from else "",
+                system.feature_shapes(cfg, config).items()},
+      made_from=dict(system=system.model_type, init_from=paths.resolve(cfg.init_from) if cfg.init_from else "",
                      encoder_parameters={k: [list(np.shape(v)), str(np.asarray(v).dtype)]
                                          for k, v in optim.flatten(params).items()}))
   return json.loads(json.dumps(meta))  # as read back: lists, not tuples
@@ -130,7 +126,10 @@ def describe(cfg, config: VideoLlamaConfig, sources: Sequence[Any], params) -> d
 
 def file_fingerprint(path: str) -> dict:
   """An annotation file's size and the SHA-256 of its text: the same wherever the same file is read
-  from (unlike a modification time, which a copy or an upload changes)."""
+  from (unlike a modification time, which a copy or an upload changes). A manifest folder's is its
+  manifest.json's (which holds its annotation file's)."""
+  if manifest.is_manifest(path):
+    path = manifest.meta_path(path)
   digest = hashlib.sha256()
   with paths.open_text(path) as f:
     for text in iter(lambda: f.read(1 << 20), ""):
@@ -167,19 +166,28 @@ def present(cache_dir: str) -> set[str]:
   return {paths.join(cache_dir, name) for name in paths.listdir(cache_dir)} if paths.is_dir(cache_dir) else set()
 
 
-def open_for_training(cfg, config: VideoLlamaConfig, sources: Sequence[Any]) -> dict[str, tuple[str, ...]]:
+def check_system(cfg, system, config) -> tuple[str, ...]:
+  """The system's frozen encoders for `cfg`; ValueError when it has none or `optim.trainable`
+  trains one of them (whose outputs a cache would hold fixed)."""
+  prefixes = system.frozen_encoders(cfg, config)
+  if not prefixes:
+    raise ValueError(f"system {system.model_type!r} has no frozen encoders to cache")
+  trained = [k for k in optim.flatten(nn.meta.unbox(system.abstract_params(config)))
+             if k.startswith(prefixes) and optim.matches(k, cfg.optim.trainable)]
+  if trained:
+    raise ValueError(f"optim.trainable trains frozen encoder parameters ({', '.join(trained[:3])}, ...), whose "
+                     "outputs a feature cache holds: train without data.feature_cache")
+  return prefixes
+
+
+def open_for_training(cfg, system, config, sources: Sequence[Any]) -> dict[str, tuple[str, ...]]:
   """The chunk files of each source in the cache `cfg.data.feature_cache`, once the cache is
   found complete and made for this run (same encoder weights, preprocessing, data files); else
   ValueError naming what differs."""
   cache_dir = cfg.data.feature_cache
   meta = load_meta(cache_dir)
-  prefixes = encoder_prefixes(cfg.data.with_audio)
-  trained = [k for k in optim.flatten(nn.meta.unbox(abstract_params(config)))
-             if k.startswith(prefixes) and optim.matches(k, cfg.optim.trainable)]
-  if trained:
-    raise ValueError(f"optim.trainable trains frozen encoder parameters ({', '.join(trained[:3])}, ...), whose "
-                     f"outputs the feature cache {cache_dir} holds: train without data.feature_cache")
-  diffs = differences(meta, describe(cfg, config, sources, encoder_params(cfg, config)))
+  check_system(cfg, system, config)
+  diffs = differences(meta, describe(cfg, system, config, sources, encoder_params(cfg, system, config)))
   if diffs:
     what = sorted({d.partition(":")[0] for d in diffs})
     raise ValueError(f"the feature cache {cache_dir} was made for other {' and '.join(what)} than this run's:\n  "
@@ -196,6 +204,14 @@ def open_for_training(cfg, config: VideoLlamaConfig, sources: Sequence[Any]) -> 
   return files
 
 
+def from_cache(cfg, system, config, sources: Sequence[Any]) -> list[Any]:
+  """`sources` trained from the cache `cfg.data.feature_cache` (checked by `open_for_training`):
+  each record with its `cache_index`, each decode the system's `cached_decode` of it."""
+  files = open_for_training(cfg, system, config, sources)
+  return [dataclasses.replace(s, records=[dict(r, cache_index=i) for i, r in enumerate(s.records)],
+                              decode=system.cached_decode(cfg, config, s.decode, files[s.name])) for s in sources]
+
+
 _READERS: dict[tuple[str, ...], Any] = {}
 
 
@@ -206,52 +222,66 @@ def read(files: tuple[str, ...], index: int) -> dict[str, Any]:
   return serialization.msgpack_restore(_READERS[files][index])
 
 
+def entry(files: tuple[str, ...], record: dict[str, Any]) -> dict[str, Any]:
+  """The cache entry of `record` (by its `cache_index`); MediaError when its media could not be
+  read when the cache was made (training skips it, as it skips unreadable media)."""
+  found = read(files, record["cache_index"])
+  if not found["ok"]:
+    raise MediaError(f"{record.get('media')} (when the feature cache was made): {found['error']}")
+  return found
+
+
 # --- writing --------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
 class LoadMedia:
-  """(source number, record) -> the record's media as its source's training decode loads them
-  (frames, frame_mask, audio, timestamps, ...), or `ok` False and the error. Picklable: grain
-  worker processes run it."""
+  """(source number, record) -> dict(ok, error, inputs, **facts): the record's media as its
+  source's decode loads them for training (`media_inputs`), or `ok` False and the error.
+  Picklable: grain worker processes run it."""
   decodes: tuple[Any, ...]
 
   def __call__(self, item: tuple[int, dict]) -> dict[str, Any]:
     number, record = item
-    decode = self.decodes[number]
     try:
-      media = decode.load(record)
+      inputs, facts = self.decodes[number].media_inputs(record)
     except paths.StorageError:
       raise  # the store, not this record: every other record would fail alike
     except Exception as e:  # pylint: disable=broad-except  (training skips any unreadable record alike)
       return dict(ok=False, error=f"{type(e).__name__}: {e}")
-    return dict(ok=True, error="", timestamps=np.asarray(media.frames.timestamps, np.float64),
-                is_image=bool(media.is_image), audio_valid=bool(media.audio_valid), **decode.media_arrays(media))
+    return dict(ok=True, error="", inputs=inputs, **facts)
 
 
-def make_encoder(config: VideoLlamaConfig, params, batch_size: int) -> tuple[Callable, int]:
-  """-> (encode(frames [B, T, S, S, 3], clips [B, N, 1, mel, frames] | None) -> numpy (frame
-  features [B, T, Q, E], audio features [B, N, D] | None), B): the frozen encoders, data parallel
-  over this process's devices (B: `batch_size` rounded up to a multiple of their count)."""
+def make_encoder(system, config, params, shapes: dict[str, tuple],
+                 batch_size: int) -> Callable[[str, np.ndarray], np.ndarray]:
+  """-> encode(input name, units [N, ...]) -> numpy features [N, ...] (dtype as `shapes` says):
+  the system's frozen encoders, data parallel over this process's devices, on fixed batches of
+  `batch_size` records' units (rounded up to a multiple of the device count; a unit count that
+  varies by record counts one per record), the last padded, so that each input compiles once."""
   devices = jax.local_devices()
-  batch_size = math.ceil(batch_size / len(devices)) * len(devices)
   mesh = Mesh(np.array(devices), ("data",))
   rows = NamedSharding(mesh, PartitionSpec("data"))
   params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
-  model = VideoLlama(config)
-  fn = jax.jit(lambda p, frames, clips: model.apply({"params": p}, frames, clips, method="frozen_features"),
-               out_shardings=rows)
+  fns = {}
 
-  def encode(frames, clips):
-    put = lambda x: None if x is None else jax.device_put(x, rows)
-    return jax.device_get(fn(params, put(frames), put(clips)))
-  return encode, batch_size
+  def encode(name, units):
+    shape, dtype = shapes[name + FEATURES]
+    size = math.ceil(batch_size * (shape[0] or 1) / len(devices)) * len(devices)
+    if name not in fns:
+      fns[name] = jax.jit(lambda p, x: system.encode_features(config, p, name, x).astype(dtype), out_shardings=rows)
+    out = []
+    for start in range(0, len(units), size):
+      part = units[start:start + size]
+      padded = np.concatenate([part, np.zeros((size - len(part), *part.shape[1:]), part.dtype)])
+      out.append(jax.device_get(fns[name](params, jax.device_put(padded, rows)))[:len(part)])
+    return np.concatenate(out)
+  return encode
 
 
 def write(out_dir: str, meta: dict, sources: Sequence[Any], encode: Callable, batch_size: int, *,
           chunk_size: int = 256, worker_count: int = 0, progress: bool = True) -> int:
   """Write (or finish) the cache of `sources` in `out_dir` (a folder or a URL): this process's
-  missing chunks, each encoded `batch_size` records at a time by `encode` (`make_encoder`) and put
+  missing chunks, `batch_size` records at a time through `encode` (`make_encoder`), each chunk put
   in place when complete. `meta`: `describe`'s; a folder holding another cache is refused. -> chunks
   written."""
   paths.makedirs(out_dir)
@@ -288,8 +318,8 @@ def write(out_dir: str, meta: dict, sources: Sequence[Any], encode: Callable, ba
       writer = ArrayRecordWriter(local, "group_size:1")
       for start in range(0, len(records), batch_size):
         entries = [next(loaded) for _ in records[start:start + batch_size]]
-        for entry in encode_entries(entries, encode, batch_size):
-          writer.write(serialization.msgpack_serialize(entry))
+        for e in encode_entries(entries, encode):
+          writer.write(serialization.msgpack_serialize(e))
         bar.update(len(entries))
       writer.close()
       paths.write_bytes(file, paths.read_bytes(local))  # whole: a chunk under its name is complete
@@ -297,16 +327,16 @@ def write(out_dir: str, meta: dict, sources: Sequence[Any], encode: Callable, ba
   return len(pending)
 
 
-def encode_entries(entries: list[dict], encode: Callable, batch_size: int) -> list[dict]:
-  """`LoadMedia` outputs -> cache entries: media replaced by their features (one padded batch
-  of `batch_size` through `encode`, so every batch compiles once)."""
+def encode_entries(entries: list[dict], encode: Callable) -> list[dict]:
+  """`LoadMedia` outputs -> cache entries: each record's encoder inputs replaced by their features
+  ("{input}_features"), the units of all the records of an input encoded together."""
   good = [e for e in entries if e["ok"]]
-  if good:
-    pad = lambda xs: np.concatenate([np.stack(xs), np.zeros((batch_size - len(xs), *xs[0].shape), xs[0].dtype)])
-    with_audio = "audio" in good[0]
-    frames, clips = encode(pad([e["frames"] for e in good]), pad([e["audio"] for e in good]) if with_audio else None)
-    for i, e in enumerate(good):
-      e["frame_features"] = frames[i]
-      if with_audio:
-        e["audio_features"] = clips[i]
-  return [{k: v for k, v in e.items() if k not in ("frames", "audio")} for e in entries]
+  for name in sorted({name for e in good for name in e["inputs"]}):
+    holders = [e for e in good if len(e["inputs"].get(name, ()))]
+    if not holders:
+      continue
+    features = encode(name, np.concatenate([e["inputs"][name] for e in holders]))
+    ends = np.cumsum([len(e["inputs"][name]) for e in holders])
+    for e, part in zip(holders, np.split(features, ends[:-1])):
+      e[name + FEATURES] = part
+  return [{k: v for k, v in e.items() if k != "inputs"} for e in entries]

@@ -95,17 +95,35 @@ class VideoLlava(nn.Module):
 
   def encode_images(self, images: jax.Array) -> jax.Array:
     """[B, H, W, 3] -> [B, G*G, E] (the patch tokens of layer -2, projected)."""
-    features = self.image_tower(images)[:, 1:]
+    return self.encode_image_features(self.image_features(images))
+
+  def image_features(self, images: jax.Array) -> jax.Array:
+    """[B, H, W, 3] -> the image tower's patch features [B, G*G, D] (layer -2, CLS dropped): what
+    a feature cache holds."""
+    return self.image_tower(images)[:, 1:]
+
+  def encode_image_features(self, features: jax.Array) -> jax.Array:
+    """`image_features` [B, G*G, D] -> [B, G*G, E]: `encode_images` without its tower."""
     return constrain(self.projector(features), ("batch", "length", "act_embed"))
 
   def encode_videos(self, frames: jax.Array) -> jax.Array:
     """[B, T, H, W, 3] -> [B, T*(1+G*G), E] (every frame's tokens, CLS first, frame 0 first)."""
+    return self.encode_video_features(self.video_features(frames))
+
+  def video_features(self, frames: jax.Array) -> jax.Array:
+    """[B, T, H, W, 3] -> the video tower's features [B, T, 1+G*G, D] (layer -2): what a feature
+    cache holds."""
     b, t = frames.shape[:2]
     frames_needed = self.config.video_tower.temporal_frames
     if frames_needed and t != frames_needed:
       raise ValueError(f"the video tower attends across {frames_needed} frames; got videos of {t}")
     features = self.video_tower(frames.reshape(b * t, *frames.shape[2:]))
-    tokens = self.projector(features).reshape(b, t * features.shape[1], -1)
+    return features.reshape(b, t, *features.shape[1:])
+
+  def encode_video_features(self, features: jax.Array) -> jax.Array:
+    """`video_features` [B, T, 1+G*G, D] -> [B, T*(1+G*G), E]: `encode_videos` without its tower."""
+    b, t, n = features.shape[:3]
+    tokens = self.projector(features.reshape(b * t, n, -1)).reshape(b, t * n, -1)
     return constrain(tokens, ("batch", "length", "act_embed"))
 
   def embed(self, input_ids: jax.Array, image_tokens: jax.Array | None = None,

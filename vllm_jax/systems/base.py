@@ -79,6 +79,11 @@ class System:
     cls.check_tokenizer(config, tokenizer, model_dir)
     return cls(config, params, tokenizer)
 
+  @classmethod
+  def read_config(cls, model_dir: str):
+    """The model config saved in `model_dir`, without its parameters."""
+    return pretrained.read_config(model_dir, cls.model_type, cls.config_class)
+
   def save(self, out_dir: str) -> None:
     pretrained.save(out_dir, self.model_type, self.config, self.params, self.tokenizer)
 
@@ -218,3 +223,52 @@ class System:
     tokenizer = load_tokenizer(path)
     cls.add_media_tokens(tokenizer)
     return tokenizer
+
+  # --- feature cache (per system; see `vllm_jax.data.feature_cache`) ------------------------
+  #
+  # A system whose training keeps encoders frozen may have their outputs computed once. Its
+  # example builders (`feature_sources`' decodes; picklable, grain workers run them) then also have
+  #   decode.media_inputs(record) -> (inputs, facts): the record's media loaded exactly as
+  #     training loads them: encoder inputs {unit name ("frame", "image", ...): units [n, ...]}
+  #     (n per record) that `encode_features` maps one by one, and facts {name: array or scalar}
+  #     the cache keeps as they are (timestamps, ...); raises when the media cannot be read, as
+  #     the decode does.
+
+  @classmethod
+  def frozen_encoders(cls, cfg, config) -> tuple[str, ...]:
+    """The '/'-joined parameter path prefixes of the frozen encoders whose outputs a feature cache
+    holds for a run of `cfg` (empty: the system has no feature cache)."""
+    del cfg, config
+    return ()
+
+  @classmethod
+  def feature_sources(cls, cfg, config, tokenizer_dir: str) -> list[Any]:
+    """The training sources a cache covers, as `dataset` reads them: objects with `name`, `records`
+    (entry i of the cache is record i), `decode` (with `media_inputs`, above), `files` (the
+    annotation files) and `media_dir` (`feature_cache.Source`)."""
+    raise NotImplementedError
+
+  @classmethod
+  def feature_preprocessing(cls, cfg, config) -> dict[str, Any]:
+    """What the media inputs depend on besides the files (frames, size, sampling, ...): JSON
+    values a cache records and training compares."""
+    raise NotImplementedError
+
+  @classmethod
+  def feature_shapes(cls, cfg, config) -> dict[str, tuple[tuple[int | None, ...], Any]]:
+    """A cache entry's arrays -> (shape, dtype): "{input}_features" [n, ...] for each encoder
+    input (n None: it varies by record) and the facts of fixed shape."""
+    raise NotImplementedError
+
+  @classmethod
+  def encode_features(cls, config, params, name: str, units: jax.Array) -> jax.Array:
+    """The frozen encoder of input `name` on units [N, ...] -> features [N, ...] (traced under
+    jit; `params` holds only the `frozen_encoders`)."""
+    raise NotImplementedError
+
+  @classmethod
+  def cached_decode(cls, cfg, config, decode, files: tuple[str, ...]) -> Callable[[dict], dict]:
+    """record (with its `cache_index`) -> the example `decode` gives, its media replaced by the
+    entry's features (read with `feature_cache.entry(files, record)`): what `batch_spec` gives
+    with `data.feature_cache`."""
+    raise NotImplementedError

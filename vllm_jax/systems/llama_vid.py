@@ -7,6 +7,10 @@ Long videos never sit in memory whole: frames are decoded, preprocessed and enco
 that each question re-runs only the text-guided part, chunk by chunk, over the cached features.
 As in the reference chat, the media stand in the newest question, their context tokens read
 with it; earlier turns keep their text.
+
+Training with `data.feature_cache` (`vllm-jax cache-features`, `vllm_jax.data.feature_cache`) reads
+each frame's ViT features from the cache instead of decoding and encoding the frames (the ViT,
+frozen in every stage, then stays off the devices); the text-guided part still runs on them.
 """
 
 import dataclasses
@@ -25,6 +29,7 @@ import numpy as np
 from vllm_jax import paths
 from vllm_jax.data import conversation as conv_lib
 from vllm_jax.data import datasets
+from vllm_jax.data import feature_cache
 from vllm_jax.data import video as video_lib
 from vllm_jax.data.media import Media
 from vllm_jax.data.tokenizer import load_instruction_tokenizer, save_tokenizer
@@ -226,15 +231,20 @@ class LlamaVidSystem(System):
                   max_frames=data.max_frames, max_turns=data.max_turns,
                   max_instruction_len=config.max_instruction_len, image_size=config.vit.image_size,
                   fps=config.fps, image_token_id=config.image_token_id,
-                  tokens_per_frame=config.tokens_per_frame, template=config.template)
+                  tokens_per_frame=config.tokens_per_frame, template=config.template,
+                  image_resize=video_lib.image_resize(data.get("image_aspect_ratio", "square")))
 
   @classmethod
   def batch_spec(cls, cfg, config):
-    """pixels [B, max_frames, S, S, 3] float32, num_frames [B] int32, instruction_ids/mask
+    """pixels [B, max_frames, S, S, 3] float32 (with data.feature_cache: frame_features
+    [B, max_frames, 1+G*G, D] in the ViT's dtype), num_frames [B] int32, instruction_ids/mask
     [B, max_turns, max_instruction_len] int32, input_ids/labels/attention_mask [B, max_len] int32."""
     data, b, s = cfg.data, cfg.train.batch_size, config.vit.image_size
     turns = (b, data.max_turns, config.max_instruction_len)
-    return {"pixels": jax.ShapeDtypeStruct((b, data.max_frames, s, s, 3), np.float32),
+    media = ({"frame_features": jax.ShapeDtypeStruct((b, data.max_frames, *frame_shape(config)), config.vit.dtype)}
+             if data.get("feature_cache") else
+             {"pixels": jax.ShapeDtypeStruct((b, data.max_frames, s, s, 3), np.float32)})
+    return {**media,
             "num_frames": jax.ShapeDtypeStruct((b,), np.int32),
             "instruction_ids": jax.ShapeDtypeStruct(turns, np.int32),
             "instruction_mask": jax.ShapeDtypeStruct(turns, np.int32),
@@ -250,8 +260,53 @@ class LlamaVidSystem(System):
     data = cfg.data
     if not data.instruct_json:
       raise ValueError("no training data: set data.instruct_json (+ data.instruct_dir)")
+    if data.get("feature_cache"):
+      [source] = feature_cache.from_cache(cfg, cls, config, cls.feature_sources(cfg, config, tokenizer_dir))
+      return datasets.by_media_kind(data, source.records, source.decode, cfg.seed)
     return datasets.by_media_kind(data, datasets.llava_records(data.instruct_json, data.instruct_dir),
                                   cls.decoder(cfg, config, tokenizer_dir), cfg.seed)
+
+  # --- feature cache ------------------------------------------------------------------------
+
+  @classmethod
+  def frozen_encoders(cls, cfg, config):
+    """The EVA ViT (frozen in every stage)."""
+    return ("vision/",)
+
+  @classmethod
+  def feature_sources(cls, cfg, config, tokenizer_dir):
+    data = cfg.data
+    if not data.instruct_json:
+      raise ValueError("no training data: set data.instruct_json (+ data.instruct_dir)")
+    return [feature_cache.Source("instructions", datasets.llava_records(data.instruct_json, data.instruct_dir),
+                                 cls.decoder(cfg, config, tokenizer_dir), (data.instruct_json,), data.instruct_dir)]
+
+  @classmethod
+  def feature_preprocessing(cls, cfg, config):
+    """Frame rate, frame count bound and size, images' resize (`Decode.frames`)."""
+    return dict(fps=config.fps, max_frames=cfg.data.max_frames, image_size=config.vit.image_size,
+                image_aspect_ratio=cfg.data.get("image_aspect_ratio", "square"))
+
+  @classmethod
+  def feature_shapes(cls, cfg, config):
+    """frame_features [n, 1+G*G, D]: the ViT on each of a record's n frames, in the dtype it computes
+    (bfloat16 in the full-size recipes: exact, half of float32's bytes)."""
+    return {"frame_features": ((None, *frame_shape(config)), jnp.dtype(config.vit.dtype))}
+
+  @classmethod
+  def encode_features(cls, config, params, name, units):
+    """frame: [N, S, S, 3] -> [N, 1+G*G, D]."""
+    assert name == "frame", name
+    return LlamaVid(config).apply({"params": params}, units, method="encode_frames")
+
+  @classmethod
+  def cached_decode(cls, cfg, config, decode, files):
+    return CachedDecode(decode, files, frame_shape(config), config.vit.dtype)
+
+
+def frame_shape(config: LlamaVidConfig) -> tuple[int, int]:
+  """A frame's ViT features: [1+G*G, D]."""
+  return config.vit.grid ** 2 + 1, config.vit.width
 
 
 def media_tokens(model: LlamaVid, params, batch: dict[str, jax.Array]) -> jax.Array:
@@ -263,9 +318,12 @@ def media_tokens(model: LlamaVid, params, batch: dict[str, jax.Array]) -> jax.Ar
   (an image batch), only frame 0 runs; the tokens of the other frames are zeros, never read. When
   no row has any (a text-only batch), nothing runs: all the tokens are zeros, and none is read.
   The config's `context_remat_policy` says what each pass of the text-guided part keeps for the
-  backward pass."""
-  pixels, text_ids, text_mask = batch["pixels"], batch["instruction_ids"], batch["instruction_mask"]
-  b, max_frames = pixels.shape[:2]
+  backward pass. A feature cache's batch holds the ViT's features of the frames (frame_features)
+  in place of their pixels: the ViT does not run."""
+  cached = "frame_features" in batch
+  media = batch["frame_features"] if cached else batch["pixels"]
+  text_ids, text_mask = batch["instruction_ids"], batch["instruction_mask"]
+  b, max_frames = media.shape[:2]
   run = functools.partial(model.apply, {"params": params})
   chunk = model.config.chunk_frames
 
@@ -289,19 +347,19 @@ def media_tokens(model: LlamaVid, params, batch: dict[str, jax.Array]) -> jax.Ar
   if policy != "none":  # no barrier needed: in the turns' loop the rerun cannot merge with the forward
     one_turn = jax.checkpoint(one_turn, policy=getattr(jax.checkpoint_policies, policy), prevent_cse=False)
 
-  def turn_tokens(frames):  # [B, f, S, S, 3] -> [B, R, max_frames, T, E]
-    features = by_frames(encode, frames)
+  def turn_tokens(frames):  # [B, f, S, S, 3] (or cached [B, f, 1+G*G, D]) -> [B, R, max_frames, T, E]
+    features = frames if cached else by_frames(encode, frames)
     # Turn by turn, so that the features are read by each instruction rather than copied R times.
     tokens = jax.lax.map(lambda text: by_frames(one_turn, features, *text),
                          (jnp.swapaxes(text_ids, 0, 1), jnp.swapaxes(text_mask, 0, 1)))  # [R, B, f, T, E]
     tokens = jnp.swapaxes(tokens, 0, 1)
     return jnp.pad(tokens, ((0, 0), (0, 0), (0, max_frames - frames.shape[1]), (0, 0), (0, 0)))
 
-  first_frame = lambda: turn_tokens(pixels[:, :1])
+  first_frame = lambda: turn_tokens(media[:, :1])
   nothing = lambda: jnp.zeros_like(jax.eval_shape(first_frame))
   # By the most frames of any row: none, one (frame 0 only) or more (every frame).
   most = jnp.minimum(jnp.max(batch["num_frames"]), 2)
-  tokens = jax.lax.switch(most, (nothing, first_frame, lambda: turn_tokens(pixels)))
+  tokens = jax.lax.switch(most, (nothing, first_frame, lambda: turn_tokens(media)))
   return pack_turn_tokens(tokens, batch["num_frames"])
 
 
@@ -314,7 +372,8 @@ _instruction_tokenizer = functools.lru_cache(maxsize=4)(load_instruction_tokeniz
 class Decode:
   """record -> training example; picklable for grain worker processes. Fixed shapes:
     pixels [F, S, S, 3] float32: an image in frame 0, or a video's frames at `fps` (evenly
-      thinned to F = max_frames if more), each resized as CLIPImageProcessor does; then zeros;
+      thinned to F = max_frames if more), each resized as CLIPImageProcessor does (an image padded
+      to a square first with `data.image_aspect_ratio` "pad", `video.image_resize`); then zeros;
     num_frames [] int32: n, the real frames;
     instruction_ids, instruction_mask [R, L_t] int32: turn r's instruction for the Q-Former (its
       question without the media mark and newlines; BERT tokens cut from the left), R = max_turns,
@@ -348,9 +407,24 @@ class Decode:
   image_token_id: int
   tokens_per_frame: int
   template: str = "vicuna_v1"
+  image_resize: str = "short_side_crop"  # or "pad": images padded to a square first
 
   def __call__(self, record: datasets.Record) -> dict[str, np.ndarray]:
     pixels, n = self.frames(record)
+    example = self.text(record, n)
+    example["pixels"], example["num_frames"] = pixels, np.int32(n)
+    return example
+
+  def media_inputs(self, record: datasets.Record) -> tuple[dict[str, np.ndarray], dict]:
+    """For a feature cache: ({frame: its n frames [n, S, S, 3]}, {}); nothing for a text-only record."""
+    if record["kind"] == "text":
+      return {}, {}
+    pixels, n = self.frames(record)
+    return {"frame": pixels[:n]}, {}
+
+  def text(self, record: datasets.Record, n: int) -> dict[str, np.ndarray]:
+    """The example's text arrays (input_ids, labels, attention_mask, instruction_ids,
+    instruction_mask), its media (if any) of n frames."""
     messages = [dict(m, value=m["value"].replace(VIDEO_MARKER, IMAGE_TOKEN)) for m in record["conversation"]]
     with_media = record["kind"] != "text"
     if self.text_format == "caption":
@@ -383,7 +457,6 @@ class Decode:
                         max_length=self.max_instruction_len).input_ids
       example["instruction_ids"][r, :len(row)] = row
       example["instruction_mask"][r, :len(row)] = 1
-    example["pixels"], example["num_frames"] = pixels, np.int32(n)
     return example
 
   def frames(self, record: datasets.Record) -> tuple[np.ndarray, int]:
@@ -392,7 +465,7 @@ class Decode:
     if record["kind"] == "text":
       frames = np.zeros((0, self.image_size, self.image_size, 3), np.float32)
     elif record["kind"] == "image":
-      frames = video_lib.load_image(record["media"], 1, self.image_size, resize="short_side_crop").frames
+      frames = video_lib.load_image(record["media"], 1, self.image_size, resize=self.image_resize).frames
     else:
       stream = video_lib.FrameStream(record["media"], self.fps, self.max_frames)
       frames = np.concatenate(list(stream.chunks(len(stream), self.image_size)))
@@ -431,3 +504,26 @@ class Decode:
       turns.append((text, answer["value"]))
     pieces = conv_lib.training_pieces(conv_lib.get_template(self.template), turns)
     return pieces, [q for q, _ in turns] if with_media else []
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedDecode:
+  """record (with its `cache_index`) -> the example `decode` gives, frame_features
+  [max_frames, 1+G*G, D] (the ViT's dtype) from the cache's `files` (its n frames' ViT features, then zeros)
+  in place of its pixels. A record whose media could not be read when the cache was made raises,
+  as its decode did."""
+  decode: Decode
+  files: tuple[str, ...]
+  shape: tuple[int, int]  # a frame's [1+G*G, D]
+  dtype: str              # the ViT's
+
+  def __call__(self, record: datasets.Record) -> dict[str, np.ndarray]:
+    features = np.zeros((self.decode.max_frames, *self.shape), jnp.dtype(self.dtype))
+    n = 0
+    if record["kind"] != "text":
+      cached = feature_cache.entry(self.files, record)["frame_features"]
+      n = len(cached)
+      features[:n] = cached
+    example = self.decode.text(record, n)
+    example["frame_features"], example["num_frames"] = features, np.int32(n)
+    return example

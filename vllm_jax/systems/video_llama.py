@@ -20,6 +20,7 @@ L is the longest layout the configured sources can produce (`seq_len`).
 
 import dataclasses
 import hashlib
+import logging
 from typing import Any, Sequence
 
 import jax
@@ -29,12 +30,16 @@ from vllm_jax.data import conversation as conv_lib
 from vllm_jax.data import datasets
 from vllm_jax.data import feature_cache
 from vllm_jax.data.audio import AudioClipConfig
-from vllm_jax.data.media import Media, MediaError, load_media
+from vllm_jax.data.media import Media, load_media
 from vllm_jax.models.video_llama import VideoLlama, VideoLlamaConfig, abstract_params, init_inputs
 from vllm_jax.systems.base import System, apply, llm_loss
 from vllm_jax.train import trainer
 
+log = logging.getLogger(__name__)
+
 INSTRUCTION_READERS = {"llava": datasets.llava_records, "videochat": datasets.videochat_records}
+VISION_ENCODERS = ("vision/visual_encoder/", "vision/ln_vision/", "vision/qformer/")
+AUDIO_ENCODER = ("audio/encoder/",)
 
 
 def encode_media(config: VideoLlamaConfig, params, frames: jax.Array, frame_mask: jax.Array | None = None,
@@ -147,9 +152,52 @@ class VideoLlamaSystem(System):
       spec["audio"] = jax.ShapeDtypeStruct((b, c.num_clips, 1, c.num_mel_bins, c.num_frames), np.float32)
     if cfg.data.get("feature_cache"):  # the frozen encoders' outputs replace frames and audio
       spec = {k: v for k, v in spec.items() if k not in ("frames", "audio")}
-      for name, (shape, dtype) in feature_cache.feature_shapes(config, cfg.data.with_audio).items():
+      for name, (shape, dtype) in cls.feature_shapes(cfg, config).items():
         spec[name] = jax.ShapeDtypeStruct((b, *shape), dtype)
     return spec
+
+  # --- feature cache ------------------------------------------------------------------------
+
+  @classmethod
+  def frozen_encoders(cls, cfg, config):
+    """EVA ViT + ln_vision + image Q-Former; ImageBind with data.with_audio."""
+    return VISION_ENCODERS + (AUDIO_ENCODER if cfg.data.with_audio else ())
+
+  @classmethod
+  def feature_sources(cls, cfg, config, tokenizer_dir):
+    return data_sources(cfg, config, tokenizer_dir)
+
+  @classmethod
+  def feature_preprocessing(cls, cfg, config):
+    """Frame count, size, sampling, crop, seed and audio clips (`Decode`'s)."""
+    audio = clip_config(config) if cfg.data.with_audio else None
+    return dict(num_frames=config.num_frames, image_size=config.vision.vit.image_size, sampling=cfg.data.sampling,
+                train_crop=cfg.data.train_crop, seed=cfg.seed,
+                audio=None if audio is None else dataclasses.asdict(audio))
+
+  @classmethod
+  def feature_shapes(cls, cfg, config):
+    """frame_features [T, Q, E] (ViT + ln_vision + image Q-Former, before the frame positions),
+    frame_mask [T] and, with data.with_audio, audio_features [N, D] (ImageBind)."""
+    vision, t = config.vision, config.num_frames
+    shapes = {"frame_features": ((t, vision.qformer.num_queries, vision.qformer.hidden_size), np.float32),
+              "frame_mask": ((t,), np.bool_)}
+    if cfg.data.with_audio:
+      shapes["audio_features"] = ((config.audio.max_clips, config.audio.encoder.out_dim), np.float32)
+    return shapes
+
+  @classmethod
+  def encode_features(cls, config, params, name, units):
+    """frame: [N, S, S, 3] -> [N, Q, E]; audio: clips [N, 1, mel, frames] -> [N, D]."""
+    if name == "frame":
+      one = lambda model, x: model.vision.frame_features(x[:, None])[:, 0]
+    else:
+      one = lambda model, x: model.audio.encoder(x[:, None])[:, 0]
+    return VideoLlama(config).apply({"params": params}, units, method=one)
+
+  @classmethod
+  def cached_decode(cls, cfg, config, decode, files):
+    return CachedDecode(decode, files)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,6 +232,15 @@ class Decode:
     return load_media(record["media"], self.num_frames, self.image_size, with_audio=self.audio is not None,
                       audio_config=self.audio or AudioClipConfig(), sampling=self.sampling, rng=rng,
                       train_crop=self.train_crop)
+
+  def media_inputs(self, record: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """For a feature cache: ({frame: frames [T, S, S, 3], audio: clips [N, 1, mel, frames]},
+    {frame_mask, timestamps, is_image, audio_valid})."""
+    media = self.load(record)
+    arrays = self.media_arrays(media)
+    inputs = {unit: arrays.pop(key) for unit, key in (("frame", "frames"), ("audio", "audio")) if key in arrays}
+    return inputs, dict(arrays, timestamps=np.asarray(media.frames.timestamps, np.float64),
+                        is_image=bool(media.is_image), audio_valid=bool(media.audio_valid))
 
   def media_arrays(self, media: Media) -> dict[str, np.ndarray]:
     """frames [T, S, S, 3], frame_mask [T] and, with audio, audio [N, 1, mel, frames] (zeros without sound)."""
@@ -223,9 +280,7 @@ class CachedDecode:
   files: tuple[str, ...]
 
   def __call__(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
-    entry = feature_cache.read(self.files, record["cache_index"])
-    if not entry["ok"]:
-      raise MediaError(f"{record['media']} (when the feature cache was made): {entry['error']}")
+    entry = feature_cache.entry(self.files, record)
     with_audio = self.decode.audio is not None and bool(entry["audio_valid"])
     example = self.decode.text(record, [float(t) for t in entry["timestamps"]], bool(entry["is_image"]), with_audio)
     example.update(frame_features=entry["frame_features"], frame_mask=entry["frame_mask"])
@@ -253,6 +308,19 @@ class Source:
   media_dir: str
 
 
+def media_records(records: list[dict[str, Any]], path: str) -> list[dict[str, Any]]:
+  """The records with media: text-only conversations (neither "image" nor "video") are left out
+  with one warning that counts them, as Video-LLaMA's reference trains on media conversations only
+  (its instruction datasets read every item's image or video)."""
+  kept = datasets.of_kinds(records, "image", "video")  # a manifest's files of those kinds: no scan
+  if not kept:
+    raise ValueError(f"{path} holds no conversation with an image or video: Video-LLaMA trains only on media")
+  if len(kept) < len(records):
+    log.warning("%s: %d text-only conversations skipped: Video-LLaMA's reference trains only on media",
+                path, len(records) - len(kept))
+  return kept
+
+
 def data_sources(cfg, config: VideoLlamaConfig, tokenizer_dir: str) -> list[Source]:
   """The sources of `data.webvid_*` captions and `data.instruct_*` conversations, as configured."""
   data = cfg.data
@@ -273,7 +341,8 @@ def data_sources(cfg, config: VideoLlamaConfig, tokenizer_dir: str) -> list[Sour
     sources.append(Source("captions", datasets.webvid_records(data.webvid_csv, data.webvid_dir),
                           Decode(stage=1, **common), data.weights[0], cfg.seed, (data.webvid_csv,), data.webvid_dir))
   if data.instruct_json:
-    records = INSTRUCTION_READERS[data.instruct_format](data.instruct_json, data.instruct_dir)
+    records = media_records(INSTRUCTION_READERS[data.instruct_format](data.instruct_json, data.instruct_dir),
+                            data.instruct_json)
     sources.append(Source("instructions", records, Decode(stage=2, **common), data.weights[-1], cfg.seed + 1,
                           (data.instruct_json,), data.instruct_dir))
   return sources
@@ -285,7 +354,5 @@ def make_dataset(cfg, config: VideoLlamaConfig, tokenizer_dir: str):
   the media once the cache is found to fit this run (else ValueError naming what differs)."""
   sources = data_sources(cfg, config, tokenizer_dir)
   if cfg.data.get("feature_cache"):
-    files = feature_cache.open_for_training(cfg, config, sources)
-    sources = [dataclasses.replace(s, records=[dict(r, cache_index=i) for i, r in enumerate(s.records)],
-                                   decode=CachedDecode(s.decode, files[s.name])) for s in sources]
+    sources = feature_cache.from_cache(cfg, VideoLlamaSystem, config, sources)
   return datasets.from_sources(cfg.data, [(s.records, s.decode, s.weight, s.seed) for s in sources])

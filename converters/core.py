@@ -14,6 +14,7 @@ import itertools
 import json
 import mmap
 import os
+import pickle
 import re
 from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
@@ -25,7 +26,8 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from tqdm.auto import tqdm
 
-from vllm_jax import paths
+from vllm_jax import paths, quiet
+from vllm_jax.train import checkpoint
 
 Params = dict[str, Any]
 
@@ -166,6 +168,15 @@ class SafetensorsReader:
     return data.view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
+def check_torch_checkpoint(path: str) -> None:
+  """FileNotFoundError or ValueError unless `path` is a file in torch.save's zip format (the format
+  `TorchReader` maps; older pickles cannot be mapped), judged by its first bytes."""
+  if not paths.is_file(path):
+    raise FileNotFoundError(f"no such file: {path}")
+  if paths.read_range(path, 0, 4) != b"PK\x03\x04":
+    raise ValueError(f"{path} is not a PyTorch checkpoint (torch.save's zip file)")
+
+
 class TorchReader:
   """A torch `.bin`/`.pth` state dict, memory-mapped; `subkey` picks a nested dict ('model'). A stored
   file is mapped from a local temporary copy, deleted at once: the mapping keeps its data while in use."""
@@ -174,8 +185,14 @@ class TorchReader:
     import torch  # converters of PyTorch pickles need torch; safetensors ones do not
     self._tensors = {}
     for path in files:
+      check_torch_checkpoint(path)
       with paths.local_copy(path) as local:
-        state = torch.load(local, map_location="cpu", mmap=True, weights_only=True)
+        try:
+          state = torch.load(local, map_location="cpu", mmap=True, weights_only=True)
+        except (RuntimeError, pickle.UnpicklingError, EOFError) as e:  # a cut or foreign zip
+          raise ValueError(f"{path}: torch cannot read it ({str(e).splitlines()[0]})") from None
+      if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict of tensors")
       if subkey is not None and subkey in state:
         state = state[subkey]
       self._tensors.update({k: v for k, v in state.items() if isinstance(v, torch.Tensor)})
@@ -345,7 +362,7 @@ def convert(reader: TensorReader, rules: Sequence[Rule], abstract: Mapping, *,
       struct = get_path(abstract, path)
       set_path(out, path, np.empty(struct.shape, struct.dtype) if rule.stacked else None)
   jobs = list(_jobs(rules, abstract))
-  for rule, layer, key, structs in tqdm(jobs, desc=desc, unit="tensor", disable=not progress):
+  for rule, layer, key, structs in tqdm(jobs, desc=desc, unit="tensor", disable=not progress or quiet()):
     values = rule.transform.to_flax(reader.read(key), *[s.shape for s in structs])
     for path, struct, value in zip(rule.target_paths, structs, values):
       value = np.asarray(value).astype(struct.dtype, copy=False)
@@ -476,22 +493,32 @@ class _LazyTensorHandler(ocp.type_handlers.NumpyHandler):
     super().__init__(deepcopy_host_arrays=False)
     self._lock = asyncio.Lock()  # orbax starts every write at once
     self._progress = progress
+    self.error = None  # the first write's failure; `save_lazily` raises it once orbax is done
 
   async def _open_and_write(self, value: LazyTensor, tspec, ts_context):
+    # A failure is kept, not raised, and the writes still waiting are skipped: raised, it would end
+    # orbax's event loop while they wait on the lock (each then fails again, noisily, when collected).
+    async with self._lock:
+      if self.error is None:
+        try:
+          await self._write(value, tspec, ts_context)
+        except Exception as e:  # pylint: disable=broad-except
+          self.error = e
+
+  async def _write(self, value: LazyTensor, tspec, ts_context):
     # orbax's context keeps up to 100 MB of the OCDBT B-tree cached, and each chunk written adds to it
     context = ts.Context({"cache_pool#ocdbt": {"total_bytes_limit": CHUNK_BYTES}}, parent=ts_context)
-    async with self._lock:
-      store = await ts.open(ts.Spec(tspec), create=True, open=True, context=context)
-      chunk = store.chunk_layout.write_chunk.shape
-      for layer in [None] if value.layers is None else range(value.layers):
-        x = value.read(layer)
-        dest, dest_chunk = (store, chunk) if layer is None else (store[layer], chunk[1:])
-        starts = [range(0, n, c) for n, c in zip(x.shape, dest_chunk)]
-        for origin in itertools.product(*starts):
-          region = tuple(slice(o, o + c) for o, c in zip(origin, dest_chunk))
-          await dest[region].write(np.asarray(x[region], value.dtype))  # a copy only to change the dtype
-        del x
-        self._progress.update()
+    store = await ts.open(ts.Spec(tspec), create=True, open=True, context=context)
+    chunk = store.chunk_layout.write_chunk.shape
+    for layer in [None] if value.layers is None else range(value.layers):
+      x = value.read(layer)
+      dest, dest_chunk = (store, chunk) if layer is None else (store[layer], chunk[1:])
+      starts = [range(0, n, c) for n, c in zip(x.shape, dest_chunk)]
+      for origin in itertools.product(*starts):
+        region = tuple(slice(o, o + c) for o, c in zip(origin, dest_chunk))
+        await dest[region].write(np.asarray(x[region], value.dtype))  # a copy only to change the dtype
+      del x
+      self._progress.update()
 
 
 def _unmap_freed_buffers() -> None:
@@ -510,9 +537,17 @@ def save_lazily(path: str, params: Params, *, progress: bool = True, desc: str =
   read, converted and written on its own."""
   _unmap_freed_buffers()
   leaves = jax.tree.leaves(params)
-  bar = tqdm(total=sum(x.layers or 1 for x in leaves), desc=desc, unit="tensor", disable=not progress)
-  registry = ocp.type_handlers.create_type_handler_registry((LazyTensor, _LazyTensorHandler(bar)))
+  bar = tqdm(total=sum(x.layers or 1 for x in leaves), desc=desc, unit="tensor", disable=not progress or quiet())
+  handler = _LazyTensorHandler(bar)
+  registry = ocp.type_handlers.create_type_handler_registry((LazyTensor, handler))
   save_args = jax.tree.map(lambda x: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES, shard_axes=(0,) if x.layers else ()),
                            params)
-  with bar, ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry)) as checkpointer:
-    checkpointer.save(paths.resolve(path), args=ocp.args.PyTreeSave(params, save_args=save_args), force=True)
+  with checkpoint.writing(path, "the parameters"), bar, ocp.Checkpointer(
+      ocp.PyTreeCheckpointHandler(type_handler_registry=registry)) as checkpointer:
+    try:
+      checkpointer.save(paths.resolve(path), args=ocp.args.PyTreeSave(params, save_args=save_args), force=True)
+    except Exception:  # pylint: disable=broad-except  (orbax's own, once a tensor is missing: not the cause)
+      if handler.error is None:
+        raise
+    if handler.error is not None:
+      raise handler.error

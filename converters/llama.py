@@ -119,7 +119,11 @@ def convert_hf(hf_dir: str, out_dir: str, *, param_dtype: str | None = None, pro
 
 
 def _open_hf(hf_dir: str, param_dtype: str | None, overrides: Mapping):
-  config = config_from_hf(paths.read_json(paths.join(hf_dir, "config.json")), **overrides)
+  hf = paths.read_json(paths.join(hf_dir, "config.json"))
+  if "num_attention_heads" not in hf:  # e.g. a Video-LLaVA folder, whose LLaMA is a part of it
+    raise ValueError(f"{hf_dir} holds a {hf.get('model_type', 'non-LLaMA')!r} model, not a LLaMA: convert it with "
+                     "its own source (see `vllm-jax convert --help`)")
+  config = config_from_hf(hf, **overrides)
   if param_dtype is not None:
     config = config.replace(param_dtype=param_dtype)
   abstract = nn.meta.unbox(abstract_params(config))

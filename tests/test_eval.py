@@ -278,7 +278,7 @@ def test_multiple_choice_letter_and_likelihood(data, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--batch-size", "0"], "argument --batch-size: 0: must be at least 1"),
+    (["--batch-size", "0"], "argument --batch-size: 0: must be an integer of at least 1"),
     (["--format", "essay"], "argument --format: invalid choice: 'essay'"),
     (["--mc-scoring", "likelihood"], "error: --mc-scoring is for --format multiple-choice"),
     (["--judge-url", "http://localhost:1"], "error: --judge-url and --judge-model go together"),

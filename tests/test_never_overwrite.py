@@ -143,3 +143,11 @@ def test_a_staged_folder_appears_whole_or_not_at_all(where, tmp_path, request):
     paths.write_text(paths.join(staging, "params", "new.txt"), "new")
   assert paths.listdir(root) == ["model"] and paths.listdir(out) == ["params"]
   assert paths.read_text(paths.join(out, "params", "new.txt")) == "new"
+
+
+def test_a_staged_folder_names_what_a_killed_run_left(tmp_path, caplog):
+  (tmp_path / ".model.partial-0123abcd" / "params").mkdir(parents=True)  # a conversion SIGKILLed midway
+  with paths.staged_folder(str(tmp_path / "model")) as staging:
+    paths.write_text(paths.join(staging, "config.json"), "{}")
+  assert any(".model.partial-0123abcd, left by a run that was killed while writing model" in m for m in caplog.messages)
+  assert sorted(p.name for p in tmp_path.iterdir()) == [".model.partial-0123abcd", "model"]  # another run's: kept

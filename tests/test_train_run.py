@@ -39,7 +39,7 @@ def test_metrics_survive_a_crash_and_follow_the_checkpoint(tmp_path, monkeypatch
   """Logged every 3 steps, checkpointed every 4: a run dies after step 5 with 1-4 on disk (3 logged,
   4 checkpointed); a rerun from step 4 dies after 7 with 5-6 logged too; the last rerun, from step 4
   again, leaves each step once, 5-12 its own."""
-  monkeypatch.setattr(run, "load_model", lambda cfg, mesh, system: (LlamaConfig(**cfg.model), None, ""))
+  monkeypatch.setattr(run, "model_config", lambda cfg, system: (LlamaConfig(**cfg.model), ""))
   cfg = lambda **overrides: train_tiny.config(**{
       "train.steps": 12, "train.workdir": str(tmp_path), "train.log_every": 3, "train.checkpoint_every": 4,
       **overrides})

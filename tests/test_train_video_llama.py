@@ -113,7 +113,7 @@ def test_decode_caption_and_conversation_examples(setup):
 def test_cli_rejects_unknown_fields(capsys):
   spec = os.path.join(ROOT, "configs/video_llama.py:tiny_stage1")
   assert cli.main(["train", "--config", spec, "--config.train.stepz=3"]) == 2
-  assert "no field 'train.stepz'" in capsys.readouterr().err
+  assert "no field train.stepz; did you mean train.steps?" in capsys.readouterr().err
   assert cli.main(["train", "--config", spec, "--config.train.steps=many"]) == 2
   cfg = cli.load_config(spec, ["--config.train.steps=7", "--config.data.with_audio=true",
                                "--config.optim.trainable=^a/,^b/"])

@@ -17,10 +17,12 @@ one line naming the path and the cause.
 """
 
 import contextlib
+import errno
 import io
 import json
 import logging
 import os
+import re
 import secrets
 import tempfile
 from typing import Any, Iterator
@@ -28,6 +30,7 @@ from typing import Any, Iterator
 import fsspec
 from etils import epath
 
+log = logging.getLogger(__name__)
 
 # The store clients log each failed request with its traceback before raising: `_storage` reports
 # the failure in one line. google.auth warns wherever no Compute Engine metadata server answers;
@@ -125,6 +128,48 @@ def _not_found(path: str) -> OSError:
   if not has_bucket:
     return StorageError(f"{path}: the bucket {bucket} does not exist")
   return FileNotFoundError(f"not found: {path}")
+
+
+# What to do about an operating-system error, by errno.
+OS_ERROR_ADVICE = {
+    errno.ENOSPC: "the disk is full: free some space or write elsewhere",
+    errno.EDQUOT: "the disk quota is used up: free some space or write elsewhere",
+    errno.EROFS: "the file system is read-only: write elsewhere",
+    errno.EACCES: "no permission: write elsewhere, or change the folder's permissions",
+    errno.EPERM: "no permission: write elsewhere, or change the folder's permissions",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EISDIR: "it is a folder: give a file",
+    errno.EEXIST: "it already exists",
+}
+STAGING = re.compile(r"\.([^/]+)\.partial-[0-9a-f]{8}(\.old)?")
+
+
+def os_error_message(e: OSError) -> str:
+  """An operating-system error as one line: the path (a staged folder as the folder it becomes),
+  what went wrong and what to do."""
+  if e.errno is None:  # raised with a message of its own
+    return str(e)
+  where = STAGING.sub(r"\1", str(e.filename)) if e.filename else None
+  advice = OS_ERROR_ADVICE.get(e.errno, "")
+  return f"{f'{where}: ' if where else ''}{e.strerror or e}{f' ({advice})' if advice else ''}"
+
+
+def check_writable(path: str) -> None:
+  """Before a command loads anything: its output `path` (a file or folder, new or not) can be made
+  beside its place, i.e. the nearest existing folder above it is a folder this process may write in
+  (outputs are written beside their place and moved in). OSError otherwise: a read-only file
+  system, no permission, a file where a folder should be. Stores are not probed: a bucket's
+  permissions show at its first write."""
+  if is_url(path):
+    return
+  folder = os.path.dirname(os.path.abspath(resolve(path)))
+  while not os.path.lexists(folder):
+    folder = os.path.dirname(folder)
+  if not os.path.isdir(folder):
+    raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), folder)
+  if not os.access(folder, os.W_OK):
+    code = errno.EROFS if os.statvfs(folder).f_flag & os.ST_RDONLY else errno.EACCES
+    raise OSError(code, os.strerror(code), folder)
 
 
 def _store(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -279,6 +324,11 @@ def staged_folder(path: str, replace: bool = False) -> Iterator[str]:
   store, after the old one is deleted (with `replace`), so a failure during that last step can
   leave part of the folder under `path` (the temporary prefix is removed all the same)."""
   path = resolve(path) if is_url(path) else os.path.realpath(resolve(path))
+  if not is_url(path) and os.path.isdir(os.path.dirname(path)):  # a run killed outright (SIGKILL) leaves its own
+    stale = sorted(n for n in os.listdir(os.path.dirname(path)) if n.startswith(f".{name(path)}.partial-"))
+    if stale:
+      log.warning("%s holds %s, left by a run that was killed while writing %s: remove it to free its space",
+                  parent(path), ", ".join(stale), name(path))
   staging = join(parent(path), f".{name(path)}.partial-{secrets.token_hex(4)}")
   makedirs(staging)
   try:

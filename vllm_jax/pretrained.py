@@ -2,7 +2,6 @@
 the converters and training write them; local or stored (any `vllm_jax.paths` path)."""
 
 import math
-import os
 import sys
 from typing import Any, Callable
 
@@ -11,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from vllm_jax import paths
+from vllm_jax import paths, quiet
 from vllm_jax.data.tokenizer import has_tokenizer, load_tokenizer, save_tokenizer
 from vllm_jax.models.llama import Llama, LlamaConfig
 from vllm_jax.train import sharding
@@ -54,10 +53,7 @@ def load(model_dir: str, model_type: str, config_class, abstract_params: Callabl
          mesh: jax.sharding.Mesh | None = None, **llama_overrides):
   """-> (config, params, tokenizer) of a folder written by `save`. With a mesh, each tensor is
   restored straight into its shard; `llama_overrides` change LLaMA config fields such as `dtype`."""
-  meta = _read_meta(model_dir)
-  if meta.get("model_type") != model_type:
-    raise ValueError(f"{model_dir} holds a {meta.get('model_type')!r} model, not a {model_type} one")
-  config = config_class.from_dict(meta[model_type])
+  config = read_config(model_dir, model_type, config_class)
   config = config.replace(llama=config.llama.replace(**llama_overrides))
   boxed = abstract_params(config)
   abstract = nn.meta.unbox(boxed)
@@ -68,6 +64,15 @@ def load(model_dir: str, model_type: str, config_class, abstract_params: Callabl
   return config, params, load_tokenizer(paths.join(model_dir, "tokenizer"))
 
 
+def read_config(model_dir: str, model_type: str, config_class):
+  """The config of a folder written by `save` (no parameters are read); ValueError when the folder
+  holds another kind of model."""
+  meta = _read_meta(model_dir)
+  if meta.get("model_type") != model_type:
+    raise ValueError(f"{model_dir} holds a {meta.get('model_type')!r} model, not a {model_type} one")
+  return config_class.from_dict(meta[model_type])
+
+
 def restore_with_progress(path: str, abstract: Any, name: str, steps: int = 50) -> Any:
   """As `train.checkpoint.restore_params`, about 1/`steps` of the bytes at a time, with a progress
   bar on stderr (a 7B model takes minutes to read): process 0 only, none in quiet mode (VLLM_JAX_QUIET=1)."""
@@ -75,11 +80,10 @@ def restore_with_progress(path: str, abstract: Any, name: str, steps: int = 50) 
   path = paths.resolve(path)  # orbax takes absolute paths and URLs only
   leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
   sizes = [math.prod(a.shape) * a.dtype.itemsize for _, a in leaves]
-  quiet = os.environ.get("VLLM_JAX_QUIET", "") not in ("", "0")
   restored, group, group_bytes = [], {}, 0
   with ocp.PyTreeCheckpointer() as checkpointer, tqdm(
       total=sum(sizes), desc=f"loading {paths.shown(name)}", unit="B", unit_scale=True, file=sys.stderr,
-      disable=quiet or jax.process_index() != 0) as bar:
+      disable=quiet() or jax.process_index() != 0) as bar:
     for i, ((key_path, leaf), size) in enumerate(zip(leaves, sizes)):
       _nest(group, key_path, leaf)  # the group's leaves, nested as in the whole tree
       group_bytes += size

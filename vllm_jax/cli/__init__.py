@@ -1,13 +1,16 @@
 """The `vllm-jax` command: one module per command, shared flags in `flags`."""
 
 import argparse
+import logging
 import os
 import sys
 from importlib.metadata import version
 
-from vllm_jax.cli import cache_features, chat, convert, demo, eval, export, infer, plan, serve, train, web
-from vllm_jax.cli.flags import error, load_config, quiet, quiet_flag, silence
-from vllm_jax.paths import StorageError
+from vllm_jax import quiet
+from vllm_jax.cli import (cache_features, chat, convert, demo, eval, export, infer, make_manifest, plan, serve, train,
+                          web)
+from vllm_jax.cli.flags import error, load_config, quiet_flag, silence
+from vllm_jax.paths import os_error_message
 
 __all__ = ["build_parser", "load_config", "main"]
 
@@ -30,6 +33,8 @@ EPILOG = """examples:
   vllm-jax train --config configs/video_llama.py:stage1 --config.init_from=./models/video-llama-7b \\
       --config.data.webvid_csv=webvid/results_2M_train.csv --config.data.webvid_dir=webvid/videos \\
       --config.train.workdir=./runs/stage1
+  vllm-jax make-manifest --format webvid --annotations webvid/results_10M_train.csv --media-root webvid/videos \\
+      --out webvid/manifest   # then --config.data.webvid_csv=webvid/manifest (0.35 GiB a process, not 4.5)
   vllm-jax cache-features --config configs/video_llama.py:stage1 --config.init_from=... --out ./cache/stage1
   vllm-jax plan --config configs/video_llama.py:stage1 --topology v5e:2x4   # fits? memory, FLOPs, step time
   vllm-jax export --workdir ./runs/stage2_lora --out ./models/video-llava-lora --peft ./adapters/lora
@@ -44,11 +49,20 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--version", action="version", version=f"%(prog)s {version('vllm_jax')}")
   quiet_flag(parser)
   commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-  for module in (convert, chat, infer, eval, serve, train, cache_features, plan, export, demo, web):
+  for module in (convert, chat, infer, eval, serve, train, make_manifest, cache_features, plan, export, demo, web):
     module.add_parser(commands)
-  for command in commands.choices.values():  # `vllm-jax chat -q ...` too; unset there, it leaves the top-level value
-    quiet_flag(command, default=argparse.SUPPRESS)
+  quiet_everywhere(commands)
   return parser
+
+
+def quiet_everywhere(commands) -> None:
+  """`vllm-jax chat -q ...` and `vllm-jax convert llama -q ...` too; unset there, -q leaves the
+  top-level value."""
+  for command in commands.choices.values():
+    quiet_flag(command, default=argparse.SUPPRESS)
+    for action in command._actions:  # pylint: disable=protected-access  (argparse keeps subcommands there)
+      if isinstance(action, argparse._SubParsersAction):  # pylint: disable=protected-access
+        quiet_everywhere(action)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.error(f"unrecognized arguments: {' '.join(extra)}")
   if args.quiet or quiet():
     silence()  # before any command imports jax
+  # orbax logs through absl: its per-save chatter, and a failed save's traceback from each of its
+  # threads, which reaches the command as one exception (its one error line) all the same.
+  logging.getLogger("absl").setLevel(logging.WARNING if os.environ.get("VLLM_JAX_TRACEBACK") else logging.CRITICAL)
   try:
     return args.run(args, extra) if getattr(args, "takes_overrides", False) else args.run(args)
   except KeyboardInterrupt:
@@ -68,7 +85,13 @@ def main(argv: list[str] | None = None) -> int:
   except BrokenPipeError:  # the reader left (`... | head`): end quietly, as a command killed by SIGPIPE
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
     return 141
-  except (FileNotFoundError, NotADirectoryError, PermissionError, ValueError, StorageError) as e:
+  except (OSError, ValueError) as e:  # bad input, a store out of reach, a full disk, a read-only folder
     if os.environ.get("VLLM_JAX_TRACEBACK"):
       raise
-    return error(str(e))
+    return error(os_error_message(e) if isinstance(e, OSError) else str(e))
+  except RuntimeError as e:
+    if os.environ.get("VLLM_JAX_TRACEBACK") or not str(e).startswith("Unable to initialize backend"):
+      raise
+    platforms = os.environ.get("JAX_PLATFORMS")  # a platform asked for that this machine lacks
+    return error(f"{str(e).split(':')[0]}{f' (JAX_PLATFORMS={platforms})' if platforms else ''}: this machine "
+                 "has no such device, or its driver is missing; unset JAX_PLATFORMS to use what it has")

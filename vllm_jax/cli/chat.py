@@ -17,8 +17,9 @@ def add_parser(commands) -> None:
                              description=DESCRIPTION)
   chat.add_argument("--model", required=True, help="a model folder written by `vllm-jax convert` or training")
   chat.add_argument("--question", default=None, help="answer this prompt and exit")
-  chat.add_argument("--video", default=None, help="a video file to talk about (video models)")
-  chat.add_argument("--image", default=None, help="an image file (jpg/png/webp/gif) to talk about")
+  media = chat.add_mutually_exclusive_group()
+  media.add_argument("--video", default=None, help="a video file to talk about (video models)")
+  media.add_argument("--image", default=None, help="an image file (jpg/png/webp/gif) to talk about")
   flags.media_flags(chat)
   flags.sampling_flags(chat)
   chat.set_defaults(run=run)
@@ -26,9 +27,13 @@ def add_parser(commands) -> None:
 
 def run(args) -> int:
   from vllm_jax import paths, pretrained
+  from vllm_jax.data.video import IMAGE_EXTENSIONS, is_image_path
   media = args.video or args.image
   if media and not paths.is_file(media):  # before the model loads (minutes at 7B)
     return flags.error(f"media file not found: {media}")
+  if media and is_image_path(media) != bool(args.image):  # the file's kind goes by its extension
+    return flags.error(f"--image {media}: not an image file ({', '.join(sorted(IMAGE_EXTENSIONS))})" if args.image
+                       else f"--video {media} is an image: give it as --image")
   try:
     kind = pretrained.model_type(args.model)
   except FileNotFoundError as e:

@@ -141,7 +141,7 @@ def convert_llama(args) -> int:
 
 def convert_video_llama(args) -> int:
   from vllm_jax.configs import video_llama as video_llama_configs
-  from vllm_jax.converters import video_llama_full
+  from vllm_jax.converters import core, video_llama_full
   from vllm_jax.models.video_llama import VideoLlamaConfig
   from vllm_jax.systems.video_llama import VideoLlamaSystem
   start = time.perf_counter()
@@ -153,6 +153,9 @@ def convert_video_llama(args) -> int:
     return flags.error("--al needs --imagebind imagebind_huge.pth: the AL checkpoint holds no ImageBind weights")
   inputs = {f"--{key.replace('_', '-')}": path for key, path in files.items()}
   flags.check_output_folder("--out", args.out, args.overwrite, inputs)
+  for key in ("eva_vit", "blip2", "vl", "al", "imagebind"):  # before the LLaMA's minutes of conversion
+    if files[key]:
+      core.check_torch_checkpoint(files[key])
   base = VideoLlamaConfig.from_dict(cfg.model.to_dict())
   if args.template:
     base = base.replace(template=args.template)

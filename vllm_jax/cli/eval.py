@@ -5,7 +5,7 @@ import contextlib
 import os
 import textwrap
 
-from vllm_jax import paths
+from vllm_jax import paths, quiet
 from vllm_jax.cli import flags
 from vllm_jax.eval.presets import PRESETS, PUBLISHED
 
@@ -126,8 +126,8 @@ def run(args) -> int:
     return flags.error("--judge-url and --judge-model go together")
   if args.judge_api_key_env and not os.environ.get(args.judge_api_key_env):
     return flags.error(f"--judge-api-key-env: the environment variable {args.judge_api_key_env} is not set")
-  if paths.is_file(args.out):
-    return flags.error(f"--out: {args.out} is a file, not a folder")
+  flags.check_resumable_folder("--out", args.out, "run.json",
+                               {"--model": args.model, "--annotations": args.annotations})
   problem = apply_preset(args)
   if problem:
     return flags.error(problem)
@@ -170,7 +170,7 @@ def run(args) -> int:
                                 batch_size=args.batch_size, mc_scoring=mc_scoring, use_audio=use_audio,
                                 num_frames=args.num_frames, max_new_tokens=args.max_new_tokens,
                                 sampling=flags.sampling(args), seed=args.seed, judge=judge, settings=settings,
-                                progress=not flags.quiet())
+                                progress=not quiet())
   print(f"results: {paths.join(args.out, 'results.json')}")
   if args.preset:
     published = "; ".join(f"{name} {acc} / {score}" for name, (acc, score) in PUBLISHED[args.preset].items())

@@ -3,11 +3,15 @@ loading, error lines and the question loop."""
 
 import argparse
 import ast
+import difflib
 import importlib.util
 import os
 import sys
 
+import ml_collections
+
 from vllm_jax import paths
+from vllm_jax.train import config_check
 
 
 def checked(check, path: str):
@@ -36,6 +40,10 @@ def existing_folder(path: str) -> str:
 def new_file(path: str) -> str:
   """An argparse type: a file that can be written in an existing folder (any folder on a store,
   whose folders are only names)."""
+  try:
+    paths.check_writable(path)
+  except OSError as e:
+    raise argparse.ArgumentTypeError(paths.os_error_message(e)) from None
   folder = checked(paths.parent, path)
   if not paths.is_url(folder) and not paths.is_dir(folder):
     raise argparse.ArgumentTypeError(f"the folder of {path} does not exist")
@@ -61,12 +69,26 @@ def apart_from_inputs(flag: str, path: str, inputs: dict[str, str | None]) -> No
 
 def check_output_folder(flag: str, path: str, overwrite: bool, inputs: dict[str, str | None]) -> None:
   """Before anything loads: refuse (ValueError) an output folder that is or holds an input, and,
-  without `overwrite`, one that exists and is not an empty folder. Write it in
-  `paths.staged_folder(path, replace=overwrite)`."""
+  without `overwrite`, one that exists and is not an empty folder; OSError for one that cannot be
+  written where it is. Write it in `paths.staged_folder(path, replace=overwrite)`."""
   apart_from_inputs(flag, path, inputs)
+  paths.check_writable(path)
   if not overwrite and paths.exists(path) and not (paths.is_dir(path) and not paths.listdir(path)):
     raise ValueError(f"{flag} {path} already exists: give a new (or empty) folder, or add --overwrite to "
                      "replace it")
+
+
+def check_resumable_folder(flag: str, path: str, marker: str, inputs: dict[str, str | None]) -> None:
+  """Before anything loads: an output folder a command adds to and resumes (a run's workdir, an
+  evaluation, a feature cache) must be new, empty, or one the command wrote (holding `marker`); it
+  must not be or hold an input, and must be writable where it is. ValueError or OSError otherwise."""
+  apart_from_inputs(flag, path, inputs)
+  if paths.is_file(path):
+    raise ValueError(f"{flag} {path} is a file: give a folder")
+  if paths.is_dir(path) and paths.listdir(path) and not paths.exists(paths.join(path, marker)):
+    raise ValueError(f"{flag} {path} holds other files (it has no {marker}, so it is not this command's output): "
+                     "give a new or empty folder")
+  paths.check_writable(path)
 
 
 # Set before jax, libtpu and transformers are imported: their loggers read the environment once.
@@ -92,10 +114,6 @@ def quiet_flag(parser, default=False) -> None:
   parser.add_argument("-q", "--quiet", action="store_true", default=default,
                       help="only answers, notes and errors: no progress bars, no log lines from XLA, libtpu, "
                            "absl or the video decoder (also VLLM_JAX_QUIET=1)")
-
-
-def quiet() -> bool:
-  return os.environ.get("VLLM_JAX_QUIET", "") not in ("", "0")
 
 
 def silence() -> None:
@@ -148,15 +166,16 @@ def sampling(args):
 
 def number(kind, low=None, high=None, low_open=False):
   """An argparse type: `kind` within [low, high] (or (low, high] with `low_open`)."""
+  rule = config_check.Number(kind, low, high, low_open)
+
   def parse(text: str):
     try:
       value = kind(text)
     except ValueError:
-      raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
-    if (low is not None and (value <= low if low_open else value < low)) or (high is not None and value > high):
-      if high is None:
-        raise argparse.ArgumentTypeError(f"{text}: must be {'above' if low_open else 'at least'} {low}")
-      raise argparse.ArgumentTypeError(f"{text}: must be in {'(' if low_open else '['}{low}, {high}]")
+      raise argparse.ArgumentTypeError(f"{text!r} is not {config_check.Number(kind).describe()}") from None
+    problem = rule.problem(value)
+    if problem:
+      raise argparse.ArgumentTypeError(f"{text}: {problem}")
     return value
   return parse
 
@@ -214,14 +233,34 @@ def load_config(spec: str, overrides: list[str]):
     key, eq, value = override.removeprefix("--config.").partition("=")
     if not override.startswith("--config.") or not eq:
       raise ValueError(f"unrecognised argument {override!r}; overrides look like --config.train.steps=100")
-    *parents, name = key.split(".")
-    node = cfg
-    for part in parents:
-      node = node[part]
-    if name not in node:
-      raise ValueError(f"--config.{key}: the config has no field {key!r}")
+    node, name = _parent(cfg, key, spec)
+    if isinstance(node[name], ml_collections.ConfigDict):
+      raise ValueError(f"--config.{key}={value}: {key} is a section ({', '.join(list(node[name])[:4])}, ...): "
+                       f"set its fields, e.g. --config.{key}.{next(iter(node[name]), 'field')}=...")
     node[name] = _coerce(value, node[name], key)
+  config_check.check(cfg)
   return cfg
+
+
+def _parent(cfg, key: str, spec: str):
+  """-> (the section holding field `key` of `cfg`, the field's name); a key the config lacks (a
+  misspelling, a section that is None in this recipe) is a ValueError that says so."""
+  *parents, name = key.split(".")
+  node = cfg
+  for depth, part in enumerate(parents + [name]):
+    where = ".".join(parents[:depth])
+    if node is None:
+      raise ValueError(f"--config.{key}: {where} is not set (None) in {spec}, so it has no field {part!r}")
+    if not isinstance(node, ml_collections.ConfigDict):
+      raise ValueError(f"--config.{key}: {where} is a value ({node!r}), not a section")
+    if part not in node:
+      close = difflib.get_close_matches(part, list(node), n=1)
+      hint = f"; did you mean {'.'.join(parents[:depth] + close)}?" if close else f"; it has {', '.join(node)}"
+      raise ValueError(f"--config.{key}: the config has no {'section' if depth < len(parents) else 'field'} "
+                       f"{'.'.join(parents[:depth] + [part])}{hint}")
+    if depth < len(parents):
+      node = node[part]
+  return node, name
 
 
 def _coerce(value: str, current, key: str):
@@ -239,5 +278,6 @@ def _coerce(value: str, current, key: str):
       kind = type(current[0]) if current else str
       return type(current)(kind(v) for v in value.split(",") if v)
   except (ValueError, SyntaxError) as e:
-    raise ValueError(f"--config.{key}={value}: not a {type(current).__name__}") from e
+    kind = {bool: "true or false", int: "an integer", float: "a number"}.get(type(current), "a list")
+    raise ValueError(f"--config.{key}={value}: must be {kind}") from e
   return value

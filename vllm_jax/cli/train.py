@@ -39,23 +39,21 @@ def run(args, overrides: list[str]) -> int:
   import logging
 
   from vllm_jax import systems
-  from vllm_jax.train import run as run_lib
   from vllm_jax.train import sharding
-  try:
-    cfg = flags.load_config(args.config, overrides)
-    system = systems.get(cfg.system)
-  except (ValueError, KeyError, AttributeError, FileNotFoundError) as e:
-    return flags.error(str(e))
+  from vllm_jax.train import run as run_lib
+  cfg = flags.load_config(args.config, overrides)
+  system = systems.get(cfg.get("system", ""))
   if args.print_config:
     print(describe_config(cfg, args.config, overrides))
     return 0
+  if cfg.train.workdir:
+    flags.check_resumable_folder("--config.train.workdir", cfg.train.workdir, run_lib.RUN_FILE, {})
   sharding.initialize_distributed()
   import jax
   # One log for the job: process 0 logs, the others only warnings and errors. The progress bar only
   # on a terminal (a batch job's log file would get every redraw).
   first = jax.process_index() == 0
   logging.basicConfig(level=logging.INFO if first else logging.WARNING, format="%(message)s", force=True)
-  logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "Unable to initialize backend 'tpu'"
   result = run_lib.train(cfg, system, progress=first and sys.stderr.isatty())
   if first:

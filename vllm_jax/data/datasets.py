@@ -12,14 +12,17 @@ the counts reach the training loop through batches, whichever process decoded th
 
 import csv
 import dataclasses
+import functools
 import logging
-from typing import Any, Callable, Sequence
+from collections import abc
+from typing import Any, Callable, Iterator, Sequence
 
 import grain
 import jax
 import numpy as np
 
 from vllm_jax import paths
+from vllm_jax.data import manifest
 from vllm_jax.data.media import media_path
 
 log = logging.getLogger(__name__)
@@ -28,21 +31,60 @@ Record = dict[str, Any]
 Decode = Callable[[Record], dict[str, np.ndarray]]
 
 
+def layout(description: str):
+  """A reader of annotation files of this layout: a file of another layout (a missing key, an object
+  where a list is expected) or one without records is a ValueError naming the file and the layout,
+  before any model loads."""
+  def wrap(read):
+    @functools.wraps(read)
+    def checked(path: str, media_dir: str) -> list[Record]:
+      try:
+        records = read(path, media_dir)
+      except KeyError as e:
+        raise ValueError(f"{path} is not {description}: an entry has no {e}") from None
+      except (TypeError, AttributeError, csv.Error):
+        raise ValueError(f"{path} is not {description}") from None
+      if not records:
+        raise ValueError(f"{path} holds no records: expected {description}")
+      return records
+    return checked
+  return wrap
+
+
+def json_list(path: str) -> list:
+  """The JSON file's list (TypeError for another JSON value: a reader's layout error)."""
+  items = paths.read_json(path)
+  if not isinstance(items, list):
+    raise TypeError(f"{path} holds a JSON {type(items).__name__}, not a list")
+  return items
+
+
+# Each reader also takes a manifest folder (`vllm_jax.data.manifest`) made from its format, and
+# then returns a lazy random-access sequence of the same records instead of a list.
+@manifest.readable("webvid")
+@layout("a WebVid CSV (columns videoid, name, page_dir, ...)")
 def webvid_records(csv_path: str, video_dir: str) -> list[Record]:
   """WebVid-style CSV (`videoid,name,page_dir,...`); videos at `{video_dir}/{page_dir}/{videoid}.mp4`."""
+  return list(webvid_rows(csv_path, video_dir))
+
+
+def webvid_rows(csv_path: str, video_dir: str) -> Iterator[Record]:
+  """`webvid_records` one row at a time (a manifest is written without holding them all)."""
   root = paths.resolve(video_dir or ".")  # joined as text: `paths.join` per row would take 5x as long
   with paths.open_text(csv_path) as f:  # rows as they come: a 10M-row CSV is not held as text
-    return [dict(media=f"{root}/{row['page_dir']}/{row['videoid']}.mp4", kind="video", caption=row["name"])
-            for row in csv.DictReader(f)]
+    for row in csv.DictReader(f):
+      yield dict(media=f"{root}/{row['page_dir']}/{row['videoid']}.mp4", kind="video", caption=row["name"])
 
 
+@manifest.readable("llava")
+@layout('LLaVA JSON ([{"id", "image" | "video", "conversations": [{"from", "value"}, ...]}, ...])')
 def llava_records(json_path: str, media_dir: str) -> list[Record]:
   """LLaVA JSON: CC3M-595k captions or instruction data, `[{"id", "image" | "video", "conversations":
   [{"from", "value"}, ...]}]`; the last answer doubles as the caption. An item with neither media
   key is a text-only conversation (LLaVA-665K's ShareGPT part, Video-LLaVA's nlp_tune.json): kind
   "text", media None."""
   records = []
-  for item in paths.read_json(json_path):
+  for item in json_list(json_path):
     kind = next((k for k in ("video", "image") if k in item), "text")
     conversation = [{"from": t["from"], "value": t["value"]} for t in item["conversations"]]
     records.append(dict(media=None if kind == "text" else media_path(media_dir, item[kind]), kind=kind,
@@ -50,16 +92,20 @@ def llava_records(json_path: str, media_dir: str) -> list[Record]:
   return records
 
 
+@manifest.readable("minigpt4")
+@layout('MiniGPT-4 JSON ({"annotations": [{"image_id", "caption"}, ...]})')
 def minigpt4_records(json_path: str, image_dir: str) -> list[Record]:
   """MiniGPT-4 aligned captions: `{"annotations": [{"image_id", "caption"}]}`, images `{image_id}.jpg`."""
   return [dict(media=media_path(image_dir, f"{item['image_id']}.jpg"), kind="image", caption=item["caption"])
           for item in paths.read_json(json_path)["annotations"]]
 
 
+@manifest.readable("videochat")
+@layout('VideoChat JSON ([{"video", "QA": [{"q", "a"}, ...]}, ...])')
 def videochat_records(json_path: str, video_dir: str) -> list[Record]:
   """VideoChat instructions: `[{"video", "QA": [{"q", "a"}, ...]}]`."""
   records = []
-  for item in paths.read_json(json_path):
+  for item in json_list(json_path):
     conversation = []
     for qa in item["QA"]:
       conversation += [{"from": "human", "value": qa["q"]}, {"from": "gpt", "value": qa["a"]}]
@@ -107,9 +153,10 @@ class DecodeOrSkip(grain.MapDataset):
 
 def examples(records: Sequence[Record], decode: Decode, *, seed: int, shuffle: bool = True,
              num_epochs: int | None = None, max_tries: int = 10) -> grain.MapDataset:
-  """One source: records shuffled with `seed` (a fresh order every epoch), repeated `num_epochs`
-  times (None: forever), decoded lazily with unreadable records skipped."""
-  ds = grain.MapDataset.source(list(records))
+  """One source: records (a list, or a manifest's lazy sequence, read as it is) shuffled with `seed`
+  (a fresh order every epoch), repeated `num_epochs` times (None: forever), decoded lazily with
+  unreadable records skipped."""
+  ds = grain.MapDataset.source(records if isinstance(records, abc.Sequence) else list(records))
   if shuffle:
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(num_epochs, reseed_each_epoch=True) if num_epochs != 1 else ds
@@ -120,6 +167,17 @@ def mixture(datasets: Sequence[grain.MapDataset], weights: Sequence[float]) -> g
   """Interleave sources in proportion to `weights`; examples must share keys and shapes (e.g.
   images decoded as one-frame clips padded to the video length), so a batch can hold both."""
   return grain.MapDataset.mix(list(datasets), weights=list(weights))
+
+
+def check_readable(ds: grain.MapDataset | Sequence[tuple[grain.MapDataset, float]]) -> None:
+  """Decode the first example of `ds` (or of each of its groups, as `batches` takes them): media
+  that cannot be read (a wrong media folder) raise `UnreadableData` here, before a model loads,
+  rather than at the first step; ValueError when there are no examples at all."""
+  groups = [ds] if isinstance(ds, grain.MapDataset) else [group for group, _ in ds]
+  if not groups or not all(len(group) for group in groups):
+    raise ValueError("the training data holds no examples: check the config's data files")
+  for group in groups:
+    group[0]  # pylint: disable=pointless-statement
 
 
 def batches(ds: grain.MapDataset | Sequence[tuple[grain.MapDataset, float]], global_batch_size: int, *,
@@ -175,6 +233,14 @@ def from_sources(data_cfg, sources: Sequence[tuple[Sequence[Record], Decode, flo
   return parts[0] if len(parts) == 1 else mixture(parts, [weight for _, _, weight, _ in sources])
 
 
+def of_kinds(records: Sequence[Record], *kinds: str) -> Sequence[Record]:
+  """The records of these media kinds ("image", "video", "text"), in order: from a manifest its
+  files of those kinds (no scan), else a filtered list."""
+  if isinstance(records, manifest.Records):
+    return records.of_kind(*kinds)
+  return [r for r in records if r["kind"] in kinds]
+
+
 def by_media_kind(data_cfg, records: Sequence[Record], decode: Decode, seed: int) -> list[tuple[grain.MapDataset, int]]:
   """Images, videos and text-only records as up to three groups [(examples, weight: their count)],
   each batch then drawn from one (`batches`). The references' modality-grouped sampler keeps
@@ -182,7 +248,7 @@ def by_media_kind(data_cfg, records: Sequence[Record], decode: Decode, seed: int
   images and videos go apart here too, so that a batch runs only the encoder it needs."""
   groups = []
   for i, kind in enumerate(("image", "video", "text")):
-    chosen = [r for r in records if r["kind"] == kind]
+    chosen = of_kinds(records, kind)
     if chosen:
       groups.append((from_sources(data_cfg, [(chosen, decode, 1.0, seed + i)]), len(chosen)))
   return groups

@@ -60,24 +60,25 @@ def load_items(fmt: str, annotations: str, media_root: str, answer_file: str | N
   """The questions of an annotation file (or folder of task files) in format `fmt` (see `formats`,
   and `synthetic` for the demo's); `answer_file`: open-ended's test_a.json, EgoSchema's
   subset_answers.json; `subtitles`: Video-MME's folder of .srt files."""
-  if fmt == "open-ended":
-    return formats.open_ended(annotations, media_root, answer_file)
-  if fmt == "multiple-choice":
-    return formats.multiple_choice(annotations, media_root)
-  if fmt == "mvbench":
-    return formats.mvbench(annotations, media_root)
-  if fmt == "egoschema":
-    return formats.egoschema(annotations, media_root, answer_file)
-  if fmt == "videomme":
-    return formats.videomme(annotations, media_root, subtitles)
-  if fmt == "longvideobench":
-    return formats.longvideobench(annotations)
-  if fmt == "mlvu":
-    return formats.mlvu(annotations, media_root)
-  if fmt == "synthetic":
-    from vllm_jax.eval import synthetic
-    return synthetic.load(annotations, media_root)
-  raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+  from vllm_jax.eval import synthetic  # pylint: disable=g-import-not-at-top
+  readers = {
+      "open-ended": lambda: formats.open_ended(annotations, media_root, answer_file),
+      "multiple-choice": lambda: formats.multiple_choice(annotations, media_root),
+      "mvbench": lambda: formats.mvbench(annotations, media_root),
+      "egoschema": lambda: formats.egoschema(annotations, media_root, answer_file),
+      "videomme": lambda: formats.videomme(annotations, media_root, subtitles),
+      "longvideobench": lambda: formats.longvideobench(annotations),
+      "mlvu": lambda: formats.mlvu(annotations, media_root),
+      "synthetic": lambda: synthetic.load(annotations, media_root),
+  }
+  if fmt not in readers:
+    raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+  try:
+    return readers[fmt]()
+  except KeyError as e:  # a file of another layout
+    raise ValueError(f"{annotations} is not a {fmt} annotation file: an entry has no {e}") from None
+  except (TypeError, AttributeError):
+    raise ValueError(f"{annotations} is not a {fmt} annotation file (see `vllm-jax eval --help`)") from None
 
 
 def prompt(fmt: str, item: Item, timestamps: Sequence[float] = ()) -> str:
@@ -120,7 +121,8 @@ def load_answers(path: str, needs: Sequence[str]) -> dict[str, dict]:
       record = json.loads(line)
     except ValueError:
       record = None
-    if line.endswith("\n") and line.strip() and not (isinstance(record, dict) and "key" in record):
+    cut = not line.endswith("\n") and line.startswith("{")  # a record cut short by a crash: answered again
+    if line.strip() and not cut and not (isinstance(record, dict) and "key" in record):
       raise ValueError(f"{path} is not an answers file (line {number} is no answer record): it is left as it "
                        "is; give another output file")
     if isinstance(record, dict) and "key" in record and "error" not in record and all(k in record for k in needs):

@@ -1,6 +1,9 @@
 """Orbax storage: parameter trees (model folders written by the converters) and training checkpoints."""
 
+import contextlib
 import dataclasses
+import os
+import re
 import signal
 from typing import Any
 
@@ -13,9 +16,27 @@ from jax.experimental import multihost_utils
 from vllm_jax import paths
 
 
+TENSORSTORE_OS_ERROR = re.compile(r"\[os_error_code='(\d+)'\]")
+CHECKPOINT = "a checkpoint (the earlier ones are kept)"
+
+
+@contextlib.contextmanager
+def writing(path: str, what: str):
+  """An operating-system error of orbax writing `what` under `path` (a full disk, a read-only
+  folder) as one OSError naming `path`: orbax raises OSErrors, or TensorStore's ValueErrors that
+  carry the error code, and an asynchronous save's failure only at the next call."""
+  try:
+    yield
+  except (OSError, ValueError) as e:
+    code = e.errno if isinstance(e, OSError) else next(map(int, TENSORSTORE_OS_ERROR.findall(str(e))), None)
+    if code is None:
+      raise
+    raise OSError(code, f"{os.strerror(code)}, writing {what}", path) from e
+
+
 def save_params(path: str, params: Any) -> None:
   """Write a params tree (numpy or jax arrays) as an orbax checkpoint at `path` (any `paths` path)."""
-  with ocp.StandardCheckpointer() as checkpointer:
+  with writing(path, "the parameters"), ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(paths.resolve(path), params, force=True)
 
 
@@ -34,7 +55,7 @@ class TrainCheckpointer:
 
   def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True,
                save_frozen: bool = False):
-    self.save_frozen = save_frozen
+    self.directory, self.save_frozen = directory, save_frozen
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(paths.resolve(directory), options=options)
@@ -50,7 +71,8 @@ class TrainCheckpointer:
     items = dict(state=ocp.args.StandardSave(self._state_tree(state)))
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-    self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    with writing(self.directory, CHECKPOINT):  # an earlier save's failure surfaces here
+      self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -80,10 +102,12 @@ class TrainCheckpointer:
     return self.manager.restore(step, args=ocp.args.Composite(state=args))["state"]
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    with writing(self.directory, CHECKPOINT):
+      self.manager.wait_until_finished()
 
   def close(self) -> None:
-    self.manager.close()
+    with writing(self.directory, CHECKPOINT):
+      self.manager.close()
 
 
 class Preemption:

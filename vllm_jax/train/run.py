@@ -24,8 +24,9 @@ import ml_collections
 from vllm_jax import paths
 from vllm_jax.data.tokenizer import load_instruction_tokenizer, load_tokenizer
 from vllm_jax.data import datasets
+from vllm_jax.models.llama import extend_context
 from vllm_jax.nn.lora import LoraConfig
-from vllm_jax.train import checkpoint, optim, sharding, trainer
+from vllm_jax.train import checkpoint, config_check, optim, sharding, trainer
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,15 @@ def with_recipe_lora(cfg, config):
   return config.replace(llama=config.llama.replace(lora=lora))
 
 
+def with_recipe_context(cfg, config):
+  """`config` with the LLM's context extended to the recipe's `context_length`, when it sets one
+  (`llama.extend_context`: linear RoPE scaling past `rope_context` positions, as LLaMA-VID's long-
+  video stage extends a stage-2 model); the trained model keeps the extended config."""
+  if not cfg.get("context_length"):
+    return config
+  return config.replace(llama=extend_context(config.llama, cfg.context_length, cfg.get("rope_context") or 0))
+
+
 def with_compute_dtype(config, dtype: str):
   """`config` with every module's `dtype` (its computation) set to `dtype`, `param_dtype` kept.
   Norm statistics, attention softmax and the loss stay in float32 whatever the dtype."""
@@ -112,11 +122,12 @@ def with_compute_dtype(config, dtype: str):
 def training_config(cfg, system, config):
   """The model config a run of `cfg` builds from `config` (`init_from`'s or the recipe's): the
   stage's model (`System.stage_config`: no branch the stage neither feeds nor trains), with the
-  recipe's LoRA adapters, `compute_dtype`, `llm_remat_policy` (what the LLM's layers keep for
-  the backward pass, a jax.checkpoint_policies name), `attention_impl` (the LLM's attention
-  kernel: "auto" takes the platform's fused one, see `vllm_jax.nn.attention`) and `loss_chunk`
-  (positions the loss projects to the vocabulary at once, `trainer.next_token_loss`)."""
-  config = with_recipe_lora(cfg, system.stage_config(cfg, config))
+  recipe's `context_length` (`with_recipe_context`), LoRA adapters, `compute_dtype`,
+  `llm_remat_policy` (what the LLM's layers keep for the backward pass, a jax.checkpoint_policies
+  name), `attention_impl` (the LLM's attention kernel: "auto" takes the platform's fused one, see
+  `vllm_jax.nn.attention`) and `loss_chunk` (positions the loss projects to the vocabulary at
+  once, `trainer.next_token_loss`)."""
+  config = with_recipe_lora(cfg, with_recipe_context(cfg, system.stage_config(cfg, config)))
   llama = {"remat_policy": cfg.get("llm_remat_policy"), "attention_impl": cfg.get("attention_impl"),
            "loss_chunk": cfg.get("loss_chunk")}
   llama = {key: value for key, value in llama.items() if value}
@@ -125,22 +136,33 @@ def training_config(cfg, system, config):
   return with_compute_dtype(config, cfg.compute_dtype) if cfg.get("compute_dtype") else config
 
 
-def load_model(cfg, mesh, system) -> tuple[Any, Any, str]:
-  """-> (model config, params or None, tokenizer folder). `init_from`: a model folder of the
-  system (checked by `check_loaded`; with the recipe's LoRA, whose adapters `Trainer.init`
-  creates); else `model` with a random init and `data.tokenizer`, whose placeholder ids become
-  the model's."""
+def model_config(cfg, system) -> tuple[Any, str]:
+  """-> (the model config a run of `cfg` builds, its tokenizer folder), reading no parameters:
+  `init_from`'s config (see `training_config`), or `model` for a random init with `data.tokenizer`,
+  whose placeholder ids become the model's."""
   if cfg.init_from:
-    loaded = system.load(cfg.init_from, mesh=mesh)
-    config = training_config(cfg, system, loaded.config)
-    branches = nn.meta.unbox(system.abstract_params(config))
-    params = {name: tree for name, tree in loaded.params.items() if name in branches}
-    check_loaded(params, branches)
-    return config, params, paths.join(cfg.init_from, "tokenizer")
+    return training_config(cfg, system, system.read_config(cfg.init_from)), paths.join(cfg.init_from, "tokenizer")
   if not cfg.data.tokenizer:
     raise ValueError("set init_from (a converted model folder) or data.tokenizer (for a random init)")
-  config = system.prepare_init(cfg, load_tokenizer(cfg.data.tokenizer))
-  return training_config(cfg, system, config), None, cfg.data.tokenizer
+  return training_config(cfg, system, system.prepare_init(cfg, load_tokenizer(cfg.data.tokenizer))), cfg.data.tokenizer
+
+
+def load_params(cfg, mesh, system, config) -> Any:
+  """`init_from`'s parameters of the branches `config` (`model_config`'s) has, checked by
+  `check_loaded` (the recipe's LoRA adapters are made by `Trainer.init`); None for a random init."""
+  if not cfg.get("init_from"):
+    return None
+  loaded = system.load(cfg.init_from, mesh=mesh)
+  branches = nn.meta.unbox(system.abstract_params(config))
+  params = {name: tree for name, tree in loaded.params.items() if name in branches}
+  check_loaded(params, branches)
+  return params
+
+
+def load_model(cfg, mesh, system) -> tuple[Any, Any, str]:
+  """-> (model config, params or None, tokenizer folder): `model_config` and `load_params`."""
+  config, tokenizer_dir = model_config(cfg, system)
+  return config, load_params(cfg, mesh, system, config), tokenizer_dir
 
 
 def write_run_file(cfg) -> None:
@@ -162,13 +184,14 @@ def train(cfg, system, progress: bool = False) -> trainer.LoopResult:
   preemption = checkpoint.Preemption()
   ckpt = None
   try:
+    config_check.check_paths(cfg)
     mesh = sharding.mesh_from_config(cfg.mesh)
-    config, params, tokenizer_dir = load_model(cfg, mesh, system)
+    config, tokenizer_dir = model_config(cfg, system)
+    examples = system.dataset(cfg, config, tokenizer_dir)
+    datasets.check_readable(examples)  # bad data files and unreadable media end the run before any model loads
     t = make_trainer(cfg, mesh, system, config)
-    state = t.init(params)  # consumes the loaded arrays: the state does not sit beside them
-    del params
-    it = iter(datasets.batches(system.dataset(cfg, config, tokenizer_dir), cfg.train.batch_size,
-                               worker_count=cfg.data.worker_count))
+    state = t.init(load_params(cfg, mesh, system, config))  # the state takes the loaded arrays' place
+    it = iter(datasets.batches(examples, cfg.train.batch_size, worker_count=cfg.data.worker_count))
     if cfg.train.workdir:
       write_run_file(cfg)
       ckpt = checkpoint.TrainCheckpointer(paths.join(cfg.train.workdir, "checkpoints"),
@@ -209,10 +232,11 @@ def trained_model(workdir: str, step: int | None = None):
   system = systems.get(record["system"])
   if record["init_from"]:
     model = system.load(record["init_from"])
-    config = with_recipe_lora(cfg, model.config)
+    config = with_recipe_lora(cfg, with_recipe_context(cfg, model.config))
   elif cfg.train.save_frozen:
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-    config = with_recipe_lora(cfg, system.stage_config(cfg, system.prepare_init(cfg, tokenizer)))
+    config = system.stage_config(cfg, system.prepare_init(cfg, tokenizer))
+    config = with_recipe_lora(cfg, with_recipe_context(cfg, config))
     model = system(config, None, tokenizer)
     if cfg.data.get("instruction_tokenizer"):  # LLaMA-VID's Q-Former reads with a tokenizer of its own
       model.instruction_tokenizer = load_instruction_tokenizer(cfg.data.instruction_tokenizer)

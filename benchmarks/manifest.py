@@ -3,7 +3,7 @@
 
 Writes a WebVid-style CSV of --rows rows (results_10M_train.csv's columns: videoid, contentUrl,
 duration, page_dir, name; captions of 4-30 words) in a temporary folder, converts it once to a
-manifest (`manifest.make`, timed, in a process of its own), then runs each side in a fresh process:
+manifest (`manifest_writer.make`, timed, in a process of its own), then runs each side in a fresh process:
 `datasets.webvid_records` of the CSV or of the manifest, `datasets.examples` (shuffled, seed 0)
 and `datasets.batches`, until the first batch of --batch-size records (decoded to their media
 path bytes). Each process reports its peak RSS (ru_maxrss) less that of a process that only
@@ -63,12 +63,12 @@ def media_bytes(record):
 
 def child(mode: str, annotations: str, videos: str, out: str, batch_size: int) -> dict:
   """One side in this (fresh) process -> its measurements."""
-  from vllm_jax.data import datasets, manifest  # pylint: disable=g-import-not-at-top
+  from vllm_jax.data import datasets, manifest_writer  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   start = time.monotonic()
   result = {}
   if mode == "convert":
-    meta = manifest.make("webvid", annotations, videos, out, progress=False)
+    meta = manifest_writer.make("webvid", annotations, videos, out, progress=False)
     result["records"] = meta["records"]
   elif mode in ("before", "after"):
     records = datasets.webvid_records(annotations if mode == "before" else out, videos)

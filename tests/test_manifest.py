@@ -1,7 +1,8 @@
 """Annotation manifests (`vllm_jax.data.manifest`, `vllm-jax make-manifest`): each layout's records
 read back equal, record for record and kind by kind; the same grain batches as from the file; a
 manifest in a bucket; the command from a working folder with relative paths, refusing an existing
---out; a tiny Video-LLaMA trained from a manifest with the batches of its CSV."""
+--out; a tiny Video-LLaMA trained from a manifest with the batches of its CSV; a Video-LLaVA feature
+cache made from a manifest training with the batches of one made from its JSON, its records lazy."""
 
 import json
 import os
@@ -13,11 +14,14 @@ import ml_collections
 import numpy as np
 import pytest
 
+from test_feature_cache_systems import MEDIA, entries, files, first_batches, recipe  # noqa: F401  (a fixture)
 from test_train_video_llama import ROOT, setup  # noqa: F401  (the fixture)
 from vllm_jax import cli, paths
 from vllm_jax.cli import flags
-from vllm_jax.data import datasets, feature_cache, manifest
+from vllm_jax.cli.cache_features import cache_features
+from vllm_jax.data import datasets, feature_cache, manifest, manifest_writer
 from vllm_jax.systems import video_llama
+from vllm_jax.systems.video_llava import VideoLlavaSystem
 from vllm_jax.train.trainer import read_metrics
 
 CLI = [sys.executable, "-m", "vllm_jax.cli"]
@@ -64,7 +68,7 @@ READERS = {"webvid": datasets.webvid_records, "llava": datasets.llava_records,
 def test_each_layout_reads_back_record_for_record(layout, tmp_path):
   files = write_annotations(tmp_path / "annotations")
   root = str(tmp_path / "media")
-  meta = manifest.make(layout, files[layout], root, str(tmp_path / "manifest"), progress=False)
+  meta = manifest_writer.make(layout, files[layout], root, str(tmp_path / "manifest"), progress=False)
   read = READERS[layout]
   want = read(files[layout], root)
   got = read(str(tmp_path / "manifest"), "")  # "": the media root it was made with
@@ -94,7 +98,7 @@ def test_each_layout_reads_back_record_for_record(layout, tmp_path):
 
 def test_media_follow_the_readers_folder_and_formats_are_checked(tmp_path):
   files = write_annotations(tmp_path)
-  manifest.make("llava", files["llava"], str(tmp_path / "media"), str(tmp_path / "m"), progress=False)
+  manifest_writer.make("llava", files["llava"], str(tmp_path / "media"), str(tmp_path / "m"), progress=False)
   moved = datasets.llava_records(str(tmp_path / "m"), "gs://bucket/media")
   assert list(moved) == datasets.llava_records(files["llava"], "gs://bucket/media")
   assert moved[4]["media"] == "gs://elsewhere/v_2.mp4" and moved[2]["media"] is None  # a URL stays as it is
@@ -105,7 +109,7 @@ def test_media_follow_the_readers_folder_and_formats_are_checked(tmp_path):
   with pytest.raises(ValueError, match="a manifest of llava annotations, not of videochat ones"):
     datasets.videochat_records(str(tmp_path / "m"), "")
   with pytest.raises(ValueError, match="already a manifest"):
-    manifest.make("llava", str(tmp_path / "m"), "", str(tmp_path / "m2"))
+    manifest_writer.make("llava", str(tmp_path / "m"), "", str(tmp_path / "m2"))
   os.remove(tmp_path / "m" / "video.array_record")
   with pytest.raises(FileNotFoundError, match="video.array_record is missing"):
     datasets.llava_records(str(tmp_path / "m"), "")[1]
@@ -121,7 +125,7 @@ def test_grain_batches_match_the_files(tmp_path):
   """The same shuffled examples and batches from a manifest as from its file: whole (`examples`)
   and grouped by media kind (`by_media_kind`), over two epochs and two processes."""
   files = write_annotations(tmp_path)
-  manifest.make("llava", files["llava"], "/data", str(tmp_path / "m"), progress=False)
+  manifest_writer.make("llava", files["llava"], "/data", str(tmp_path / "m"), progress=False)
   sides = [datasets.llava_records(files["llava"], "/data"), datasets.llava_records(str(tmp_path / "m"), "")]
 
   def stacked(ds):
@@ -146,7 +150,7 @@ def test_a_manifest_in_a_bucket(gcs, tmp_path, monkeypatch):
   files = write_annotations(tmp_path / "local")
   paths.copy_tree(files["webvid"], f"{bucket}/webvid.csv")
   monkeypatch.chdir(tmp_path)
-  manifest.make("webvid", f"{bucket}/webvid.csv", f"{bucket}/videos", f"{bucket}/m", progress=False)
+  manifest_writer.make("webvid", f"{bucket}/webvid.csv", f"{bucket}/videos", f"{bucket}/m", progress=False)
   assert sorted(paths.listdir(bucket)) == ["m", "webvid.csv"]
   assert manifest.is_manifest(f"{bucket}/m") and not manifest.is_manifest(f"{bucket}/webvid.csv")
   got = datasets.webvid_records(f"{bucket}/m", "")
@@ -219,7 +223,7 @@ def test_training_from_a_manifest(setup, tmp_path):  # noqa: F811
   records, the missing video skipped alike); then `vllm-jax train` runs from the manifest with a
   decoding worker process (the manifest's sequence pickled to it)."""
   root, config, _ = setup
-  manifest.make("webvid", str(root / "webvid.csv"), str(root / "videos"), str(tmp_path / "webvid"), progress=False)
+  manifest_writer.make("webvid", str(root / "webvid.csv"), str(root / "videos"), str(tmp_path / "webvid"), progress=False)
   tokenizer = str(root / "model" / "tokenizer")
   sides = []
   for annotations in (root / "webvid.csv", tmp_path / "webvid"):
@@ -242,3 +246,41 @@ def test_training_from_a_manifest(setup, tmp_path):  # noqa: F811
   assert trained.returncode == 0, trained.stderr[-3000:]
   losses = [m["loss"] for m in read_metrics(tmp_path / "run")]
   assert len(losses) == 2 and np.isfinite(losses).all()
+
+
+def test_training_from_a_feature_cache_of_a_manifest(files, tmp_path, monkeypatch):  # noqa: F811
+  """A Video-LLaVA feature cache made from a manifest (images, videos, a missing video, text-only
+  chats, kinds interleaved) holds the entries of one made from its JSON and trains with the same
+  batches; the records grain gets stay lazy (no list of every record), each group's records with
+  their places in the whole file as cache_index."""
+  root = files
+  manifest_writer.make("llava", str(root / "data.json"), str(root / "media"), str(tmp_path / "m"), progress=False)
+  cfgs, caches = {}, {}
+  for name, annotations in (("json", root / "data.json"), ("manifest", tmp_path / "m")):
+    caches[name] = str(tmp_path / f"cache_of_{name}")
+    made = cache_features(recipe(root, "video_llava", "stage1", **{"data.instruct_json": annotations}),
+                          caches[name], batch_size=2, chunk_size=3, progress=False)
+    assert made == 3
+    cfgs[name] = recipe(root, "video_llava", "stage1", **{"data.instruct_json": annotations,
+                                                          "data.feature_cache": caches[name]})
+  for a, b in zip(entries(caches["json"]), entries(caches["manifest"])):
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+  given = []  # the records of each source that grain is given: the real `examples`, watched
+  examples = datasets.examples
+
+  def watched(records, *args, **kwargs):
+    given.append(records)
+    return examples(records, *args, **kwargs)
+
+  monkeypatch.setattr(datasets, "examples", watched)
+  sides = {name: first_batches(cfg, VideoLlavaSystem) for name, cfg in cfgs.items()}
+  for a, b in zip(sides["json"], sides["manifest"]):
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+  kinds = ["text" if m is None else "image" if m.endswith(".png") else "video" for m in MEDIA]
+  assert len(given) == 6  # images, videos, text: from the JSON's cache, then from the manifest's
+  for records, lazy in zip(given, (False,) * 3 + (True,) * 3):
+    assert isinstance(records, feature_cache.Indexed) and isinstance(records.records, manifest.Records) == lazy
+    kind = records[0]["kind"]
+    assert [r["cache_index"] for r in records] == [i for i, k in enumerate(kinds) if k == kind]
+    assert list(pickle.loads(pickle.dumps(records))) == list(records)  # as grain worker processes get it

@@ -74,9 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.error(f"unrecognized arguments: {' '.join(extra)}")
   if args.quiet or quiet():
     silence()  # before any command imports jax
-  # orbax logs through absl: its per-save chatter, and a failed save's traceback from each of its
-  # threads, which reaches the command as one exception (its one error line) all the same.
-  logging.getLogger("absl").setLevel(logging.WARNING if os.environ.get("VLLM_JAX_TRACEBACK") else logging.CRITICAL)
+  # orbax logs its per-save chatter through absl, and a failed save's traceback from each of its
+  # threads (absl) and each of its write tasks (asyncio's "exception was never retrieved"); the
+  # failure reaches the command as one exception, its one error line, all the same.
+  for logger in ("absl", "asyncio"):
+    logging.getLogger(logger).setLevel(logging.WARNING if os.environ.get("VLLM_JAX_TRACEBACK") else logging.CRITICAL)
   try:
     return args.run(args, extra) if getattr(args, "takes_overrides", False) else args.run(args)
   except KeyboardInterrupt:

@@ -52,11 +52,11 @@ def add_parser(commands) -> None:
 
 
 def run(args) -> int:
-  from vllm_jax.data import manifest
+  from vllm_jax.data import manifest_writer
   flags.check_output_folder("--out", args.out, args.overwrite,
                             {"the annotation file": args.annotations, "the media root": args.media_root})
   start = time.monotonic()
-  meta = manifest.make(args.format, args.annotations, args.media_root, args.out, overwrite=args.overwrite)
+  meta = manifest_writer.make(args.format, args.annotations, args.media_root, args.out, overwrite=args.overwrite)
   counts = ", ".join(f"{n} {kind}" for kind, n in meta["counts"].items()) or "no records"
   print(f"wrote {paths.shown(args.out)}: {meta['records']} records ({counts}) in {time.monotonic() - start:.1f} s",
         file=sys.stderr)

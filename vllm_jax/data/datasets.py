@@ -234,9 +234,10 @@ def from_sources(data_cfg, sources: Sequence[tuple[Sequence[Record], Decode, flo
 
 
 def of_kinds(records: Sequence[Record], *kinds: str) -> Sequence[Record]:
-  """The records of these media kinds ("image", "video", "text"), in order: from a manifest its
-  files of those kinds (no scan), else a filtered list."""
-  if isinstance(records, manifest.Records):
+  """The records of these media kinds ("image", "video", "text"), in order: a sequence with an
+  `of_kind` picks them itself (a manifest's `Records`: its files of those kinds, no scan; a feature
+  cache's `feature_cache.Indexed`: each record keeping its cache_index), else a filtered list."""
+  if hasattr(records, "of_kind"):
     return records.of_kind(*kinds)
   return [r for r in records if r["kind"] in kinds]
 

@@ -38,8 +38,10 @@ import dataclasses
 import hashlib
 import json
 import math
+import operator
 import os
 import tempfile
+from collections import abc
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -67,7 +69,7 @@ FEATURES = "_features"  # an encoder input's features are cached as "{input}_fea
 class Source:
   """One training source as a cache sees it (`System.feature_sources`)."""
   name: str                  # e.g. "captions", "instructions": names its chunk files
-  records: list[dict[str, Any]]
+  records: Sequence[dict[str, Any]]  # a list, or a manifest's lazy `manifest.Records`
   decode: Any                # the system's example builder, with `media_inputs(record)`
   files: tuple[str, ...]     # the annotation files the records come from
   media_dir: str
@@ -204,11 +206,46 @@ def open_for_training(cfg, system, config, sources: Sequence[Any]) -> dict[str, 
   return files
 
 
+class Indexed(abc.Sequence):
+  """`records` each with its `cache_index`, read on demand (a manifest's stay lazy: no list of
+  every record): item i is `dict(records[i], cache_index=indices[i])` (`indices` None: i), the
+  number of its entry in the cache. Picklable: grain worker processes read it."""
+
+  def __init__(self, records: Sequence[dict[str, Any]], indices: np.ndarray | None = None):
+    self.records, self.indices = records, indices
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return [self[i] for i in range(*index.indices(len(self)))]
+    index = operator.index(index)  # numpy integers too (grain's indices)
+    if index < 0:
+      index += len(self)
+    if not 0 <= index < len(self):
+      raise IndexError(f"record {index} of {len(self)}")
+    return dict(self.records[index], cache_index=index if self.indices is None else int(self.indices[index]))
+
+  def __repr__(self) -> str:
+    return f"Indexed({self.records!r})"
+
+  def of_kind(self, *kinds: str) -> "Indexed":
+    """The records of `kinds` (`datasets.of_kinds`), each keeping its cache_index: of a manifest,
+    its files of those kinds and their places in it (no scan); else those of a list."""
+    if hasattr(self.records, "positions"):  # a manifest's `Records`
+      chosen, positions = self.records.of_kind(*kinds), self.records.positions(*kinds)
+    else:
+      positions = np.array([i for i, r in enumerate(self.records) if r["kind"] in kinds], np.int64)
+      chosen = [self.records[i] for i in positions]
+    return Indexed(chosen, positions if self.indices is None else self.indices[positions])
+
+
 def from_cache(cfg, system, config, sources: Sequence[Any]) -> list[Any]:
   """`sources` trained from the cache `cfg.data.feature_cache` (checked by `open_for_training`):
-  each record with its `cache_index`, each decode the system's `cached_decode` of it."""
+  each record with its `cache_index` (`Indexed`), each decode the system's `cached_decode` of it."""
   files = open_for_training(cfg, system, config, sources)
-  return [dataclasses.replace(s, records=[dict(r, cache_index=i) for i, r in enumerate(s.records)],
+  return [dataclasses.replace(s, records=Indexed(s.records),
                               decode=system.cached_decode(cfg, config, s.decode, files[s.name])) for s in sources]
 
 
@@ -278,6 +315,27 @@ def make_encoder(system, config, params, shapes: dict[str, tuple],
   return encode
 
 
+class Pending(abc.Sequence):
+  """(source number, record) of each record of `spans` [(source number, start, stop)], in order,
+  read on demand from `records` (the sources'): a process's share of a 10M-record manifest is not
+  held whole. Picklable: grain worker processes read it."""
+
+  def __init__(self, records: tuple[Sequence[dict], ...], spans: Sequence[tuple[int, int, int]]):
+    self.records, self.spans = records, list(spans)
+    self.ends = np.cumsum([stop - start for _, start, stop in self.spans], dtype=np.int64)
+
+  def __len__(self) -> int:
+    return int(self.ends[-1]) if len(self.ends) else 0
+
+  def __getitem__(self, index):
+    index = operator.index(index)
+    if not 0 <= index < len(self):
+      raise IndexError(f"item {index} of {len(self)}")
+    k = int(np.searchsorted(self.ends, index, side="right"))
+    number, _, stop = self.spans[k]
+    return number, self.records[number][stop - int(self.ends[k] - index)]
+
+
 def write(out_dir: str, meta: dict, sources: Sequence[Any], encode: Callable, batch_size: int, *,
           chunk_size: int = 256, worker_count: int = 0, progress: bool = True) -> int:
   """Write (or finish) the cache of `sources` in `out_dir` (a folder or a URL): this process's
@@ -297,13 +355,13 @@ def write(out_dir: str, meta: dict, sources: Sequence[Any], encode: Callable, ba
   elif jax.process_index() == 0:
     paths.write_json(paths.join(out_dir, META), meta)
 
-  pending, have = [], present(out_dir)  # (source number, chunk file, records)
+  pending, have = [], present(out_dir)  # (source number, chunk file, start, stop)
   for number, source in enumerate(sources):
     files = chunk_files(out_dir, source.name, meta["layout"]["chunks"][source.name])
     for k, file in enumerate(files):
       if k % jax.process_count() == jax.process_index() and file not in have:
-        pending.append((number, file, source.records[k * chunk_size:(k + 1) * chunk_size]))
-  items = [(number, record) for number, _, records in pending for record in records]
+        pending.append((number, file, k * chunk_size, min((k + 1) * chunk_size, len(source.records))))
+  items = Pending(tuple(s.records for s in sources), [(number, a, b) for number, _, a, b in pending])
   ds = grain.MapDataset.source(items).map(LoadMedia(tuple(s.decode for s in sources))).to_iter_dataset()
   if worker_count:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
@@ -314,10 +372,10 @@ def write(out_dir: str, meta: dict, sources: Sequence[Any], encode: Callable, ba
   from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=g-import-not-at-top
   with tempfile.TemporaryDirectory(prefix="vllm_jax-cache-") as tmp:
     local = os.path.join(tmp, "chunk")  # ArrayRecordWriter writes local files only
-    for _, file, records in pending:
+    for _, file, start, stop in pending:
       writer = ArrayRecordWriter(local, "group_size:1")
-      for start in range(0, len(records), batch_size):
-        entries = [next(loaded) for _ in records[start:start + batch_size]]
+      for first in range(start, stop, batch_size):
+        entries = [next(loaded) for _ in range(first, min(first + batch_size, stop))]
         for e in encode_entries(entries, encode):
           writer.write(serialization.msgpack_serialize(e))
         bar.update(len(entries))

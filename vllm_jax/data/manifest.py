@@ -3,7 +3,7 @@ once and written as ArrayRecord files that training reads a record at a time, so
 annotation costs each process an index (~37 bytes a record) instead of a list of dicts (~490 bytes
 a record), and opens in seconds instead of parsing the file again.
 
-A manifest folder (`make`, `vllm-jax make-manifest`):
+A manifest folder (`manifest_writer.make`, `vllm-jax make-manifest`):
   manifest.json          format, the annotation file it was made from (reader format, path, size
                          and SHA-256 of its text), media root, record counts per kind, the files
   {kind}.array_record    the records of one kind ("image", "video", "text") in file order: each
@@ -18,15 +18,12 @@ paths are joined to the reader's media folder when one is given (videos moved or
 bucket need no new manifest), else to the recorded root.
 """
 
-import csv
 import functools
 import hashlib
 import operator
-import os
-import tempfile
 import threading
 from collections.abc import Sequence
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 import msgpack
 import numpy as np
@@ -37,12 +34,6 @@ FORMAT = "vllm_jax.manifest/1"
 META = "manifest.json"
 ORDER = "order.u8"
 KINDS = ("image", "video", "text")
-# A format's reader in `datasets` (one that yields records as they come: a 10M-row CSV is not held).
-READERS = {"webvid": "webvid_rows", "llava": "llava_records", "minigpt4": "minigpt4_records",
-           "videochat": "videochat_records"}
-# One record per ArrayRecord chunk (grain's random access), stored as it is: a ~150-byte chunk does
-# not compress, and compressing it triples the writing time.
-WRITER_OPTIONS = "group_size:1,uncompressed"
 RELATIVE = "./"  # the readers give absolute paths and URLs: this prefix marks a path under the root
 BLOCK = 4096     # records read at once when iterating
 
@@ -94,6 +85,14 @@ class Records(Sequence):
     """This sequence's records of `kinds` ("image" | "video" | "text"), in file order: no scan."""
     return Records(self.folder, self.meta, self.media_root, tuple(k for k in self.kinds if k in kinds))
 
+  def positions(self, *kinds: str) -> np.ndarray:
+    """The positions in this sequence [M] int32 of its records of `kinds`, in order: where each
+    record of `of_kind(*kinds)` lies here (a feature cache's entry of it). From order.u8, no scan."""
+    chosen = [KINDS.index(k) for k in self.kinds if k in kinds]
+    if len(self.kinds) < 2:
+      return np.arange(self._length if chosen else 0, dtype=np.int32)
+    return np.flatnonzero(np.isin(self._codes(), chosen)).astype(np.int32)
+
   def __len__(self) -> int:
     return self._length
 
@@ -139,14 +138,20 @@ class Records(Sequence):
     """Each record's kind code [N] uint8 and position in its kind's file [N] int32, of this
     sequence's records in file order (read once, when a mixed manifest is indexed whole)."""
     if self._order is None:
-      codes = np.frombuffer(paths.read_bytes(paths.join(self.folder, self.meta["order"])), np.uint8)
-      codes = codes[np.isin(codes, [KINDS.index(k) for k in self.kinds])]
+      codes = self._codes()
       positions = np.empty(len(codes), np.int32)
       for code in np.unique(codes):
         chosen = codes == code
         positions[chosen] = np.arange(chosen.sum(), dtype=np.int32)
       self._order = codes, positions
     return self._order
+
+  def _codes(self) -> np.ndarray:
+    """The kind code [N] uint8 of each of this sequence's records, in file order (order.u8's)."""
+    if self._order is not None:
+      return self._order[0]
+    codes = np.frombuffer(paths.read_bytes(paths.join(self.folder, self.meta["order"])), np.uint8)
+    return codes[np.isin(codes, [KINDS.index(k) for k in self.kinds])]
 
   def _reader(self, kind: str):
     if kind not in self._readers:
@@ -197,75 +202,3 @@ def readable(annotation_format: str) -> Callable:
       return reader(path, media_dir)
     return read
   return wrap
-
-
-# --- writing --------------------------------------------------------------------------------------
-
-
-def stored(record: dict, root_prefix: str) -> bytes:
-  """A record as a manifest entry: msgpack, its media relative to the root when inside it."""
-  media = record.get("media")
-  if media is not None and media.startswith(root_prefix) and "://" not in media[len(root_prefix):]:
-    record = dict(record, media=RELATIVE + media[len(root_prefix):])
-  return msgpack.packb(record)
-
-
-def write_entries(folder: str, rows: Iterable[dict], media_root: str, progress: bool = True) -> tuple[dict, bytes]:
-  """Write `rows` into the local `folder` as one ArrayRecord file per kind -> (counts per kind,
-  each record's kind code in order)."""
-  from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=g-import-not-at-top
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  writers, counts, order = {}, {}, bytearray()
-  prefix = media_root + "/"  # as `Records` joins them back
-  total = len(rows) if hasattr(rows, "__len__") else None
-  try:
-    for record in tqdm(rows, total=total, desc="writing the manifest", unit=" records",
-                       disable=not progress, mininterval=1.0):
-      kind = record["kind"]
-      if kind not in writers:
-        writers[kind] = ArrayRecordWriter(os.path.join(folder, f"{kind}.array_record"), WRITER_OPTIONS)
-      writers[kind].write(stored(record, prefix))
-      counts[kind] = counts.get(kind, 0) + 1
-      order.append(KINDS.index(kind))
-  finally:
-    for writer in writers.values():
-      writer.close()
-  return counts, bytes(order)
-
-
-def make(annotation_format: str, annotations: str, media_root: str, out: str, *, overwrite: bool = False,
-         progress: bool = True) -> dict:
-  """Read the annotation file `annotations` (READERS' `annotation_format`, media under
-  `media_root`) once and write it as the manifest folder `out` (local or a URL), which appears
-  only once complete (`paths.staged_folder`; `overwrite`: replacing what is there). -> its meta."""
-  from vllm_jax.data import datasets  # pylint: disable=g-import-not-at-top  (datasets reads manifests)
-  if annotation_format not in READERS:
-    raise ValueError(f"unknown annotation format {annotation_format!r}; one of {', '.join(READERS)}")
-  if is_manifest(annotations):
-    raise ValueError(f"{annotations} is already a manifest")
-  if not paths.is_file(annotations):
-    raise FileNotFoundError(f"no such file: {annotations}")
-  root = paths.resolve(media_root or ".")
-  meta = dict(format=FORMAT, annotations=dict(format=annotation_format, file=paths.resolve(annotations),
-                                              **file_fingerprint(annotations)), media_root=root)
-  rows = getattr(datasets, READERS[annotation_format])(annotations, root)
-  with paths.staged_folder(out, replace=overwrite) as staging, tempfile.TemporaryDirectory(prefix="vllm_jax-") as tmp:
-    # ArrayRecordWriter writes local files only: a folder on a store is written here, then copied.
-    local = staging if not paths.is_url(staging) else tmp
-    try:  # the JSON readers check their file whole; a CSV is checked as its rows come
-      counts, order = write_entries(local, rows, root, progress)
-    except (KeyError, csv.Error) as e:
-      raise ValueError(f"{annotations} is not a {annotation_format} annotation file: "
-                       f"{'a row has no column ' if isinstance(e, KeyError) else ''}{e}") from None
-    if not order:
-      raise ValueError(f"{annotations} holds no records")
-    meta.update(records=len(order), counts={k: counts[k] for k in KINDS if k in counts},
-                files={k: f"{k}.array_record" for k in KINDS if k in counts}, order=None)
-    if len(counts) > 1:
-      meta["order"] = ORDER
-      paths.write_bytes(paths.join(staging, ORDER), order)
-    if local != staging:
-      for kind in meta["files"].values():
-        paths.copy_tree(os.path.join(local, kind), paths.join(staging, kind))
-    paths.write_json(meta_path(staging), meta)
-  return meta

@@ -29,6 +29,7 @@ import numpy as np
 
 from vllm_jax import pretrained
 from vllm_jax.data import conversation as conv_lib
+from vllm_jax.data import datasets, feature_cache
 from vllm_jax.data.media import Media
 from vllm_jax.data.tokenizer import load_tokenizer
 from vllm_jax.models.llama import Llama, LlamaConfig
@@ -272,3 +273,23 @@ class System:
     entry's features (read with `feature_cache.entry(files, record)`): what `batch_spec` gives
     with `data.feature_cache`."""
     raise NotImplementedError
+
+
+def instruction_sources(system, cfg, config, tokenizer_dir: str) -> list[feature_cache.Source]:
+  """The one training source of the LLaVA family (Video-LLaVA, LLaMA-VID): `data.instruct_json`
+  (LLaVA JSON: captions, conversations, text-only chats; media under `data.instruct_dir`)."""
+  data = cfg.data
+  if not data.instruct_json:
+    raise ValueError("no training data: set data.instruct_json (+ data.instruct_dir)")
+  return [feature_cache.Source("instructions", datasets.llava_records(data.instruct_json, data.instruct_dir),
+                               system.decoder(cfg, config, tokenizer_dir), (data.instruct_json,), data.instruct_dir)]
+
+
+def instruction_groups(system, cfg, config, tokenizer_dir: str):
+  """`instruction_sources` as up to three groups, images, videos and text-only records, each batch
+  drawn from one (`datasets.by_media_kind`); from the feature cache when `data.feature_cache` is set."""
+  sources = system.feature_sources(cfg, config, tokenizer_dir)
+  if cfg.data.get("feature_cache"):
+    sources = feature_cache.from_cache(cfg, system, config, sources)
+  [source] = sources
+  return datasets.by_media_kind(cfg.data, source.records, source.decode, cfg.seed)

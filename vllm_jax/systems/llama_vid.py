@@ -34,7 +34,7 @@ from vllm_jax.data import video as video_lib
 from vllm_jax.data.media import Media
 from vllm_jax.data.tokenizer import load_instruction_tokenizer, save_tokenizer
 from vllm_jax.models.llama_vid import LlamaVid, LlamaVidConfig, abstract_params, init_inputs, pack_turn_tokens
-from vllm_jax.systems.base import System, apply, llm_loss
+from vllm_jax.systems.base import System, apply, instruction_groups, instruction_sources, llm_loss
 from vllm_jax.train import trainer
 
 IMAGE_TOKEN = "<image>"
@@ -257,14 +257,7 @@ class LlamaVidSystem(System):
     a text-only batch on none (`media_tokens`). The reference keeps text-only batches apart but
     mixes images and videos; grouping changes which examples share a step, not what each one
     contributes."""
-    data = cfg.data
-    if not data.instruct_json:
-      raise ValueError("no training data: set data.instruct_json (+ data.instruct_dir)")
-    if data.get("feature_cache"):
-      [source] = feature_cache.from_cache(cfg, cls, config, cls.feature_sources(cfg, config, tokenizer_dir))
-      return datasets.by_media_kind(data, source.records, source.decode, cfg.seed)
-    return datasets.by_media_kind(data, datasets.llava_records(data.instruct_json, data.instruct_dir),
-                                  cls.decoder(cfg, config, tokenizer_dir), cfg.seed)
+    return instruction_groups(cls, cfg, config, tokenizer_dir)
 
   # --- feature cache ------------------------------------------------------------------------
 
@@ -275,11 +268,7 @@ class LlamaVidSystem(System):
 
   @classmethod
   def feature_sources(cls, cfg, config, tokenizer_dir):
-    data = cfg.data
-    if not data.instruct_json:
-      raise ValueError("no training data: set data.instruct_json (+ data.instruct_dir)")
-    return [feature_cache.Source("instructions", datasets.llava_records(data.instruct_json, data.instruct_dir),
-                                 cls.decoder(cfg, config, tokenizer_dir), (data.instruct_json,), data.instruct_dir)]
+    return instruction_sources(cls, cfg, config, tokenizer_dir)
 
   @classmethod
   def feature_preprocessing(cls, cfg, config):

@@ -28,12 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from vllm_jax.data import conversation as conv_lib
-from vllm_jax.data import datasets
 from vllm_jax.data import feature_cache
 from vllm_jax.data import video as video_lib
 from vllm_jax.data.media import Media, load_media
 from vllm_jax.models.video_llava import VideoLlava, VideoLlavaConfig, abstract_params, init_inputs
-from vllm_jax.systems.base import System, apply, llm_loss
+from vllm_jax.systems.base import System, apply, instruction_groups, instruction_sources, llm_loss
 from vllm_jax.train import trainer
 
 IMAGE_TOKEN = "<image>"
@@ -132,14 +131,7 @@ class VideoLlavaSystem(System):
   @classmethod
   def dataset(cls, cfg, config, tokenizer_dir):
     """Up to three groups, images, videos and text-only records (`datasets.by_media_kind`)."""
-    data = cfg.data
-    if not data.instruct_json:
-      raise ValueError("no training data: set data.instruct_json (+ data.instruct_dir)")
-    if data.get("feature_cache"):
-      [source] = feature_cache.from_cache(cfg, cls, config, cls.feature_sources(cfg, config, tokenizer_dir))
-      return datasets.by_media_kind(data, source.records, source.decode, cfg.seed)
-    return datasets.by_media_kind(data, datasets.llava_records(data.instruct_json, data.instruct_dir),
-                                  cls.decoder(cfg, config, tokenizer_dir), cfg.seed)
+    return instruction_groups(cls, cfg, config, tokenizer_dir)
 
   # --- feature cache ------------------------------------------------------------------------
 
@@ -150,11 +142,7 @@ class VideoLlavaSystem(System):
 
   @classmethod
   def feature_sources(cls, cfg, config, tokenizer_dir):
-    data = cfg.data
-    if not data.instruct_json:
-      raise ValueError("no training data: set data.instruct_json (+ data.instruct_dir)")
-    return [feature_cache.Source("instructions", datasets.llava_records(data.instruct_json, data.instruct_dir),
-                                 cls.decoder(cfg, config, tokenizer_dir), (data.instruct_json,), data.instruct_dir)]
+    return instruction_sources(cls, cfg, config, tokenizer_dir)
 
   @classmethod
   def feature_preprocessing(cls, cfg, config):

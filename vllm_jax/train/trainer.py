@@ -397,13 +397,23 @@ def train_loop(trainer: Trainer, state: TrainState, batches: Iterator[dict[str, 
         log.info("step %d | preempted: checkpoint written, stopping", step)
         break
   finally:
-    if checkpointer is not None:
-      checkpointer.wait()
-    if writer:
-      writer.close()
-    if metrics_file:
-      metrics_file.close()
+    _close_all(checkpointer and checkpointer.wait, writer and writer.close, metrics_file and metrics_file.close)
   return LoopResult(state=state, history=history, preempted=preempted, skipped_examples=skipped)
+
+
+def _close_all(*closers) -> None:
+  """Call each closer given (None: none), every one even when one before it fails (a full disk fails
+  the checkpoint's wait and the event file's flush alike: an unclosed writer would fail again at
+  exit, with a traceback); the first failure is raised."""
+  failure = None
+  for close in closers:
+    try:
+      if close:
+        close()
+    except Exception as e:  # pylint: disable=broad-except
+      failure = failure or e
+  if failure is not None:
+    raise failure
 
 
 def _log(step: int, m: dict[str, float], writer) -> None:

@@ -4,6 +4,7 @@ PyTorch DataLoader), and the cores a host needs to keep a 7B recipe's train step
 
     python benchmarks/input_pipeline.py [--videos 4] [--big-videos 2] [--seconds 10] [--rounds 2]
                                         [--workers 2] [--batches 3] [--worker-rounds 1] [--threads 1|all]
+                                        [--systems video_llama video_llava llama_vid]
 
 Videos: WebVid-like H.264 mp4s written with PyAV (libx264 preset veryfast, x264's default GOP of 250
 frames, B-frames, 30 fps, `--seconds` long): a noisy texture panning across the frame, so that every
@@ -21,8 +22,9 @@ Each side's frames per video, as training makes them (ours reads H.264 mp4s with
                short side to 224 bilinear, centre crop); reference: decord at native size, /255,
                Normalize, Resize(224, bilinear, no antialias), CenterCrop(224).
   LLaMA-VID    ours: `llama_vid.Decode.frames` (1 frame a second, CLIPImageProcessor's resize and
-               crop per frame, padded to the stage-1 max_frames, 64); reference: decord get_batch
-               at 1 fps + transformers' CLIPImageProcessor.
+               crop per frame, padded to the stage-1 max_frames, 64; uint8, as training's examples
+               carry them: the step normalises on the device); reference: decord get_batch at
+               1 fps + transformers' CLIPImageProcessor (float32, normalised).
 The references' video transforms are torchvision's (or their own thin wrappers of
 torch.nn.functional.interpolate); torchvision is not a dependency of vllm_jax. On PyPI its Linux
 wheels are CUDA builds that need a CUDA torch, so install the CPU build by hand:
@@ -120,7 +122,8 @@ def videos(size: str, count: int, seconds: float) -> list[str]:
 # --- ours: the systems' training-frame paths -----------------------------------------------------
 
 def ours(system: str, path: str) -> np.ndarray:
-  """A video's training frames [T, 224, 224, 3] float32, as `system`'s dataset decodes them."""
+  """A video's training frames [T, 224, 224, 3], as `system`'s dataset decodes them (float32;
+  LLaMA-VID's uint8)."""
   record = dict(media=path, kind="video")
   if system == "video_llama":
     return VIDEO_LLAMA.load(record).frames.frames
@@ -304,7 +307,7 @@ def per_core(args) -> list[dict]:
     if not count:
       continue
     paths = videos(size, count, args.seconds)
-    for system in SYSTEMS:
+    for system in args.systems:
       mine, theirs = interleaved(args.rounds, lambda: [ours(system, p) for p in paths],
                                  lambda: [reference(system, p) for p in paths], clock=time.process_time)
       results.append({"benchmark": f"input_pipeline_{system}_{size}", "ours": round(len(paths) / mine, 2),
@@ -317,9 +320,8 @@ def per_core(args) -> list[dict]:
     print(f"{system:<12} {size:<8} {r['ours']:>7.2f} {r['reference']:>7.2f} {r['ratio']:>6.2f}")
   print("\ncores to keep a 7B stage-1 step fed (videos per step / step time / videos/s per core):")
   rates = {(r["benchmark"], side): r[side] for r in results for side in ("ours", "reference")}
-  for system, (recipe, batch, step_s) in RECIPES.items():
-    if step_s is None:
-      continue
+  for system in args.systems:
+    recipe, batch, step_s = RECIPES[system]
     need = {key: math.ceil(batch / step_s / rate) for key, rate in rates.items()
             if key[0].startswith(f"input_pipeline_{system}_")}
     sizes = "; ".join(f"{size}: {need[(f'input_pipeline_{system}_{size}', 'ours')]} core(s) (reference way "
@@ -334,7 +336,7 @@ def with_workers(args) -> list[dict]:
   """Each side's worker pipeline over WebVid-size videos, best of --worker-rounds."""
   paths = videos("336x596", args.videos, args.seconds)
   results = []
-  for system in SYSTEMS:
+  for system in args.systems:
     best = [(0.0, 0.0), (0.0, 0.0)]  # (videos/s, videos per CPU s) of each side
     for _ in range(args.worker_rounds):
       for i, side in enumerate((ours_pipeline, reference_pipeline)):
@@ -363,6 +365,7 @@ def main():
   parser.add_argument("--batches", type=int, default=6, help="batches of 8 a worker pipeline runs beyond a "
                       "one-batch run, whose cost it takes off")
   parser.add_argument("--worker-rounds", type=int, default=1, help="fresh worker pipelines a side (--threads all)")
+  parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
   add_arguments(parser)
   args = parser.parse_args()
   import torch

@@ -33,7 +33,11 @@ the instructions; "" = random init of `model` with `data.tokenizer` and `data.in
   stage3: long videos (about 9 K movie conversations, one epoch at 8), lr 2e-5, up to 65536 tokens
           (the 7b-long context; `init_from` a stage-2 folder, as the reference starts it, has its
           4096 positions extended to 65536 by linear RoPE scaling, factor 16: `context_length`).
-          Trains the LLM and the projector; the context path stays frozen.
+          As released, from feature files (`data.video_features`: `long_videoqa.json`, whose
+          "video" entries name MovieNet `.pkl` files holding each frame's ViT features and the
+          subtitles between frames; `vllm_jax.data.long_video`): the ViT does not run, and each
+          movie's one question reads its frames. Trains the LLM and the projector; the context
+          path stays frozen.
           The loss projects the vocabulary 4096 positions at a time (`loss_chunk`) and a step
           accumulates 2 micro-batches, one row per chip on v5p:2x2x1 (82 GiB of 95, `vllm-jax plan`).
   stage2_lora: stage 2 with LoRA adapters on the LLM in its place (`model.llama.lora`: rank 128,
@@ -192,14 +196,18 @@ def train_config(cfg: ml_collections.ConfigDict, stage: str, tiny: bool = False)
       max_skipped=10000,         # abort after this many unreadable examples on a host; -1 = no limit
       cache_examples=False,      # keep every decoded example in memory (small datasets only)
       feature_cache="",          # a `vllm-jax cache-features` folder: the frozen encoders' outputs replace the media
+      # Videos are feature files (long_video.py: each frame's ViT features and the subtitles
+      # between frames), as the reference's long-video stage has them; False: video files.
+      video_features=stage == "stage3",
   ))
   if stage == "stage3":
-    # The reference counts frame tokens in its model_max_length: an hour at 1 fps in each of 8
-    # questions takes 57600 of the 65536. A 3600-frame example holds 2.2 GB of float32 pixels.
-    cfg.data.update(max_text_len=LONG_CONTEXT, max_len=LONG_CONTEXT, max_frames=3600)
+    # The reference counts frame tokens in its model_max_length: 3600 frames take 7200 of the
+    # 65536, a movie's subtitles much of the rest. A movie asks one question (its features are
+    # read once); 3600 frames are 2.6 GB of bfloat16 features an example (longer movies thinned).
+    cfg.data.update(max_text_len=LONG_CONTEXT, max_len=LONG_CONTEXT, max_frames=3600, max_turns=1)
   if tiny:
     # A schedule of its own, so that runs of any length share it.
     cfg.optim.update(warmup_steps=5, warmup_ratio=0.0, total_steps=100, lr=1e-3 if stage1 else 1e-4)
     cfg.mesh.update(data=-1, fsdp=1)
     cfg.train.update(steps=20, batch_size=8, log_every=10, checkpoint_every=10)
-    cfg.data.update(max_text_len=384, max_len=448, max_frames=4, max_turns=1 if stage1 else 3)
+    cfg.data.update(max_text_len=384, max_len=448, max_frames=4, max_turns=3 if stage == "stage2" else 1)

@@ -4,7 +4,8 @@ Proven here:
   1. the text-guided Q-Former equals transformers' InstructBlipQFormerModel on a right-padded
      batch of instructions, and more padding changes nothing;
   2. `LlamaVid.frame_tokens` equals a PyTorch transcription of LLaMA-VID's token maker (written
-     here from the paper and the reference code) with the mean and with a 2 x 2 content grid;
+     here from the paper and the reference code) with the mean and with a 2 x 2 content grid, and
+     on long videos' features, which come without CLS;
   3. the whole model (EVA ViT as transformers' Blip2VisionModel, its last block without the
      post-layernorm; the Q-Former; the token maker; LlamaForCausalLM on the spliced embeddings)
      gives the reference's logits for a 3-frame video, and greedy decoding the same tokens;
@@ -111,7 +112,7 @@ class TorchLlamaVid(torch.nn.Module):
     f = torch.as_tensor(features)
     n, d = f.shape[0], f.shape[-1]
     text_q = self.vlm_att_projector(self.qformer_queries(self.vlm_att_ln(f), text_ids, text_mask))
-    vis = f[:, 1:]  # CLS dropped
+    vis = f[:, 1:] if f.shape[1] % 2 else f  # CLS dropped (an odd count); long videos' features have none
     attention = (text_q @ self.vlm_att_key_projector(vis).transpose(1, 2) / d ** 0.5).softmax(-1)
     context = self.vlm_att_val_projector((attention @ vis).mean(1))[:, None]  # values are the raw features
     if content_grid:
@@ -201,15 +202,16 @@ def test_text_guided_qformer_matches_instructblip(setup):
   assert np.abs(unmasked[0] - ours[0]).max() > 1e-3
 
 
-@pytest.mark.parametrize("grid", [0, 2], ids=["mean", "grid2"])
-def test_frame_tokens_match_torch_transcription(setup, grid):
+@pytest.mark.parametrize("grid,cls", [(0, 1), (2, 1), (0, 0)], ids=["mean", "grid2", "long_video"])
+def test_frame_tokens_match_torch_transcription(setup, grid, cls):
+  """Also on a long video's features, which come without CLS: the Q-Former then reads G*G tokens."""
   s = setup
-  features = np.random.default_rng(1).normal(size=(FRAMES, 1 + VIT.grid ** 2, VIT.width)).astype(np.float32)
+  features = np.random.default_rng(1).normal(size=(FRAMES, cls + VIT.grid ** 2, VIT.width)).astype(np.float32)
   ids, mask = instructions(s.tokenizer, INSTRUCTIONS[:FRAMES])  # one instruction a frame, padded
   ours = frame_tokens_fn(s.config.replace(content_grid=grid))(s.params, features, ids, mask)
   assert ours.shape == (FRAMES, {0: 2, 2: 5}[grid], 40)  # the context token, then the content
   err = rel_err(ours, s.ref.frame_tokens(features, ids, mask, grid))
-  print(f"llama-vid frame tokens ({grid=}): max rel err {err:.2e}")
+  print(f"llama-vid frame tokens ({grid=}, {cls=}): max rel err {err:.2e}")
   assert err <= 1e-5
 
 

@@ -531,9 +531,13 @@ class FrameStream:
 
   def frames(self, positions, image_size: int = 224) -> np.ndarray:
     """The stream's frames at `positions` (indices into it) [N, image_size, image_size, 3]."""
+    return normalize(self.pixels(positions, image_size))
+
+  def pixels(self, positions, image_size: int = 224) -> np.ndarray:
+    """`frames` before normalising: [N, image_size, image_size, 3] uint8."""
     from PIL import Image
     pixels = _decode(self.reader, self.path, self.indices[positions])
-    return normalize(np.stack([_clip_image_resize(Image.fromarray(p), image_size) for p in pixels]))
+    return np.stack([_clip_image_resize(Image.fromarray(p), image_size) for p in pixels])
 
 
 def _has_audio_only(source) -> bool:
@@ -552,6 +556,12 @@ def _has_audio_only(source) -> bool:
 def load_image(path: str, num_frames: int = 1, size: int = 224, resize: str = "squash") -> Frames:
   """An image file as a one-frame video (padded to `num_frames` masked frames if > 1); `resize`:
   one of IMAGE_RESIZE_MODES (see the module doc)."""
+  frames, mask = pad_frames(normalize(image_pixels(path, size, resize))[None], num_frames)
+  return Frames(frames, mask, [0.0], is_image=True)
+
+
+def image_pixels(path: str, size: int = 224, resize: str = "squash") -> np.ndarray:
+  """`load_image`'s frame before normalising: [size, size, 3] uint8."""
   from PIL import Image, UnidentifiedImageError
   _check_resize(resize, IMAGE_RESIZE_MODES)
   path = paths.resolve(path)
@@ -565,8 +575,7 @@ def load_image(path: str, num_frames: int = 1, size: int = 224, resize: str = "s
         pixels = _clip_image_resize(expand_to_square(image) if resize == "pad" else image, size)
   except (UnidentifiedImageError, OSError) as e:
     raise MediaError(f"cannot decode image {path}: {e}") from e
-  frames, mask = pad_frames(normalize(pixels)[None], num_frames)
-  return Frames(frames, mask, [0.0], is_image=True)
+  return pixels
 
 
 def is_image_path(path: str) -> bool:

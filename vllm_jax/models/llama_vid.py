@@ -4,7 +4,7 @@ and a content token pooled from the frame.
   frames [N, H, W, 3] --vision (EVA ViT-g, all 1+G*G tokens)--> features [N, 1+G*G, D]   (`encode_frames`)
   features --att_norm--> Q-Former with the instruction [N, L] after its queries --> [N, Q, 768]
       --att_projector--> text queries [N, Q, D]
-  vis = features without CLS [N, G*G, D]
+  vis = features without CLS [N, G*G, D] (long videos' feature files come without it)
   context = mean over the Q queries of softmax(text queries . key_projector(vis)^T / sqrt(D)) . vis
       --val_projector--> [N, 1, E]
   content = vis mean-pooled (one token) or average-pooled on a k x k grid --projector--> [N, 1 or k*k, E]
@@ -98,11 +98,13 @@ class LlamaVid(nn.Module):
     return self.vision(frames)
 
   def frame_tokens(self, features: jax.Array, text_ids: jax.Array, text_mask: jax.Array) -> jax.Array:
-    """features [N, 1+G*G, D] with each frame's instruction ids / mask [N, L] -> [N, tokens_per_frame, E]."""
+    """features [N, 1+G*G, D] (or [N, G*G, D], as long videos' feature files give them) with each
+    frame's instruction ids / mask [N, L] -> [N, tokens_per_frame, E]. The Q-Former reads every
+    token; the rest, the patches only: CLS goes where the count is odd, as in the reference."""
     cfg = self.config
     queries = self.qformer(self.att_norm(features), text_ids=text_ids, text_mask=text_mask)
     text_queries = self.att_projector(queries)                                # [N, Q, D]
-    vis = features[:, 1:].astype(text_queries.dtype)                          # [N, G*G, D]
+    vis = features[:, features.shape[1] % 2:].astype(text_queries.dtype)      # [N, G*G, D]
     scores = jnp.einsum("nqd,nsd->nqs", text_queries, self.key_projector(vis)) / jnp.sqrt(vis.shape[-1])
     weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(vis.dtype)
     context = jnp.einsum("nqs,nsd->nd", weights, vis) / weights.shape[1]      # mean over the queries

@@ -238,7 +238,8 @@ class System:
   @classmethod
   def frozen_encoders(cls, cfg, config) -> tuple[str, ...]:
     """The '/'-joined parameter path prefixes of the frozen encoders whose outputs a feature cache
-    holds for a run of `cfg` (empty: the system has no feature cache)."""
+    holds for a run of `cfg` (empty: the system has no feature cache; ValueError saying why when
+    this run has nothing to cache)."""
     del cfg, config
     return ()
 

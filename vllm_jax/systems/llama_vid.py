@@ -11,6 +11,8 @@ with it; earlier turns keep their text.
 Training with `data.feature_cache` (`vllm-jax cache-features`, `vllm_jax.data.feature_cache`) reads
 each frame's ViT features from the cache instead of decoding and encoding the frames (the ViT,
 frozen in every stage, then stays off the devices); the text-guided part still runs on them.
+With `data.video_features` (the long-video stage, as released) each video is a feature file
+(`vllm_jax.data.long_video`): its frames' ViT features and the subtitles between them.
 """
 
 import dataclasses
@@ -30,6 +32,7 @@ from vllm_jax import paths
 from vllm_jax.data import conversation as conv_lib
 from vllm_jax.data import datasets
 from vllm_jax.data import feature_cache
+from vllm_jax.data import long_video
 from vllm_jax.data import video as video_lib
 from vllm_jax.data.media import Media
 from vllm_jax.data.tokenizer import load_instruction_tokenizer, save_tokenizer
@@ -226,6 +229,8 @@ class LlamaVidSystem(System):
       raise ValueError("set init_from (a model folder) or data.instruction_tokenizer (a BERT tokenizer folder, "
                        "for a random init)")
     cls.check_instruction_tokenizer(config, load_instruction_tokenizer(instruction_dir), instruction_dir)
+    if data.get("video_features") and data.text_format != "conversation":
+      raise ValueError("data.video_features (long videos' feature files) needs data.text_format conversation")
     return Decode(tokenizer_dir=tokenizer_dir, instruction_tokenizer_dir=instruction_dir,
                   text_format=data.text_format, max_text_len=data.max_text_len, max_len=data.max_len,
                   max_frames=data.max_frames, max_turns=data.max_turns,
@@ -236,14 +241,19 @@ class LlamaVidSystem(System):
 
   @classmethod
   def batch_spec(cls, cfg, config):
-    """pixels [B, max_frames, S, S, 3] float32 (with data.feature_cache: frame_features
-    [B, max_frames, 1+G*G, D] in the ViT's dtype), num_frames [B] int32, instruction_ids/mask
-    [B, max_turns, max_instruction_len] int32, input_ids/labels/attention_mask [B, max_len] int32."""
+    """pixels [B, max_frames, S, S, 3] uint8 (with data.feature_cache: frame_features
+    [B, max_frames, 1+G*G, D] in the ViT's dtype; with data.video_features, [B, max_frames, G*G, D]),
+    num_frames [B] int32, instruction_ids/mask [B, max_turns, max_instruction_len] int32,
+    input_ids/labels/attention_mask [B, max_len] int32."""
     data, b, s = cfg.data, cfg.train.batch_size, config.vit.image_size
     turns = (b, data.max_turns, config.max_instruction_len)
-    media = ({"frame_features": jax.ShapeDtypeStruct((b, data.max_frames, *frame_shape(config)), config.vit.dtype)}
-             if data.get("feature_cache") else
-             {"pixels": jax.ShapeDtypeStruct((b, data.max_frames, s, s, 3), np.float32)})
+    features = lambda shape: {"frame_features": jax.ShapeDtypeStruct((b, data.max_frames, *shape), config.vit.dtype)}
+    if data.get("video_features"):
+      media = features(file_frame_shape(config))
+    elif data.get("feature_cache"):
+      media = features(frame_shape(config))
+    else:
+      media = {"pixels": jax.ShapeDtypeStruct((b, data.max_frames, s, s, 3), np.uint8)}
     return {**media,
             "num_frames": jax.ShapeDtypeStruct((b,), np.int32),
             "instruction_ids": jax.ShapeDtypeStruct(turns, np.int32),
@@ -256,14 +266,27 @@ class LlamaVidSystem(System):
     batch of images then runs the ViT and the Q-Former on one frame per row instead of max_frames,
     a text-only batch on none (`media_tokens`). The reference keeps text-only batches apart but
     mixes images and videos; grouping changes which examples share a step, not what each one
-    contributes."""
-    return instruction_groups(cls, cfg, config, tokenizer_dir)
+    contributes. With data.video_features the videos are feature files (`FeatureFileDecode`)."""
+    if not cfg.data.get("video_features"):
+      return instruction_groups(cls, cfg, config, tokenizer_dir)
+    if cfg.data.get("feature_cache"):
+      raise ValueError("data.video_features gives the ViT's features already: unset data.feature_cache")
+    [source] = instruction_sources(cls, cfg, config, tokenizer_dir)
+    images = len(datasets.of_kinds(source.records, "image"))
+    if images:
+      raise ValueError(f"{cfg.data.instruct_json} holds {images} image records: with data.video_features the "
+                       "data are long videos' feature files and text-only conversations")
+    decode = FeatureFileDecode(source.decode, file_frame_shape(config), config.vit.dtype)
+    return datasets.by_media_kind(cfg.data, source.records, decode, cfg.seed)
 
   # --- feature cache ------------------------------------------------------------------------
 
   @classmethod
   def frozen_encoders(cls, cfg, config):
-    """The EVA ViT (frozen in every stage)."""
+    """The EVA ViT (frozen in every stage). ValueError with data.video_features: the feature files
+    hold what a cache would."""
+    if cfg.data.get("video_features"):
+      raise ValueError("data.video_features: the videos are feature files already, there is nothing to cache")
     return ("vision/",)
 
   @classmethod
@@ -284,18 +307,29 @@ class LlamaVidSystem(System):
 
   @classmethod
   def encode_features(cls, config, params, name, units):
-    """frame: [N, S, S, 3] -> [N, 1+G*G, D]."""
+    """frame: [N, S, S, 3] uint8 -> [N, 1+G*G, D]."""
     assert name == "frame", name
-    return LlamaVid(config).apply({"params": params}, units, method="encode_frames")
+    return LlamaVid(config).apply({"params": params}, normalized(units), method="encode_frames")
 
   @classmethod
   def cached_decode(cls, cfg, config, decode, files):
     return CachedDecode(decode, files, frame_shape(config), config.vit.dtype)
 
 
+def normalized(pixels: jax.Array) -> jax.Array:
+  """Training frames [..., 3] uint8 -> float32 as `video.normalize` makes them (up to float
+  rounding), on the device: examples carry a quarter of the bytes through the input pipeline."""
+  return (pixels.astype(jnp.float32) / 255.0 - video_lib.CLIP_MEAN) / video_lib.CLIP_STD
+
+
 def frame_shape(config: LlamaVidConfig) -> tuple[int, int]:
   """A frame's ViT features: [1+G*G, D]."""
   return config.vit.grid ** 2 + 1, config.vit.width
+
+
+def file_frame_shape(config: LlamaVidConfig) -> tuple[int, int]:
+  """A frame's features as a long video's feature file gives them (`long_video.load`): [G*G, D]."""
+  return config.vit.grid ** 2, config.vit.width
 
 
 def media_tokens(model: LlamaVid, params, batch: dict[str, jax.Array]) -> jax.Array:
@@ -322,8 +356,8 @@ def media_tokens(model: LlamaVid, params, batch: dict[str, jax.Array]) -> jax.Ar
     out = jax.lax.map(lambda x: fn(x[:, None], *args)[:, 0], jnp.swapaxes(frames, 0, 1), batch_size=chunk)
     return jnp.swapaxes(out, 0, 1)
 
-  def encode(frames):  # [B, f, S, S, 3] -> [B, f, 1+G*G, D]
-    features = run(frames.reshape(-1, *frames.shape[2:]), method="encode_frames")
+  def encode(frames):  # [B, f, S, S, 3] uint8 -> [B, f, 1+G*G, D]
+    features = run(normalized(frames.reshape(-1, *frames.shape[2:])), method="encode_frames")
     return features.reshape(*frames.shape[:2], *features.shape[1:])
 
   def one_turn(features, ids, mask):  # [B, f, 1+G*G, D], [B, L_t] x 2 -> [B, f, T, E]
@@ -360,9 +394,10 @@ _instruction_tokenizer = functools.lru_cache(maxsize=4)(load_instruction_tokeniz
 @dataclasses.dataclass(frozen=True)
 class Decode:
   """record -> training example; picklable for grain worker processes. Fixed shapes:
-    pixels [F, S, S, 3] float32: an image in frame 0, or a video's frames at `fps` (evenly
+    pixels [F, S, S, 3] uint8: an image in frame 0, or a video's frames at `fps` (evenly
       thinned to F = max_frames if more), each resized as CLIPImageProcessor does (an image padded
-      to a square first with `data.image_aspect_ratio` "pad", `video.image_resize`); then zeros;
+      to a square first with `data.image_aspect_ratio` "pad", `video.image_resize`); then zeros.
+      The normalising happens on the device (`normalized`);
     num_frames [] int32: n, the real frames;
     instruction_ids, instruction_mask [R, L_t] int32: turn r's instruction for the Q-Former (its
       question without the media mark and newlines; BERT tokens cut from the left), R = max_turns,
@@ -380,6 +415,10 @@ class Decode:
                   max_turns are dropped with their answers.
   A text-only record (conversation format only) has n = 0, zero pixels and instruction rows, and
   its turns as they are: no media mark, nothing spliced (the reference's text-only samples).
+  A long video (`text(..., movie)`, `FeatureFileDecode`) takes the place of its question's one
+  mark: each of its n frames a run of tokens_per_frame placeholders, with the frame's subtitles
+  after it; the other turns stay text, and its one instruction is that question without the mark
+  (newlines kept), as the reference reads its long-video data.
   The text is cut at max_text_len with each placeholder counted once (the reference's collator),
   then the runs are expanded and the result cut at max_len.
   """
@@ -405,31 +444,36 @@ class Decode:
     return example
 
   def media_inputs(self, record: datasets.Record) -> tuple[dict[str, np.ndarray], dict]:
-    """For a feature cache: ({frame: its n frames [n, S, S, 3]}, {}); nothing for a text-only record."""
+    """For a feature cache: ({frame: its n frames [n, S, S, 3] uint8}, {}); nothing for a text-only record."""
     if record["kind"] == "text":
       return {}, {}
     pixels, n = self.frames(record)
     return {"frame": pixels[:n]}, {}
 
-  def text(self, record: datasets.Record, n: int) -> dict[str, np.ndarray]:
+  def text(self, record: datasets.Record, n: int, movie: long_video.LongVideo | None = None) -> dict[str, np.ndarray]:
     """The example's text arrays (input_ids, labels, attention_mask, instruction_ids,
-    instruction_mask), its media (if any) of n frames."""
+    instruction_mask), its media (if any) of n frames (those of `movie`, a long video, if given)."""
     messages = [dict(m, value=m["value"].replace(VIDEO_MARKER, IMAGE_TOKEN)) for m in record["conversation"]]
     with_media = record["kind"] != "text"
-    if self.text_format == "caption":
-      if not with_media:
-        raise ValueError("a caption example needs media; this record is text-only")
-      pieces, questions = self.caption(messages)
+    if movie is not None:
+      pieces, instructions = self.movie_conversation(messages, movie)
     else:
-      pieces, questions = self.conversation(messages, with_media)
+      if self.text_format == "caption":
+        if not with_media:
+          raise ValueError("a caption example needs media; this record is text-only")
+        pieces, questions = self.caption(messages)
+      else:
+        pieces, questions = self.conversation(messages, with_media)
+      # The reference's instruction: the question without the media mark and newlines.
+      instructions = [q.replace(IMAGE_TOKEN, "").replace("\n", "") for q in questions]
     tokenizer = LlamaVidSystem.training_tokenizer(self.tokenizer_dir)
     ids, labels = conv_lib.encode_text(tokenizer, pieces, {IMAGE_TOKEN: (-1, 1)})
     ids, labels = ids[:self.max_text_len], labels[:self.max_text_len]
     if not with_media and -1 in ids:
       raise ValueError("a text-only record holds a media mark")
-    if with_media and -1 not in ids:
+    if with_media and ids.count(-1) < (n if movie is not None else 1):
       raise ValueError(f"the media of {record['media']} lie past max_text_len {self.max_text_len}")
-    run = n * self.tokens_per_frame
+    run = self.tokens_per_frame if movie is not None else n * self.tokens_per_frame  # per mark: a frame of a movie
     expanded_ids, expanded_labels = [], []
     for token, label in zip(ids, labels):
       expanded_ids += [self.image_token_id] * run if token == -1 else [token]
@@ -440,25 +484,23 @@ class Decode:
     instruction = _instruction_tokenizer(self.instruction_tokenizer_dir)
     example["instruction_ids"] = np.zeros((self.max_turns, self.max_instruction_len), np.int32)
     example["instruction_mask"] = np.zeros((self.max_turns, self.max_instruction_len), np.int32)
-    for r, question in enumerate(questions):
-      # The reference's instruction: the question without the media mark and newlines.
-      row = instruction(question.replace(IMAGE_TOKEN, "").replace("\n", ""), truncation=True,
-                        max_length=self.max_instruction_len).input_ids
+    for r, text in enumerate(instructions):
+      row = instruction(text, truncation=True, max_length=self.max_instruction_len).input_ids
       example["instruction_ids"][r, :len(row)] = row
       example["instruction_mask"][r, :len(row)] = 1
     return example
 
   def frames(self, record: datasets.Record) -> tuple[np.ndarray, int]:
-    """-> (pixels [max_frames, S, S, 3], the frames then zeros; the number of frames: 0 for a
-    text-only record)."""
+    """-> (pixels [max_frames, S, S, 3] uint8, the frames then zeros; the number of frames: 0 for
+    a text-only record)."""
     if record["kind"] == "text":
-      frames = np.zeros((0, self.image_size, self.image_size, 3), np.float32)
+      frames = np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
     elif record["kind"] == "image":
-      frames = video_lib.load_image(record["media"], 1, self.image_size, resize=self.image_resize).frames
+      frames = video_lib.image_pixels(record["media"], self.image_size, resize=self.image_resize)[None]
     else:
       stream = video_lib.FrameStream(record["media"], self.fps, self.max_frames)
-      frames = np.concatenate(list(stream.chunks(len(stream), self.image_size)))
-    pixels = np.zeros((self.max_frames, self.image_size, self.image_size, 3), np.float32)
+      frames = stream.pixels(np.arange(len(stream)), self.image_size)
+    pixels = np.zeros((self.max_frames, self.image_size, self.image_size, 3), np.uint8)
     pixels[:len(frames)] = frames
     return pixels, len(frames)
 
@@ -494,6 +536,18 @@ class Decode:
     pieces = conv_lib.training_pieces(conv_lib.get_template(self.template), turns)
     return pieces, [q for q, _ in turns] if with_media else []
 
+  def movie_conversation(self, messages: list[dict[str, str]],
+                         movie: long_video.LongVideo) -> tuple[list[tuple[str, bool]], list[str]]:
+    """-> (the conversation text as [(piece, learned)], with the movie's frames and subtitles in
+    place of its question's mark; [that question's instruction])."""
+    marked = [m for m in messages if IMAGE_TOKEN in m["value"]]
+    if len(marked) != 1 or marked[0]["from"] != "human" or marked[0]["value"].count(IMAGE_TOKEN) != 1:
+      raise ValueError("a long video's conversation marks the video once, in a question")
+    instruction = marked[0]["value"].replace(IMAGE_TOKEN, "").strip()
+    pieces, _ = self.conversation([dict(m, value=m["value"].replace(IMAGE_TOKEN, movie.prompt())) for m in messages],
+                                  with_media=False)
+    return pieces, [instruction]
+
 
 @dataclasses.dataclass(frozen=True)
 class CachedDecode:
@@ -514,5 +568,37 @@ class CachedDecode:
       n = len(cached)
       features[:n] = cached
     example = self.decode.text(record, n)
+    example["frame_features"], example["num_frames"] = features, np.int32(n)
+    return example
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureFileDecode:
+  """record -> the example `decode` gives for a long video whose media is a feature file
+  (`long_video.load`, thinned to max_frames): frame_features [max_frames, G*G, D] (its n frames'
+  features in the ViT's dtype, then zeros) in place of pixels, its subtitles in the text. Text-only
+  records as `decode` gives them; an image (or a video file) raises."""
+  decode: Decode
+  shape: tuple[int, int]  # a frame's [G*G, D]
+  dtype: str              # the ViT's
+
+  def __call__(self, record: datasets.Record) -> dict[str, np.ndarray]:
+    features = np.zeros((self.decode.max_frames, *self.shape), jnp.dtype(self.dtype))
+    movie = None
+    if record["kind"] == "image":
+      raise ValueError(f"{record['media']} is an image: with data.video_features the data are long videos' "
+                       "feature files")
+    if record["kind"] == "video":
+      try:
+        movie = long_video.load(record["media"]).thinned(self.decode.max_frames)
+      except ValueError as e:
+        raise ValueError(f"{e} (data.video_features: videos are feature files; False for video files)") from None
+      if movie.features.shape[1:] != tuple(self.shape):
+        (tokens, width), (want_tokens, want_width) = movie.features.shape[1:], self.shape
+        raise ValueError(f"{record['media']} holds features [T, {1 + tokens}, {width}]; this model's ViT gives "
+                         f"[T, {1 + want_tokens}, {want_width}]")
+      features[:len(movie)] = movie.features
+    n = 0 if movie is None else len(movie)
+    example = self.decode.text(record, n, movie)
     example["frame_features"], example["num_frames"] = features, np.int32(n)
     return example

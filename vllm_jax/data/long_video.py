@@ -1,0 +1,73 @@
+"""Long videos as LLaMA-VID's long-video stage trains on them: a feature file per movie instead of
+its frames (the released MovieNet data, `long_videoqa.json` naming `movienet/*.pkl`).
+
+A feature file is a pickled dict:
+  feats:  [T, 1+G*G, D] float16, the ViT's features of T frames (CLS first);
+  inputs: str, T frame marks "<image>", each followed by the subtitles spoken until the next
+          frame ("<image>Hello.<image><image>Who is it? Nobody." ...).
+It is read with an unpickler that builds nothing but arrays, dicts and strings: a file holding
+anything else is refused, so a feature file cannot run code.
+"""
+
+import dataclasses
+import io
+import pickle
+
+import numpy as np
+
+from vllm_jax import paths
+
+FRAME_MARK = "<image>"
+_ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+            ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar"),
+            ("numpy._core.numeric", "_frombuffer")}
+
+
+class _ArraysOnly(pickle.Unpickler):
+  def find_class(self, module, name):
+    module = module.replace("numpy.core.", "numpy._core.")  # numpy 1's names, as the released files have them
+    if (module, name) not in _ALLOWED:
+      raise pickle.UnpicklingError(f"it holds a {module}.{name}; a feature file holds only arrays and text")
+    return super().find_class(module, name)
+
+
+@dataclasses.dataclass(frozen=True)
+class LongVideo:
+  """features [T, N, D] (the file's, without CLS: N = G*G) and texts: T + 1 pieces, the text
+  before the first frame, then the subtitles after each frame."""
+  features: np.ndarray
+  texts: tuple[str, ...]
+
+  def __len__(self) -> int:
+    return len(self.features)
+
+  def thinned(self, max_frames: int) -> "LongVideo":
+    """At most `max_frames` frames, evenly spread (as longer videos are thinned); the subtitles
+    after a dropped frame follow the kept frame before it, so that no text is lost."""
+    if len(self) <= max_frames:
+      return self
+    kept = np.linspace(0, len(self) - 1, max_frames).astype(int)
+    ends = list(kept[1:]) + [len(self)]
+    texts = [self.texts[0]] + [" ".join(t for t in self.texts[1 + k:1 + end] if t) for k, end in zip(kept, ends)]
+    return LongVideo(self.features[kept], tuple(texts))
+
+  def prompt(self) -> str:
+    """The frames' marks with their subtitles, as the movie's place in a question."""
+    return self.texts[0] + "".join(FRAME_MARK + t for t in self.texts[1:])
+
+
+def load(path: str) -> LongVideo:
+  """The feature file at `path` (local or a URL) -> LongVideo, its features' CLS dropped and the
+  subtitles' "..." removed, as the reference reads them. ValueError when it is not such a file."""
+  try:
+    info = _ArraysOnly(io.BytesIO(paths.read_bytes(path))).load()
+    features, inputs = info["feats"], info["inputs"]
+  except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, IndexError) as e:
+    raise ValueError(f"{path} is not a long-video feature file (a pickled dict of feats [T, 1+G*G, D] "
+                     f"and inputs): {type(e).__name__}: {e}") from None
+  if not isinstance(features, np.ndarray) or features.ndim != 3 or not isinstance(inputs, str):
+    raise ValueError(f"{path}: feats must be an array [T, 1+G*G, D] and inputs a string")
+  texts = inputs.replace("...", "").split(FRAME_MARK)
+  if len(texts) - 1 != len(features):
+    raise ValueError(f"{path}: inputs marks {len(texts) - 1} frames, feats holds {len(features)}")
+  return LongVideo(features[:, 1:], tuple(texts))

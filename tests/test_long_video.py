@@ -8,8 +8,9 @@ Proven here: the files read as the reference reads them (CLS dropped, "..." remo
 pickles too, nothing but arrays and text unpickled); an example's ids equal the reference's
 (each mark doubled, `tokenizer_image_token` over the imgsp_v1 prompt) with the placeholders where
 its IMAGE_TOKEN_INDEX sits; longer movies thinned without losing a subtitle; the loss equals a
-direct computation over the spliced frame tokens; and `vllm-jax train` runs the tiny stage 3 on
-the layout from a working folder with relative paths, the ViT never in its state.
+direct computation over the spliced frame tokens; `vllm-jax train` runs the tiny stage 3 on
+the layout from a working folder with relative paths, the ViT never in its state; video files
+where feature files belong are one error line; and the layout reads the same from a bucket.
 """
 
 import json
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vllm_jax import paths
 from vllm_jax.cli.flags import load_config
 from vllm_jax.configs import llama_vid as recipes
 from vllm_jax.data import conversation as conv_lib
@@ -260,3 +262,18 @@ def test_video_files_where_feature_files_belong_is_one_error_line(files, tmp_pat
   assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
   assert "clip.mp4 is not a long-video feature file" in errors[0] and "False for video files" in errors[0], errors
   assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_feature_files_in_a_bucket(files, gcs):
+  """The released layout copied to a bucket (gs://) gives the examples of the local folder."""
+  root, config, _, _ = files
+  bucket = gcs("long-videos")
+  paths.copy_tree(str(root / "LLaMA-VID-Finetune"), f"{bucket}/LLaMA-VID-Finetune")
+  tokenizer_dir = str(root / "model" / "tokenizer")
+  local = [group[0] for group, _ in LlamaVidSystem.dataset(stage3(root), config, tokenizer_dir)]
+  cfg = stage3(root, **{"data.instruct_json": f"{bucket}/LLaMA-VID-Finetune/long_videoqa.json",
+                        "data.instruct_dir": f"{bucket}/LLaMA-VID-Finetune"})
+  remote = [group[0] for group, _ in LlamaVidSystem.dataset(cfg, config, tokenizer_dir)]
+  assert len(remote) == len(local) == 2 and int(remote[0]["num_frames"]) == 4
+  for a, b in zip(local, remote):
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)

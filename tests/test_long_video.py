@@ -4,18 +4,20 @@
 "<image>" marks with the subtitles between them, as the reference's extract_movienet_features.py
 writes them and its train.py reads them), text-only chats beside them.
 
-Proven here: the files read as the reference reads them (CLS dropped, "..." removed, numpy 1's
-pickles too, nothing but arrays and text unpickled); an example's ids equal the reference's
-(each mark doubled, `tokenizer_image_token` over the imgsp_v1 prompt) with the placeholders where
+Proven here: the files read as the reference reads them (CLS dropped, numpy 1's pickles too,
+nothing but arrays and text unpickled); an example's ids equal the reference's ("..." removed,
+each mark doubled, `tokenizer_image_token` over the imgsp_v1 prompt) with the placeholders where
 its IMAGE_TOKEN_INDEX sits; longer movies thinned without losing a subtitle; the loss equals a
 direct computation over the spliced frame tokens; `vllm-jax train` runs the tiny stage 3 on
 the layout from a working folder with relative paths, the ViT never in its state; video files
-where feature files belong are one error line; and the layout reads the same from a bucket.
+where feature files belong are one error line; the layout reads the same from a bucket; and a
+feature file in `chat` gives the reference movie chat's prompt and the frames' tokens there.
 """
 
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 
@@ -30,6 +32,7 @@ from vllm_jax.cli.flags import load_config
 from vllm_jax.configs import llama_vid as recipes
 from vllm_jax.data import conversation as conv_lib
 from vllm_jax.data import datasets, feature_cache, long_video
+from vllm_jax.data.media import MediaError
 from vllm_jax.data.tokenizer import load_instruction_tokenizer, train_tokenizer, train_wordpiece_tokenizer
 from vllm_jax.models.llama_vid import LlamaVid
 from vllm_jax.systems.base import apply
@@ -47,6 +50,7 @@ MOVIES = {  # name: (the inputs string as written, frames)
 QUESTIONS = {"tt0000001": "<image>\nWhat happens at the end of the movie?",
              "tt0000002": "Summarize the plot\nin a line. <image>"}
 ANSWERS = {"tt0000001": "They reach the island.", "tt0000002": "Someone counts to six."}
+CHAT_QUESTION = "Where are they going?"
 TEXT_ONLY = [{"from": "human", "value": "Who wrote the script?"}, {"from": "gpt", "value": "Nobody knows."}]
 
 
@@ -77,7 +81,8 @@ def files(tmp_path_factory):
   items.insert(1, {"id": "script_0", "conversations": TEXT_ONLY})
   (data / "long_videoqa.json").write_text(json.dumps(items))
 
-  corpus = [conv_lib.VICUNA_V1_SYSTEM, "USER: ASSISTANT:"] + [i for i, _ in MOVIES.values()] + list(
+  corpus = [conv_lib.VICUNA_V1_SYSTEM, "USER: ASSISTANT:", long_video.MOVIE_START, long_video.MOVIE_END,
+            CHAT_QUESTION] + [i for i, _ in MOVIES.values()] + list(
       QUESTIONS.values()) + list(ANSWERS.values()) + [m["value"] for m in TEXT_ONLY]
   tokenizer = train_tokenizer(corpus * 10, str(root / "tokenizer"), vocab_size=319)
   bert = train_wordpiece_tokenizer(corpus * 10, str(root / "bert"), vocab_size=200)
@@ -103,12 +108,24 @@ def by_id(root) -> dict:
 
 
 def reference_ids(tokenizer, question: str, inputs: str, answer: str) -> list[int]:
-  """The reference's input_ids for a movie: the question's <image> replaced by `inputs` without
-  "...", each mark doubled (video_token 2); the imgsp_v1 prompt; `tokenizer_image_token`: each
-  piece between marks tokenized with BOS, BOS kept once, a mark as IMAGE_TOKEN_INDEX."""
-  movie = inputs.replace("...", "").replace("<image>", "<image>" * 2)
-  prompt = f"{conv_lib.VICUNA_V1_SYSTEM} USER: {question.replace('<image>', movie)} ASSISTANT: {answer}</s>"
-  chunks = [tokenizer(chunk).input_ids for chunk in prompt.split("<image>")]
+  """The reference's input_ids for a movie in training: the question's <image> replaced by
+  `inputs` without "...", in the imgsp_v1 prompt (`reference_prompt_ids`)."""
+  movie = inputs.replace("...", "")
+  return reference_prompt_ids(
+      tokenizer, f"{conv_lib.VICUNA_V1_SYSTEM} USER: {question.replace('<image>', movie)} ASSISTANT: {answer}</s>")
+
+
+def reference_chat_ids(tokenizer, question: str, inputs: str) -> list[int]:
+  """The reference movie chat's input_ids: `inputs` as written between its start and end
+  prompts, a newline, the question, in the vicuna_v1 prompt (`reference_prompt_ids`)."""
+  turn = f"{long_video.MOVIE_START}{inputs}{long_video.MOVIE_END}\n{question}"
+  return reference_prompt_ids(tokenizer, f"{conv_lib.VICUNA_V1_SYSTEM} USER: {turn} ASSISTANT:")
+
+
+def reference_prompt_ids(tokenizer, prompt: str) -> list[int]:
+  """Each <image> doubled (video_token 2); `tokenizer_image_token`: each piece between marks
+  tokenized with BOS, BOS kept once, a mark as IMAGE_TOKEN_INDEX."""
+  chunks = [tokenizer(chunk).input_ids for chunk in prompt.replace("<image>", "<image>" * 2).split("<image>")]
   ids = [chunks[0][0]]
   for k, chunk in enumerate(chunks):
     ids += ([REFERENCE_IMAGE_INDEX] if k else []) + chunk[1:]
@@ -119,8 +136,8 @@ def test_feature_files_read_as_the_reference_reads_them(files, tmp_path):
   root, _, _, feats = files
   movie = long_video.load(str(root / "LLaMA-VID-Finetune" / "movienet" / "tt0000001.pkl"))
   np.testing.assert_array_equal(movie.features, feats["tt0000001"][:, 1:])  # CLS dropped
-  assert movie.texts == ("", "Where are we going", "", "To the island. Hurry!", "")  # "..." removed
-  assert movie.prompt() == "<image>Where are we going<image><image>To the island. Hurry!<image>"
+  assert movie.texts == ("", "Where are we going...", "", "To the island. Hurry!", "")
+  assert movie.prompt() == MOVIES["tt0000001"][0]
   assert movie.thinned(4) is movie
 
   old = long_video.load(str(root / "LLaMA-VID-Finetune" / "movienet" / "tt0000002.pkl"))  # numpy 1's names
@@ -261,6 +278,7 @@ def test_video_files_where_feature_files_belong_is_one_error_line(files, tmp_pat
   errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
   assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
   assert "clip.mp4 is not a long-video feature file" in errors[0] and "False for video files" in errors[0], errors
+  assert errors[0].count("clip.mp4") == 1, errors  # named once
   assert sorted(p.name for p in tmp_path.rglob("*")) == before
 
 
@@ -277,3 +295,63 @@ def test_feature_files_in_a_bucket(files, gcs):
   assert len(remote) == len(local) == 2 and int(remote[0]["num_frames"]) == 4
   for a, b in zip(local, remote):
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_chat_about_a_feature_file(files):
+  """A feature file as inference media, read as the reference's movie chat reads it: the prompt
+  (the subtitles as written, between its start and end prompts, before the question; each mark a
+  frame's two placeholders), each frame's tokens read with the question over the file's features
+  (no ViT), `num_frames` thinning; a time span or another ViT's features are a MediaError."""
+  root, config, _, feats = files
+  system = LlamaVidSystem.load(str(root / "model"))
+  movienet = root / "LLaMA-VID-Finetune" / "movienet"
+  media = system.load_media(str(movienet / "tt0000001.pkl"))
+  conv = system.conversation(media)
+  conv.ask(CHAT_QUESTION)
+  ids = system.prompt_ids(conv.prompt(), media)
+  want = reference_chat_ids(system.tokenizer, CHAT_QUESTION, MOVIES["tt0000001"][0])
+  assert ids == [config.image_token_id if i == REFERENCE_IMAGE_INDEX else i for i in want]
+
+  model, params = LlamaVid(config), system.params
+  text_ids = np.asarray([load_instruction_tokenizer(str(root / "bert"))(CHAT_QUESTION).input_ids] * 4)
+  frame_tokens = apply(model, "frame_tokens", params, feats["tt0000001"][:, 1:].astype(np.float32), text_ids,
+                       np.ones_like(text_ids))
+  want_embeds = apply(model, "embed", params, np.asarray([ids]), np.asarray(frame_tokens).reshape(1, 8, -1))
+  embeds = system.embed(np.asarray([ids]), system.encode_media([media]), [conv])
+  np.testing.assert_allclose(np.asarray(embeds), np.asarray(want_embeds), atol=1e-5)
+
+  thin = system.load_media(str(movienet / "tt0000002.pkl"), num_frames=4)
+  assert thin.movie.prompt() == "<image>One.<image>Two.<image>Four. Five.<image>Six."
+  assert system.placeholders(thin) == {"<image>": (config.image_token_id, config.tokens_per_frame)}
+  with pytest.raises(MediaError, match="feature file: it cannot be cut to 1.0-2.0 s"):
+    system.load_media(str(movienet / "tt0000001.pkl"), bounds=(1.0, 2.0))
+  write_feature_file(root / "other_vit.pkl", feats["tt0000001"][..., :16], MOVIES["tt0000001"][0])
+  with pytest.raises(MediaError, match=r"other_vit.pkl holds features \[T, 5, 16\]"):
+    system.load_media(str(root / "other_vit.pkl"))
+
+
+def test_chat_and_infer_commands_on_feature_files(files, tmp_path):
+  """`vllm-jax chat --video movie.pkl` as a user types it answers, and so does `infer` for a line
+  naming it; a .pkl that is not a feature file is one error line in `chat`, one error record in
+  `infer`."""
+  root, _, _, _ = files
+  os.symlink(root / "model", tmp_path / "model")
+  shutil.copy(root / "LLaMA-VID-Finetune" / "movienet" / "tt0000002.pkl", tmp_path / "movie.pkl")
+  (tmp_path / "notes.pkl").write_text("not a pickle")
+  chat = CLI + ["chat", "--model", "model", "--question", "Who counts?", "--max-new-tokens", "4", "--video"]
+  proc = subprocess.run(chat + ["movie.pkl", "--num-frames", "4"], cwd=tmp_path, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "[long video from a feature file, 4 frames with their subtitles]" in proc.stderr, proc.stderr[-3000:]
+  proc = subprocess.run(chat + ["notes.pkl"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert "notes.pkl is not a long-video feature file" in errors[0], errors
+
+  (tmp_path / "questions.jsonl").write_text("".join(json.dumps({"id": name, "video": name, "question": "Who counts?"})
+                                                    + "\n" for name in ("movie.pkl", "notes.pkl")))
+  proc = subprocess.run(CLI + ["infer", "--model", "model", "--input", "questions.jsonl", "--output", "answers.jsonl",
+                               "--max-new-tokens", "4"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1, proc.stderr[-3000:]  # an item failed
+  answers = {r["id"]: r for r in map(json.loads, (tmp_path / "answers.jsonl").read_text().splitlines())}
+  assert "answer" in answers["movie.pkl"] and "not a long-video feature file" in answers["notes.pkl"]["error"], answers

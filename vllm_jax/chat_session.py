@@ -42,12 +42,12 @@ class MediaChat:
     llama = system.config.llama
     self.context = llama.max_position_embeddings
     self.room = f"the model's context of {self.context}"
-    # A long video's tokens set the cache size (an hour at 2 tokens per frame: 7,200), not the
-    # context (65,536 for long-video models), which may not fit in memory.
-    media_tokens = sum(n for _, n in system.placeholders(media).values())
+    # A long video's turn sets the cache size (an hour at 2 tokens per frame: 7,200, with a movie's
+    # subtitles more), not the context (65,536 for long-video models), which may not fit in memory.
+    media_tokens = len(system.prompt_ids(self.conv.media, media))
     if media_tokens + TEXT_ROOM < self.context:
       self.context = media_tokens + TEXT_ROOM
-      self.room = f"the chat's {self.context} tokens (the media's {media_tokens} and {TEXT_ROOM} for text)"
+      self.room = f"the chat's {self.context} tokens (the media turn's {media_tokens} and {TEXT_ROOM} for text)"
     # Slots to spare for the Session's left padding of each turn (positions stay within the context).
     self.session = generate.Session(llama, system.params["llm"], max_len=self.context + 2 * BUCKET, bucket=BUCKET)
     self.turns = 0  # answers given, over every conversation about these media
@@ -57,6 +57,8 @@ class MediaChat:
     times = self.media.frames.timestamps
     if self.media.is_image:
       what = "image"
+    elif self.media.movie is not None:
+      what = f"long video from a feature file, {len(times)} frames with their subtitles"
     elif len(times) > 16:
       what = f"video, {len(times)} frames from {times[0]} to {times[-1]} s"
     else:

@@ -148,7 +148,8 @@ class DecodeOrSkip(grain.MapDataset):
         log.warning("skipping unreadable %s: %s: %s", media, type(e).__name__, e)
       return {**example, "skipped": np.int32(k)}
     media, e = failed[0]
-    raise UnreadableData(f"{len(failed)} records in a row could not be read; the first: {media}: {e}")
+    named = str(e) if media and str(media) in str(e) else f"{media}: {e}"  # most errors name their file
+    raise UnreadableData(f"{len(failed)} records in a row could not be read; the first: {named}")
 
 
 def examples(records: Sequence[Record], decode: Decode, *, seed: int, shuffle: bool = True,

@@ -6,7 +6,8 @@ A feature file is a pickled dict:
   inputs: str, T frame marks "<image>", each followed by the subtitles spoken until the next
           frame ("<image>Hello.<image><image>Who is it? Nobody." ...).
 It is read with an unpickler that builds nothing but arrays, dicts and strings: a file holding
-anything else is refused, so a feature file cannot run code.
+anything else is refused, so a feature file cannot run code. Training reads the subtitles without
+"...", the reference's movie chat as written (`LongVideo.framed`).
 """
 
 import dataclasses
@@ -18,6 +19,10 @@ import numpy as np
 from vllm_jax import paths
 
 FRAME_MARK = "<image>"
+SUFFIX = ".pkl"
+# How the reference's movie chat frames a movie before the question.
+MOVIE_START = "Below is a movie. Memorize the content and answer my question after watching this movie."
+MOVIE_END = "Now the movie end."
 _ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
             ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar"),
             ("numpy._core.numeric", "_frombuffer")}
@@ -41,10 +46,10 @@ class LongVideo:
   def __len__(self) -> int:
     return len(self.features)
 
-  def thinned(self, max_frames: int) -> "LongVideo":
-    """At most `max_frames` frames, evenly spread (as longer videos are thinned); the subtitles
-    after a dropped frame follow the kept frame before it, so that no text is lost."""
-    if len(self) <= max_frames:
+  def thinned(self, max_frames: int | None) -> "LongVideo":
+    """At most `max_frames` frames (None: all), evenly spread (as longer videos are thinned); the
+    subtitles after a dropped frame follow the kept frame before it, so that no text is lost."""
+    if max_frames is None or len(self) <= max_frames:
       return self
     kept = np.linspace(0, len(self) - 1, max_frames).astype(int)
     ends = list(kept[1:]) + [len(self)]
@@ -55,10 +60,18 @@ class LongVideo:
     """The frames' marks with their subtitles, as the movie's place in a question."""
     return self.texts[0] + "".join(FRAME_MARK + t for t in self.texts[1:])
 
+  def framed(self) -> str:
+    """The movie as a question's media turn, framed as the reference's movie chat frames it."""
+    return MOVIE_START + self.prompt() + MOVIE_END
+
+
+def is_feature_file(path: str) -> bool:
+  return path.lower().endswith(SUFFIX)
+
 
 def load(path: str) -> LongVideo:
-  """The feature file at `path` (local or a URL) -> LongVideo, its features' CLS dropped and the
-  subtitles' "..." removed, as the reference reads them. ValueError when it is not such a file."""
+  """The feature file at `path` (local or a URL) -> LongVideo, its features' CLS dropped as the
+  reference reads them. ValueError when it is not such a file."""
   try:
     info = _ArraysOnly(io.BytesIO(paths.read_bytes(path))).load()
     features, inputs = info["feats"], info["inputs"]
@@ -67,7 +80,7 @@ def load(path: str) -> LongVideo:
                      f"and inputs): {type(e).__name__}: {e}") from None
   if not isinstance(features, np.ndarray) or features.ndim != 3 or not isinstance(inputs, str):
     raise ValueError(f"{path}: feats must be an array [T, 1+G*G, D] and inputs a string")
-  texts = inputs.replace("...", "").split(FRAME_MARK)
+  texts = inputs.split(FRAME_MARK)
   if len(texts) - 1 != len(features):
     raise ValueError(f"{path}: inputs marks {len(texts) - 1} frames, feats holds {len(features)}")
   return LongVideo(features[:, 1:], tuple(texts))

@@ -15,6 +15,7 @@ import numpy as np
 
 from vllm_jax import paths
 from vllm_jax.data import audio as audio_lib
+from vllm_jax.data.long_video import LongVideo
 from vllm_jax.data.video import Frames, MediaError, is_image_path, load_visual
 
 __all__ = ["Media", "MediaError", "load_media", "media_path"]
@@ -30,6 +31,7 @@ class Media:
   # these (start, end) seconds; a folder of frame images at this many frames per second.
   bounds: tuple[float, float] | None = None
   folder_fps: float | None = None
+  movie: LongVideo | None = None    # a long video's feature file (LLaMA-VID): features and subtitles, no frames
 
   @property
   def is_image(self) -> bool:

@@ -101,7 +101,6 @@ class LlamaVid(nn.Module):
     """features [N, 1+G*G, D] (or [N, G*G, D], as long videos' feature files give them) with each
     frame's instruction ids / mask [N, L] -> [N, tokens_per_frame, E]. The Q-Former reads every
     token; the rest, the patches only: CLS goes where the count is odd, as in the reference."""
-    cfg = self.config
     queries = self.qformer(self.att_norm(features), text_ids=text_ids, text_mask=text_mask)
     text_queries = self.att_projector(queries)                                # [N, Q, D]
     vis = features[:, features.shape[1] % 2:].astype(text_queries.dtype)      # [N, G*G, D]

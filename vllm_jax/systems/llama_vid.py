@@ -12,7 +12,9 @@ Training with `data.feature_cache` (`vllm-jax cache-features`, `vllm_jax.data.fe
 each frame's ViT features from the cache instead of decoding and encoding the frames (the ViT,
 frozen in every stage, then stays off the devices); the text-guided part still runs on them.
 With `data.video_features` (the long-video stage, as released) each video is a feature file
-(`vllm_jax.data.long_video`): its frames' ViT features and the subtitles between them.
+(`vllm_jax.data.long_video`): its frames' ViT features and the subtitles between them. Inference
+takes such a file (`.pkl`) too, as the reference's movie chat does: the framed subtitles before
+the question, each frame's tokens at its mark.
 """
 
 import dataclasses
@@ -34,7 +36,7 @@ from vllm_jax.data import datasets
 from vllm_jax.data import feature_cache
 from vllm_jax.data import long_video
 from vllm_jax.data import video as video_lib
-from vllm_jax.data.media import Media
+from vllm_jax.data.media import Media, MediaError
 from vllm_jax.data.tokenizer import load_instruction_tokenizer, save_tokenizer
 from vllm_jax.models.llama_vid import LlamaVid, LlamaVidConfig, abstract_params, init_inputs, pack_turn_tokens
 from vllm_jax.systems.base import System, apply, instruction_groups, instruction_sources, llm_loss
@@ -46,8 +48,8 @@ TEXT_BUCKET = 32  # instructions are padded to a multiple of this (padding is ma
 
 
 class FrameFeatures:
-  """The ViT features [N, 1+G*G, D] float32 of one media item, in a temporary file read back a
-  chunk at a time (the file goes when the object does)."""
+  """The ViT features [N, 1+G*G, D] float32 of one media item ([N, G*G, D] from a feature file),
+  in a temporary file read back a chunk at a time (the file goes when the object does)."""
 
   def __init__(self, num_frames: int, tokens: int, width: int):
     self.shape = (num_frames, tokens, width)
@@ -117,21 +119,35 @@ class LlamaVidSystem(System):
   # --- inference ----------------------------------------------------------------------------
 
   def load_media(self, path, use_audio=False, num_frames=None, bounds=None, folder_fps=None):
-    """An image, or a video's frames at `fps` (at most `num_frames` of them, evenly spread, if
-    given). Video frames are decoded later, in chunks, by `encode_media`."""
+    """An image; a video's frames at `fps` (at most `num_frames` of them, evenly spread, if given),
+    decoded later, in chunks, by `encode_media`; or a long video's feature file (`long_video`: its
+    frames' ViT features, thinned to `num_frames` if given, and its subtitles)."""
     del use_audio  # no audio branch
     size = self.config.vit.image_size
     if video_lib.is_image_path(path):
       return Media(path, video_lib.load_image(path, 1, size, resize="short_side_crop"))
+    if long_video.is_feature_file(path):
+      if bounds is not None:
+        raise MediaError(f"{path} is a long video's feature file: it cannot be cut to {bounds[0]}-{bounds[1]} s")
+      try:
+        movie = checked_features(long_video.load(path).thinned(num_frames), path, file_frame_shape(self.config))
+      except ValueError as e:
+        raise MediaError(str(e)) from None
+      # The reference extracts a feature file's frames at 1 per second.
+      return Media(path, video_lib.Frames(None, np.ones(len(movie), bool), [float(t) for t in range(len(movie))]),
+                   movie=movie)
     stream = video_lib.FrameStream(path, self.config.fps, num_frames, bounds, folder_fps)
     return Media(path, video_lib.Frames(None, np.ones(len(stream), bool), stream.timestamps), bounds=bounds,
                  folder_fps=folder_fps)
 
   def conversation(self, media, use_audio=False):
-    return conv_lib.Conversation(self.template).open_with(IMAGE_TOKEN + "\n", follow=True)
+    turn = IMAGE_TOKEN if media.movie is None else media.movie.framed()
+    return conv_lib.Conversation(self.template).open_with(turn + "\n", follow=True)
 
   def placeholders(self, media):
-    return {IMAGE_TOKEN: (self.config.image_token_id, len(media.frames.timestamps) * self.config.tokens_per_frame)}
+    """A mark stands for every frame's tokens; in a long video's turn, for its own frame's."""
+    frames = 1 if media.movie is not None else len(media.frames.timestamps)
+    return {IMAGE_TOKEN: (self.config.image_token_id, frames * self.config.tokens_per_frame)}
 
   def encode_media(self, media: Sequence[Media], use_audio=False) -> list[FrameFeatures]:
     """Each item's ViT features, encoded `chunk_frames` frames at a time into a FrameFeatures."""
@@ -140,6 +156,11 @@ class LlamaVidSystem(System):
     encoded = []
     for m in media:
       n = len(m.frames.timestamps)
+      if m.movie is not None:  # the ViT ran when the file was made
+        features = FrameFeatures(n, *m.movie.features.shape[1:])
+        features.write(m.movie.features[i:i + cfg.chunk_frames] for i in range(0, n, cfg.chunk_frames))
+        encoded.append(features)
+        continue
       features = FrameFeatures(n, cfg.vit.grid ** 2 + 1, cfg.vit.width)
       if m.frames.frames is not None:
         pixel_chunks = (m.frames.frames[i:i + cfg.chunk_frames] for i in range(0, n, cfg.chunk_frames))
@@ -330,6 +351,16 @@ def frame_shape(config: LlamaVidConfig) -> tuple[int, int]:
 def file_frame_shape(config: LlamaVidConfig) -> tuple[int, int]:
   """A frame's features as a long video's feature file gives them (`long_video.load`): [G*G, D]."""
   return config.vit.grid ** 2, config.vit.width
+
+
+def checked_features(movie: long_video.LongVideo, path: str, shape: tuple[int, int]) -> long_video.LongVideo:
+  """`movie` (read from `path`) when its frames' features have `shape` (`file_frame_shape`);
+  ValueError naming the file otherwise."""
+  if movie.features.shape[1:] != tuple(shape):
+    (tokens, width), (want_tokens, want_width) = movie.features.shape[1:], shape
+    raise ValueError(f"{path} holds features [T, {1 + tokens}, {width}]; this model's ViT gives "
+                     f"[T, {1 + want_tokens}, {want_width}]")
+  return movie
 
 
 def media_tokens(model: LlamaVid, params, batch: dict[str, jax.Array]) -> jax.Array:
@@ -544,7 +575,8 @@ class Decode:
     if len(marked) != 1 or marked[0]["from"] != "human" or marked[0]["value"].count(IMAGE_TOKEN) != 1:
       raise ValueError("a long video's conversation marks the video once, in a question")
     instruction = marked[0]["value"].replace(IMAGE_TOKEN, "").strip()
-    pieces, _ = self.conversation([dict(m, value=m["value"].replace(IMAGE_TOKEN, movie.prompt())) for m in messages],
+    subtitled = movie.prompt().replace("...", "")  # as the reference trains on them
+    pieces, _ = self.conversation([dict(m, value=m["value"].replace(IMAGE_TOKEN, subtitled)) for m in messages],
                                   with_media=False)
     return pieces, [instruction]
 
@@ -590,13 +622,10 @@ class FeatureFileDecode:
                        "feature files")
     if record["kind"] == "video":
       try:
-        movie = long_video.load(record["media"]).thinned(self.decode.max_frames)
+        movie = long_video.load(record["media"])
       except ValueError as e:
         raise ValueError(f"{e} (data.video_features: videos are feature files; False for video files)") from None
-      if movie.features.shape[1:] != tuple(self.shape):
-        (tokens, width), (want_tokens, want_width) = movie.features.shape[1:], self.shape
-        raise ValueError(f"{record['media']} holds features [T, {1 + tokens}, {width}]; this model's ViT gives "
-                         f"[T, {1 + want_tokens}, {want_width}]")
+      movie = checked_features(movie.thinned(self.decode.max_frames), record["media"], self.shape)
       features[:len(movie)] = movie.features
     n = 0 if movie is None else len(movie)
     example = self.decode.text(record, n, movie)

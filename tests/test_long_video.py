@@ -12,6 +12,8 @@ direct computation over the spliced frame tokens; `vllm-jax train` runs the tiny
 the layout from a working folder with relative paths, the ViT never in its state; video files
 where feature files belong are one error line; the layout reads the same from a bucket; and a
 feature file in `chat` gives the reference movie chat's prompt and the frames' tokens there.
+`vllm-jax make-feature-files` writes a video and its .srt as the reference's extraction does
+(subtitles placed between frames by its rule, features float16 with CLS).
 """
 
 import json
@@ -355,3 +357,79 @@ def test_chat_and_infer_commands_on_feature_files(files, tmp_path):
   assert proc.returncode == 1, proc.stderr[-3000:]  # an item failed
   answers = {r["id"]: r for r in map(json.loads, (tmp_path / "answers.jsonl").read_text().splitlines())}
   assert "answer" in answers["movie.pkl"] and "not a long-video feature file" in answers["notes.pkl"]["error"], answers
+
+
+SRT = ("\ufeff1\r\n00:00:00,500 --> 00:00:01,000\r\nHello.\r\n\r\n"
+       "2\r\n00:00:01,200 --> 00:00:02,700\r\n<i>Where</i> are we\r\ngoing?<image>\r\n\r\n"
+       "00:00:03.000 --> 00:00:09.000\r\nHome.\r\n")  # no number, "." before the milliseconds
+
+
+def reference_inputs(subtitles, frame_time) -> str:
+  """The reference extraction's placing of subtitles (end times ascending) after frames."""
+  point, text_list = 0, [[] for _ in frame_time]
+  for item in subtitles:
+    while point < len(frame_time) and frame_time[point] < item.end:
+      point += 1
+    text_list[point - 1].append(item.text)
+  return "".join("<image>" + " ".join(t) for t in text_list)
+
+
+def test_subtitles_placed_as_the_reference_places_them(tmp_path):
+  (tmp_path / "a.srt").write_text(SRT, newline="")
+  subtitles = long_video.read_srt(str(tmp_path / "a.srt"))
+  assert subtitles == [long_video.Subtitle(0.5, 1.0, "Hello."), long_video.Subtitle(1.2, 2.7, "Where are we going?"),
+                       long_video.Subtitle(3.0, 9.0, "Home.")]  # markup (and a mark inside it) removed
+  times = np.arange(5.0)
+  assert long_video.subtitled(times, subtitles) == "<image>Hello.<image><image>Where are we going?<image><image>Home."
+  rng = np.random.default_rng(0)
+  for _ in range(50):
+    times = np.cumsum(np.r_[0.0, rng.uniform(0.1, 2.0, 29)])  # a video's first frame is at 0 s
+    ends = np.sort(rng.uniform(0.05, 70.0, 40))
+    subtitles = [long_video.Subtitle(end - 1.0, float(end), f"line {k}.") for k, end in enumerate(ends)]
+    assert long_video.subtitled(times, subtitles) == reference_inputs(subtitles, times)
+  (tmp_path / "b.srt").write_text("1\n00:00:01 --> 00:00:02\nNo milliseconds.\n")
+  with pytest.raises(ValueError, match=r"b.srt: subtitle 1 has no timing line"):
+    long_video.read_srt(str(tmp_path / "b.srt"))
+
+
+def test_make_feature_files_command(files, tmp_path):
+  """`vllm-jax make-feature-files` as a user types it: each video's frames at 1 fps through the
+  model's ViT, float16 with CLS, the .srt beside it placed between them; a bad video named and
+  skipped (status 1); a second run keeps what is there; bad arguments one error line."""
+  from test_video_loading import write_video
+  root, config, _, _ = files
+  os.symlink(root / "model", tmp_path / "model")
+  movies = tmp_path / "movies"
+  movies.mkdir()
+  write_video(movies / "a.mp4", num_frames=50, fps=10)  # 5 s: frames at 0, 1, 2, 3, 4 s
+  write_video(movies / "b.mp4", num_frames=20, fps=10)
+  (movies / "a.srt").write_text(SRT, newline="")
+  (movies / "bad.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 not a video")
+  command = CLI + ["make-feature-files", "--model", "model", "--out", "features"]
+  proc = subprocess.run(command + ["movies/a.mp4", "movies/bad.mp4", "movies/b.mp4"], cwd=tmp_path,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1 and "skipping movies/bad.mp4" in proc.stderr, proc.stderr[-3000:]
+  assert sorted(os.listdir(tmp_path / "features")) == ["a.pkl", "b.pkl"]
+
+  system = LlamaVidSystem.load(str(root / "model"))
+  media = system.load_media(str(movies / "a.mp4"))
+  want = system.encode_media([media])[0].read(0, 5)
+  written = pickle.loads((tmp_path / "features" / "a.pkl").read_bytes())
+  assert written["feats"].dtype == np.float16 and written["feats"].shape == (5, 1 + config.vit.grid ** 2, 32)
+  np.testing.assert_array_equal(written["feats"], want.astype(np.float16))
+  assert written["inputs"] == "<image>Hello.<image><image>Where are we going?<image><image>Home."
+  assert long_video.load(str(tmp_path / "features" / "b.pkl")).prompt() == "<image>" * 2
+
+  before = (tmp_path / "features" / "a.pkl").stat().st_mtime_ns
+  proc = subprocess.run(command + ["movies/a.mp4"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0 and "1 of 1 feature files already in features" in proc.stderr, proc.stderr[-3000:]
+  assert (tmp_path / "features" / "a.pkl").stat().st_mtime_ns == before
+
+  for args, message in [(["movies/c.mp4"], "no such video file: movies/c.mp4"),
+                        (["features/a.pkl"], "features/a.pkl is a feature file already"),
+                        (["movies/a.mp4", "movies/a.mkv"], "two videos would both be written as a.pkl in features")]:
+    if "movies/a.mkv" in args:
+      shutil.copy(movies / "a.mp4", movies / "a.mkv")
+    proc = subprocess.run(command + args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr[-3000:]

@@ -7,8 +7,8 @@ import sys
 from importlib.metadata import version
 
 from vllm_jax import quiet
-from vllm_jax.cli import (cache_features, chat, convert, demo, eval, export, infer, make_manifest, plan, serve, train,
-                          web)
+from vllm_jax.cli import (cache_features, chat, convert, demo, eval, export, infer, make_feature_files, make_manifest,
+                          plan, serve, train, web)
 from vllm_jax.cli.flags import error, load_config, quiet_flag, silence
 from vllm_jax.paths import os_error_message
 
@@ -35,6 +35,7 @@ EPILOG = """examples:
       --config.train.workdir=./runs/stage1
   vllm-jax make-manifest --format webvid --annotations webvid/results_10M_train.csv --media-root webvid/videos \\
       --out webvid/manifest   # then --config.data.webvid_csv=webvid/manifest (0.35 GiB a process, not 4.5)
+  vllm-jax make-feature-files --model ./models/llama-vid-7b-long movie.mp4 --out features   # + movie.srt
   vllm-jax cache-features --config configs/video_llama.py:stage1 --config.init_from=... --out ./cache/stage1
   vllm-jax plan --config configs/video_llama.py:stage1 --topology v5e:2x4   # fits? memory, FLOPs, step time
   vllm-jax export --workdir ./runs/stage2_lora --out ./models/video-llava-lora --peft ./adapters/lora
@@ -49,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--version", action="version", version=f"%(prog)s {version('vllm_jax')}")
   quiet_flag(parser)
   commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-  for module in (convert, chat, infer, eval, serve, train, make_manifest, cache_features, plan, export, demo, web):
+  for module in (convert, chat, infer, eval, serve, train, make_manifest, make_feature_files, cache_features, plan,
+                 export, demo, web):
     module.add_parser(commands)
   quiet_everywhere(commands)
   return parser

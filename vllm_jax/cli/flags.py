@@ -187,6 +187,11 @@ def sampling_flags(parser) -> None:
                       help="nucleus sampling mass in (0, 1] (1 = off)")
   parser.add_argument("--top-k", type=number(int, 0), default=0, help="sample among the k best tokens (0 = off)")
   parser.add_argument("--seed", type=int, default=0)
+  model_flags(parser)
+
+
+def model_flags(parser) -> None:
+  """How `load_system` loads the --model folder."""
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
   parser.add_argument("--mesh", default=None,
                       help="data,fsdp,tensor mesh sizes, e.g. 1,1,-1 for tensor parallel over all devices")

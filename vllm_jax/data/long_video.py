@@ -1,5 +1,6 @@
 """Long videos as LLaMA-VID's long-video stage trains on them: a feature file per movie instead of
-its frames (the released MovieNet data, `long_videoqa.json` naming `movienet/*.pkl`).
+its frames (the released MovieNet data, `long_videoqa.json` naming `movienet/*.pkl`; a video and
+its subtitles made into one: `vllm-jax make-feature-files`).
 
 A feature file is a pickled dict:
   feats:  [T, 1+G*G, D] float16, the ViT's features of T frames (CLS first);
@@ -13,6 +14,7 @@ anything else is refused, so a feature file cannot run code. Training reads the 
 import dataclasses
 import io
 import pickle
+import re
 
 import numpy as np
 
@@ -67,6 +69,55 @@ class LongVideo:
 
 def is_feature_file(path: str) -> bool:
   return path.lower().endswith(SUFFIX)
+
+
+@dataclasses.dataclass(frozen=True)
+class Subtitle:
+  start: float  # seconds
+  end: float
+  text: str
+
+
+_SRT_TIME = r"(\d+):(\d\d):(\d\d)[,.](\d{1,3})"
+_SRT_TIMING = re.compile(rf"^\s*{_SRT_TIME}\s*-->\s*{_SRT_TIME}")
+
+
+def read_srt(path: str) -> list[Subtitle]:
+  """An .srt file's subtitles (blocks of a number, "HH:MM:SS,mmm --> HH:MM:SS,mmm" and text lines,
+  joined by spaces, markup such as <i> removed); ValueError naming the file and the block that is
+  not one."""
+  subtitles = []
+  text = paths.read_text(path).lstrip("\ufeff").replace("\r\n", "\n")
+  for number, block in enumerate(re.split(r"\n\s*\n", text.strip()), 1):
+    lines = block.strip().splitlines()
+    timing = next((k for k, line in enumerate(lines[:2]) if "-->" in line), None)
+    match = _SRT_TIMING.match(lines[timing]) if timing is not None else None
+    if match is None:
+      raise ValueError(f"{path}: subtitle {number} has no timing line (HH:MM:SS,mmm --> HH:MM:SS,mmm): {block[:80]!r}")
+    h0, m0, s0, f0, h1, m1, s1, f1 = match.groups()
+    seconds = lambda h, m, s, f: int(h) * 3600 + int(m) * 60 + int(s) + int(f.ljust(3, "0")) / 1000
+    words = re.sub(r"<[^>]*>", "", " ".join(line.strip() for line in lines[timing + 1:])).strip()
+    if words:
+      subtitles.append(Subtitle(seconds(h0, m0, s0, f0), seconds(h1, m1, s1, f1), words))
+  return subtitles
+
+
+def subtitled(frame_times: np.ndarray, subtitles: list[Subtitle]) -> str:
+  """A feature file's `inputs` for frames shown at `frame_times` (seconds, ascending): a mark per
+  frame, each subtitle after the last frame shown before it ends (the first frame for one that ends
+  before any), as the reference's extraction places them."""
+  texts = [[] for _ in frame_times]
+  for subtitle in sorted(subtitles, key=lambda s: s.end):
+    shown = int(np.searchsorted(frame_times, subtitle.end, side="left"))  # frames before its end
+    texts[max(shown - 1, 0)].append(subtitle.text)
+  return "".join(FRAME_MARK + " ".join(t) for t in texts)
+
+
+def dumps(features: np.ndarray, inputs: str) -> bytes:
+  """A feature file as the reference writes one: features [T, 1+G*G, D] (CLS first) as float16."""
+  if len(features) != inputs.count(FRAME_MARK):
+    raise ValueError(f"{len(features)} frames, {inputs.count(FRAME_MARK)} marks")
+  return pickle.dumps(dict(feats=np.asarray(features, np.float16), inputs=inputs), protocol=4)
 
 
 def load(path: str) -> LongVideo:

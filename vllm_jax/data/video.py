@@ -514,12 +514,12 @@ class FrameStream:
                bounds: tuple[float, float] | None = None, folder_fps: float | None = None):
     self.path = paths.resolve(path)
     self.reader = _open(self.path, folder_fps, num_threads=2)
-    video_fps = float(self.reader.get_avg_fps()) or 1.0
-    first, last = frame_window(self.path, len(self.reader), video_fps, bounds)
-    self.indices = np.arange(first, last + 1, max(1, round(video_fps / fps)))
+    self.video_fps = float(self.reader.get_avg_fps()) or 1.0
+    first, last = frame_window(self.path, len(self.reader), self.video_fps, bounds)
+    self.indices = np.arange(first, last + 1, max(1, round(self.video_fps / fps)))
     if max_frames and len(self.indices) > max_frames:
       self.indices = self.indices[np.linspace(0, len(self.indices) - 1, max_frames).astype(int)]
-    self.timestamps = [round(float(i) / video_fps, 1) for i in self.indices]
+    self.timestamps = [round(float(i) / self.video_fps, 1) for i in self.indices]
 
   def __len__(self) -> int:
     return len(self.indices)

@@ -140,6 +140,20 @@ class LlamaVidSystem(System):
     return Media(path, video_lib.Frames(None, np.ones(len(stream), bool), stream.timestamps), bounds=bounds,
                  folder_fps=folder_fps)
 
+  def feature_file(self, path: str, subtitles: Sequence[long_video.Subtitle] = ()) -> bytes:
+    """A video file as a long video's feature file (`long_video`), as the reference extracts one:
+    its frames at `fps`, each frame's ViT features [T, 1+G*G, D] float16, and `subtitles` placed
+    between the frames (`long_video.subtitled`)."""
+    if video_lib.is_image_path(path) or long_video.is_feature_file(path):
+      raise MediaError(f"{path} is not a video file")
+    stream = video_lib.FrameStream(path, self.config.fps)
+    n = len(stream)
+    encoded = self.encode_media([Media(path, video_lib.Frames(None, np.ones(n, bool), stream.timestamps))])[0]
+    features = np.empty(encoded.shape, np.float16)  # filled a chunk at a time: an hour is 2.6 GB
+    for start in range(0, n, self.config.chunk_frames):
+      features[start:start + self.config.chunk_frames] = encoded.read(start, min(n, start + self.config.chunk_frames))
+    return long_video.dumps(features, long_video.subtitled(stream.indices / stream.video_fps, list(subtitles)))
+
   def conversation(self, media, use_audio=False):
     turn = IMAGE_TOKEN if media.movie is None else media.movie.framed()
     return conv_lib.Conversation(self.template).open_with(turn + "\n", follow=True)

@@ -433,3 +433,20 @@ def test_make_feature_files_command(files, tmp_path):
     proc = subprocess.run(command + args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr[-3000:]
+
+
+def test_make_feature_files_from_and_to_a_bucket(files, gcs, tmp_path):
+  """Videos and subtitles in a bucket, feature files written to one: the bytes of a local run."""
+  from test_video_loading import write_video
+  root, _, _, _ = files
+  write_video(tmp_path / "a.mp4", num_frames=30, fps=10)
+  (tmp_path / "a.srt").write_text(SRT, newline="")
+  bucket = gcs("movies")
+  for name in ("a.mp4", "a.srt"):
+    paths.write_bytes(f"{bucket}/videos/{name}", (tmp_path / name).read_bytes())
+  proc = subprocess.run(CLI + ["make-feature-files", "--model", str(root / "model"), f"{bucket}/videos/a.mp4",
+                               "--out", f"{bucket}/features"], capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  system = LlamaVidSystem.load(str(root / "model"))
+  want = system.feature_file(str(tmp_path / "a.mp4"), long_video.read_srt(str(tmp_path / "a.srt")))
+  assert paths.read_bytes(f"{bucket}/features/a.pkl") == want

@@ -45,7 +45,7 @@ def run(args) -> int:
   from vllm_jax import pretrained
   from vllm_jax.data import long_video
   from vllm_jax.data.media import MediaError
-  jobs = plan(args.videos, args.out, args.subtitles)
+  jobs = feature_files(args.videos, args.out, args.subtitles)
   kind = pretrained.model_type(args.model)
   if kind != "llama_vid":
     return flags.error(f"{args.model} holds a {kind} model: feature files hold a LLaMA-VID model's ViT features")
@@ -70,7 +70,7 @@ def run(args) -> int:
   return 1 if failed else 0
 
 
-def plan(videos: list[str], out: str, subtitles: str | None) -> list[tuple[str, str, str]]:
+def feature_files(videos: list[str], out: str, subtitles: str | None) -> list[tuple[str, str, str]]:
   """[(video, its feature file, its .srt)], checked before the model loads: ValueError for a
   missing video, a video given as a feature file or twice under one name, or an --out that is a
   file; OSError for an --out that cannot be written."""

@@ -100,10 +100,11 @@ class LlamaVid(nn.Module):
   def frame_tokens(self, features: jax.Array, text_ids: jax.Array, text_mask: jax.Array) -> jax.Array:
     """features [N, 1+G*G, D] (or [N, G*G, D], as long videos' feature files give them) with each
     frame's instruction ids / mask [N, L] -> [N, tokens_per_frame, E]. The Q-Former reads every
-    token; the rest, the patches only: CLS goes where the count is odd, as in the reference."""
+    token; the rest, the patches only (the last G*G: CLS, where given, comes first)."""
     queries = self.qformer(self.att_norm(features), text_ids=text_ids, text_mask=text_mask)
     text_queries = self.att_projector(queries)                                # [N, Q, D]
-    vis = features[:, features.shape[1] % 2:].astype(text_queries.dtype)      # [N, G*G, D]
+    patches = self.config.vit.grid ** 2
+    vis = features[:, features.shape[1] - patches:].astype(text_queries.dtype)  # [N, G*G, D]
     scores = jnp.einsum("nqd,nsd->nqs", text_queries, self.key_projector(vis)) / jnp.sqrt(vis.shape[-1])
     weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(vis.dtype)
     context = jnp.einsum("nqs,nsd->nd", weights, vis) / weights.shape[1]      # mean over the queries

@@ -387,6 +387,8 @@ def test_subtitles_placed_as_the_reference_places_them(tmp_path):
     ends = np.sort(rng.uniform(0.05, 70.0, 40))
     subtitles = [long_video.Subtitle(end - 1.0, float(end), f"line {k}.") for k, end in enumerate(ends)]
     assert long_video.subtitled(times, subtitles) == reference_inputs(subtitles, times)
+  (tmp_path / "empty.srt").write_text("\n")
+  assert long_video.read_srt(str(tmp_path / "empty.srt")) == []
   (tmp_path / "b.srt").write_text("1\n00:00:01 --> 00:00:02\nNo milliseconds.\n")
   with pytest.raises(ValueError, match=r"b.srt: subtitle 1 has no timing line"):
     long_video.read_srt(str(tmp_path / "b.srt"))

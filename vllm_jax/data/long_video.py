@@ -82,23 +82,26 @@ _SRT_TIME = r"(\d+):(\d\d):(\d\d)[,.](\d{1,3})"
 _SRT_TIMING = re.compile(rf"^\s*{_SRT_TIME}\s*-->\s*{_SRT_TIME}")
 
 
+def _seconds(hours: str, minutes: str, seconds: str, milliseconds: str) -> float:
+  return int(hours) * 3600 + int(minutes) * 60 + int(seconds) + int(milliseconds.ljust(3, "0")) / 1000
+
+
 def read_srt(path: str) -> list[Subtitle]:
   """An .srt file's subtitles (blocks of a number, "HH:MM:SS,mmm --> HH:MM:SS,mmm" and text lines,
   joined by spaces, markup such as <i> removed); ValueError naming the file and the block that is
   not one."""
   subtitles = []
-  text = paths.read_text(path).lstrip("\ufeff").replace("\r\n", "\n")
-  for number, block in enumerate(re.split(r"\n\s*\n", text.strip()), 1):
+  text = paths.read_text(path).lstrip("\ufeff").replace("\r\n", "\n").strip()
+  for number, block in enumerate(re.split(r"\n\s*\n", text) if text else [], 1):
     lines = block.strip().splitlines()
     timing = next((k for k, line in enumerate(lines[:2]) if "-->" in line), None)
     match = _SRT_TIMING.match(lines[timing]) if timing is not None else None
     if match is None:
       raise ValueError(f"{path}: subtitle {number} has no timing line (HH:MM:SS,mmm --> HH:MM:SS,mmm): {block[:80]!r}")
-    h0, m0, s0, f0, h1, m1, s1, f1 = match.groups()
-    seconds = lambda h, m, s, f: int(h) * 3600 + int(m) * 60 + int(s) + int(f.ljust(3, "0")) / 1000
+    times = match.groups()
     words = re.sub(r"<[^>]*>", "", " ".join(line.strip() for line in lines[timing + 1:])).strip()
     if words:
-      subtitles.append(Subtitle(seconds(h0, m0, s0, f0), seconds(h1, m1, s1, f1), words))
+      subtitles.append(Subtitle(_seconds(*times[:4]), _seconds(*times[4:]), words))
   return subtitles
 
 

@@ -146,12 +146,13 @@ class LlamaVidSystem(System):
     between the frames (`long_video.subtitled`)."""
     if video_lib.is_image_path(path) or long_video.is_feature_file(path):
       raise MediaError(f"{path} is not a video file")
-    stream = video_lib.FrameStream(path, self.config.fps)
+    cfg = self.config
+    stream = video_lib.FrameStream(path, cfg.fps)
     n = len(stream)
-    encoded = self.encode_media([Media(path, video_lib.Frames(None, np.ones(n, bool), stream.timestamps))])[0]
+    encoded = self._encoded(n, stream.chunks(cfg.chunk_frames, cfg.vit.image_size))
     features = np.empty(encoded.shape, np.float16)  # filled a chunk at a time: an hour is 2.6 GB
-    for start in range(0, n, self.config.chunk_frames):
-      features[start:start + self.config.chunk_frames] = encoded.read(start, min(n, start + self.config.chunk_frames))
+    for start in range(0, n, cfg.chunk_frames):
+      features[start:start + cfg.chunk_frames] = encoded.read(start, min(n, start + cfg.chunk_frames))
     return long_video.dumps(features, long_video.subtitled(stream.indices / stream.video_fps, list(subtitles)))
 
   def conversation(self, media, use_audio=False):
@@ -166,32 +167,36 @@ class LlamaVidSystem(System):
   def encode_media(self, media: Sequence[Media], use_audio=False) -> list[FrameFeatures]:
     """Each item's ViT features, encoded `chunk_frames` frames at a time into a FrameFeatures."""
     cfg = self.config
-    model = LlamaVid(cfg)
     encoded = []
     for m in media:
       n = len(m.frames.timestamps)
       if m.movie is not None:  # the ViT ran when the file was made
         features = FrameFeatures(n, *m.movie.features.shape[1:])
         features.write(m.movie.features[i:i + cfg.chunk_frames] for i in range(0, n, cfg.chunk_frames))
-        encoded.append(features)
-        continue
-      features = FrameFeatures(n, cfg.vit.grid ** 2 + 1, cfg.vit.width)
-      if m.frames.frames is not None:
-        pixel_chunks = (m.frames.frames[i:i + cfg.chunk_frames] for i in range(0, n, cfg.chunk_frames))
+      elif m.frames.frames is not None:
+        features = self._encoded(n, (m.frames.frames[i:i + cfg.chunk_frames] for i in range(0, n, cfg.chunk_frames)))
       else:
-        pixel_chunks = video_lib.FrameStream(m.path, cfg.fps, n, m.bounds, m.folder_fps).chunks(
-            cfg.chunk_frames, cfg.vit.image_size)
-      if n > cfg.chunk_frames:
-        from tqdm import tqdm
-        pixel_chunks = tqdm(pixel_chunks, total=-(-n // cfg.chunk_frames), unit="chunk", file=sys.stderr,
-                            desc=f"encoding {n} frames")
-
-      def encode(pixels):
-        rows = _bucket(len(pixels), cfg.chunk_frames)
-        return np.asarray(apply(model, "encode_frames", self.params, _padded(pixels, rows)))[:len(pixels)]
-      features.write(encode(p) for p in pixel_chunks)
+        stream = video_lib.FrameStream(m.path, cfg.fps, n, m.bounds, m.folder_fps)
+        features = self._encoded(n, stream.chunks(cfg.chunk_frames, cfg.vit.image_size))
       encoded.append(features)
     return encoded
+
+  def _encoded(self, n: int, pixel_chunks) -> FrameFeatures:
+    """The ViT features of n frames given in chunks of at most `chunk_frames` (with a progress bar
+    when there are several)."""
+    cfg = self.config
+    model = LlamaVid(cfg)
+    if n > cfg.chunk_frames:
+      from tqdm import tqdm
+      pixel_chunks = tqdm(pixel_chunks, total=-(-n // cfg.chunk_frames), unit="chunk", file=sys.stderr,
+                          desc=f"encoding {n} frames")
+
+    def encode(pixels):
+      rows = _bucket(len(pixels), cfg.chunk_frames)
+      return np.asarray(apply(model, "encode_frames", self.params, _padded(pixels, rows)))[:len(pixels)]
+    features = FrameFeatures(n, cfg.vit.grid ** 2 + 1, cfg.vit.width)
+    features.write(encode(p) for p in pixel_chunks)
+    return features
 
   def media_tokens(self, features: FrameFeatures, question: str) -> jax.Array:
     """[N * tokens_per_frame, E]: every frame's tokens, the context token read with `question`

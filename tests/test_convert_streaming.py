@@ -19,7 +19,9 @@ from vllm_jax.converters import llama as llama_conv
 from vllm_jax.converters.core import expected_source_shapes, write_safetensors_shards
 
 # embed_tokens and lm_head are 128 MiB each in bf16, the decoder layer 65 MiB
-BIG = dict(vocab_size=32768, hidden_size=2048, intermediate_size=2752, num_hidden_layers=1,
+# A 256 MiB embedding: the process's fixed overhead (some 50 MiB) stays well inside the half
+# tensor of slack the bound allows.
+BIG = dict(vocab_size=65536, hidden_size=2048, intermediate_size=2752, num_hidden_layers=2,
            num_attention_heads=16, num_key_value_heads=16)
 SMALL = dict(vocab_size=96, hidden_size=32, intermediate_size=88, num_hidden_layers=3,
              num_attention_heads=4, num_key_value_heads=2, attention_bias=True)
@@ -70,10 +72,10 @@ def write_hf(folder, fmt: str, max_shard_bytes: int, **sizes) -> dict[str, tuple
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
 def test_peak_memory_is_about_one_tensor(tmp_path, fmt):
   src, out = str(tmp_path / "hf"), str(tmp_path / "out")
-  shapes = write_hf(src, fmt, 160 << 20, **BIG)
+  shapes = write_hf(src, fmt, 320 << 20, **BIG)
   largest = max(2 * int(np.prod(s)) for s in shapes.values())
   total = sum(2 * int(np.prod(s)) for s in shapes.values())
-  assert largest == 128 << 20 and total > 2.4 * largest
+  assert largest == 256 << 20 and total > 2.4 * largest
   proc = subprocess.run([sys.executable, "-c", MEASURE, src, out], capture_output=True, text=True,
                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert proc.returncode == 0, proc.stderr[-3000:]

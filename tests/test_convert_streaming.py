@@ -18,9 +18,8 @@ from vllm_jax import pretrained
 from vllm_jax.converters import llama as llama_conv
 from vllm_jax.converters.core import expected_source_shapes, write_safetensors_shards
 
-# embed_tokens and lm_head are 128 MiB each in bf16, the decoder layer 65 MiB
-# A 256 MiB embedding: the process's fixed overhead (some 50 MiB) stays well inside the half
-# tensor of slack the bound allows.
+# embed_tokens and lm_head are 256 MiB each in bf16, each decoder layer 65 MiB: tensors this big
+# keep the process's fixed overhead (some 60 MiB) well inside the half tensor the bound allows.
 BIG = dict(vocab_size=65536, hidden_size=2048, intermediate_size=2752, num_hidden_layers=2,
            num_attention_heads=16, num_key_value_heads=16)
 SMALL = dict(vocab_size=96, hidden_size=32, intermediate_size=88, num_hidden_layers=3,
